@@ -1,0 +1,1 @@
+"""fastmta: a high-throughput outbound mail transfer agent."""

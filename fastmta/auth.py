@@ -1,0 +1,368 @@
+"""SMTP AUTH: the users file, password hashing, and SASL PLAIN / LOGIN state machines.
+
+Users file: one ``user:scrypt$<n>$<r>$<p>$<salt b64>$<hash b64>`` per line; ``#`` starts a
+comment; blank lines are ignored. ``fastmta passwd`` writes it (``set_password``).
+
+SASL (RFC 4954) is sans-IO: ``start(mechanism, initial)`` returns a Sasl whose ``initial``
+attribute says what to answer to the AUTH command; each further client line goes to ``step``.
+Results: ``SaslChallenge`` (send "334 " + base64(data)), ``SaslDone`` (check the credentials with
+``Users.verify``, then 235 2.7.0 or AUTH_FAILED), ``SaslError`` (send code, enhanced code, text).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import os
+import secrets
+import tempfile
+
+import msgspec
+
+__all__ = [
+    "AUTH_FAILED",
+    "AUTH_OK",
+    "MECHANISMS",
+    "Sasl",
+    "SaslChallenge",
+    "SaslDone",
+    "SaslError",
+    "Users",
+    "UsersFileError",
+    "failure_delay",
+    "hash_password",
+    "set_password",
+    "start",
+]
+
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+_SALT_BYTES, _HASH_BYTES = 16, 32
+_MAX_N = 2**20  # refuse absurd cost parameters from a damaged file (memory = 128 * n * r bytes)
+
+
+class UsersFileError(ValueError):
+    """A malformed users file; the message names the file and line."""
+
+
+def _scrypt(password: bytes, salt: bytes, n: int, r: int, p: int, dklen: int) -> bytes:
+    return hashlib.scrypt(
+        password, salt=salt, n=n, r=r, p=p, dklen=dklen, maxmem=128 * r * (n + p + 2) + (1 << 20)
+    )
+
+
+def hash_password(pw: str) -> str:
+    """``scrypt$16384$8$1$<salt b64>$<hash b64>`` for ``pw`` (UTF-8), with a random 16-byte salt."""
+    salt = secrets.token_bytes(_SALT_BYTES)
+    digest = _scrypt(pw.encode(), salt, SCRYPT_N, SCRYPT_R, SCRYPT_P, _HASH_BYTES)
+    b64 = base64.b64encode
+    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def _parse_hash(text: str) -> tuple[int, int, int, bytes, bytes]:
+    parts = text.split("$")
+    if len(parts) != 6 or parts[0] != "scrypt":
+        raise ValueError("expected scrypt$<n>$<r>$<p>$<salt>$<hash>")
+    n, r, p = int(parts[1]), int(parts[2]), int(parts[3])
+    if not (1 < n <= _MAX_N and n & (n - 1) == 0 and 1 <= r <= 64 and 1 <= p <= 16):
+        raise ValueError(f"scrypt parameters out of range: n={n} r={r} p={p}")
+    salt = base64.b64decode(parts[4], validate=True)
+    digest = base64.b64decode(parts[5], validate=True)
+    if not digest:
+        raise ValueError("empty hash")
+    return n, r, p, salt, digest
+
+
+def _check_user(user: str) -> None:
+    if not user or ":" in user or any(c.isspace() for c in user) or user.startswith("#"):
+        raise ValueError(
+            f"invalid user name {user!r}: must be non-empty, without ':', '#' or spaces"
+        )
+
+
+class Users:
+    """The users file, loaded into memory; ``verify`` checks a password.
+
+    ``Users(path)`` loads at once (``Users()`` is empty). ``load(path)`` reloads: the file is parsed
+    completely before it replaces the current table, so a broken file raises UsersFileError and
+    leaves the old table in use. ``reload_if_changed()`` reloads when the file's mtime/size changed.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        self.path: str | None = None
+        self._table: dict[str, tuple[int, int, int, bytes, bytes]] = {}
+        self._stamp: tuple[int, int] | None = None
+        # Unknown users are checked against this, so they cost one scrypt like known ones.
+        self._dummy = _parse_hash(hash_password(secrets.token_hex(8)))
+        if path is not None:
+            self.load(path)
+
+    def load(self, path: str | os.PathLike[str] | None = None) -> None:
+        """(Re)load the users file. Raises OSError or UsersFileError (naming path:line)."""
+        path = os.fspath(path) if path is not None else self.path
+        if path is None:
+            raise ValueError("no users file path")
+        table: dict[str, tuple[int, int, int, bytes, bytes]] = {}
+        with open(path, encoding="utf-8") as f:
+            st = os.fstat(f.fileno())
+            for lineno, raw in enumerate(f, 1):
+                line = raw.strip()
+                if not line or line.startswith("#"):
+                    continue
+                user, sep, hashed = line.partition(":")
+                try:
+                    if not sep:
+                        raise ValueError("expected user:scrypt$...")
+                    _check_user(user)
+                    table[user] = _parse_hash(hashed)
+                except (ValueError, binascii.Error) as e:
+                    raise UsersFileError(f"{path}:{lineno}: {e}") from None
+        self.path, self._table, self._stamp = path, table, (st.st_mtime_ns, st.st_size)
+
+    def reload_if_changed(self) -> bool:
+        """Reload if the file changed since the last load; True if it did. Errors propagate."""
+        if self.path is None:
+            return False
+        st = os.stat(self.path)
+        if (st.st_mtime_ns, st.st_size) == self._stamp:
+            return False
+        self.load(self.path)
+        return True
+
+    def __contains__(self, user: object) -> bool:
+        return user in self._table
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def verify(self, user: str, password: str) -> bool:
+        """True if ``password`` is ``user``'s. Constant-time compare; an unknown user costs the
+        same scrypt run. CPU-bound (~tens of ms): call it in a thread executor from the loop."""
+        entry = self._table.get(user)
+        n, r, p, salt, digest = entry if entry is not None else self._dummy
+        try:
+            computed = _scrypt(
+                password.encode("utf-8", "surrogateescape"), salt, n, r, p, len(digest)
+            )
+        except (ValueError, MemoryError):
+            return False
+        return hmac.compare_digest(computed, digest) and entry is not None
+
+
+def set_password(path: str | os.PathLike[str], user: str, password: str) -> None:
+    """Add or replace ``user`` in the users file with a new hash of ``password``.
+
+    Other lines (comments included) are kept. Atomic: written to a temp file in the same
+    directory (mode 0600), fsync'd, renamed over the original, directory fsync'd.
+    Raises ValueError for an invalid user name or empty password.
+    """
+    _check_user(user)
+    if not password:
+        raise ValueError("empty password")
+    path = os.fspath(path)
+    entry = f"{user}:{hash_password(password)}\n"
+    lines: list[str] = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        pass
+    out, replaced = [], False
+    for line in lines:
+        if (
+            line.strip()
+            and not line.lstrip().startswith("#")
+            and line.partition(":")[0].strip() == user
+        ):
+            if not replaced:
+                out.append(entry)
+                replaced = True
+            continue
+        out.append(line if line.endswith("\n") else line + "\n")
+    if not replaced:
+        out.append(entry)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".users-", dir=directory)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(out)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def failure_delay(base: float, failures: int, cap: float = 30.0) -> float:
+    """Seconds to wait before answering the ``failures``-th failed AUTH: base, 2*base, 4*base...
+    capped at ``cap`` (slows password guessing; RFC 4954 14 security considerations)."""
+    if failures <= 0 or base <= 0:
+        return 0.0
+    return min(base * 2 ** min(failures - 1, 30), cap)
+
+
+# --------------------------------------------------------------------------- SASL
+
+
+class SaslChallenge(msgspec.Struct, frozen=True):
+    """Send ``334 <base64(data)>`` and feed the client's next line to ``step``."""
+
+    data: bytes
+
+
+class SaslDone(msgspec.Struct, frozen=True):
+    """The client sent credentials; verify them (235 2.7.0 or AUTH_FAILED)."""
+
+    username: str
+    password: str
+
+
+class SaslError(msgspec.Struct, frozen=True):
+    """The exchange failed; send ``code enhanced text``. The session is back to no AUTH."""
+
+    code: int
+    enhanced: str
+    text: str
+
+
+MECHANISMS: tuple[str, ...] = ("PLAIN", "LOGIN")
+AUTH_OK: tuple[int, str, str] = (235, "2.7.0", "Authentication successful")  # RFC 4954 6
+AUTH_FAILED = SaslError(535, "5.7.8", "Authentication credentials invalid")  # RFC 4954 6
+_UNSUPPORTED = SaslError(504, "5.5.4", "Unrecognized authentication type")  # RFC 4954 4
+_ABORTED = SaslError(501, "5.7.0", "Authentication aborted")  # RFC 4954 4 ("*" from the client)
+_BAD_BASE64 = SaslError(501, "5.5.2", "Invalid base64 data")  # RFC 4954 4
+_MALFORMED = SaslError(501, "5.5.2", "Malformed authentication data")
+_AUTHZ = SaslError(535, "5.7.8", "Authorization identity not allowed")
+
+SaslResult = SaslChallenge | SaslDone | SaslError
+
+
+def _decode(line: bytes) -> bytes | SaslError:
+    text = line.strip(b"\r\n").strip()
+    if text == b"*":
+        return _ABORTED
+    if text == b"=":  # RFC 4954 4: "=" is an empty initial response
+        return b""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return _BAD_BASE64
+
+
+class Sasl:
+    """One SASL exchange. ``initial`` is the first result (the answer to the AUTH command);
+    call ``step`` with each client line while the last result was a SaslChallenge. ``done``
+    is True once a SaslDone or SaslError was returned. No I/O."""
+
+    mechanism: str = ""
+
+    def __init__(self) -> None:
+        self.done = False
+        self.initial: SaslResult = _UNSUPPORTED
+
+    def _finish(self, result: SaslResult) -> SaslResult:
+        if not isinstance(result, SaslChallenge):
+            self.done = True
+        return result
+
+    def step(self, line: bytes) -> SaslResult:
+        """Feed one client line (base64 text, CRLF optional); returns the next result."""
+        if self.done:
+            raise RuntimeError("SASL exchange already finished")
+        decoded = _decode(line)
+        if isinstance(decoded, SaslError):
+            return self._finish(decoded)
+        return self._finish(self._on_data(decoded))
+
+    def _on_data(self, data: bytes) -> SaslResult:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+def _text(data: bytes) -> str | None:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+class _Plain(Sasl):
+    """RFC 4616: message = [authzid] NUL authcid NUL passwd; authzid empty or equal to authcid."""
+
+    mechanism = "PLAIN"
+
+    def __init__(self, initial: bytes | None) -> None:
+        super().__init__()
+        if initial is None:
+            self.initial = SaslChallenge(b"")
+        else:
+            decoded = _decode(initial)
+            self.initial = self._finish(
+                decoded if isinstance(decoded, SaslError) else self._on_data(decoded)
+            )
+
+    def _on_data(self, data: bytes) -> SaslResult:
+        parts = data.split(b"\0")
+        if len(parts) != 3:
+            return _MALFORMED
+        authzid, authcid, passwd = (_text(p) for p in parts)
+        if authzid is None or authcid is None or passwd is None or not authcid or not passwd:
+            return _MALFORMED
+        if authzid and authzid != authcid:
+            return _AUTHZ
+        return SaslDone(authcid, passwd)
+
+
+class _Login(Sasl):
+    """The de-facto LOGIN mechanism: "Username:" then "Password:" challenges."""
+
+    mechanism = "LOGIN"
+
+    def __init__(self, initial: bytes | None) -> None:
+        super().__init__()
+        self._user: str | None = None
+        if initial is None:
+            self.initial = SaslChallenge(b"Username:")
+        else:  # AUTH LOGIN <base64 username> (sent by many clients)
+            decoded = _decode(initial)
+            self.initial = self._finish(
+                decoded if isinstance(decoded, SaslError) else self._on_data(decoded)
+            )
+
+    def _on_data(self, data: bytes) -> SaslResult:
+        text = _text(data)
+        if text is None or not text:
+            return _MALFORMED
+        if self._user is None:
+            self._user = text
+            return SaslChallenge(b"Password:")
+        return SaslDone(self._user, text)
+
+
+class _Unsupported(Sasl):
+    def __init__(self) -> None:
+        super().__init__()
+        self.initial = self._finish(_UNSUPPORTED)
+
+
+def start(mechanism: str, initial: bytes | None) -> Sasl:
+    """Begin ``AUTH <mechanism> [initial]``. ``initial`` is the initial response exactly as on
+    the command line (base64 text, or b"=" for empty), None if absent. Mechanism names are
+    case-insensitive. Read the first result from ``.initial``; unknown mechanisms give
+    SaslError 504 5.5.4 there."""
+    mech = mechanism.upper()
+    if mech == "PLAIN":
+        return _Plain(initial)
+    if mech == "LOGIN":
+        return _Login(initial)
+    return _Unsupported()

@@ -1,0 +1,542 @@
+"""The ``fastmta`` command: serve, send (sendmail-style injection), passwd, config, queue, bench.
+
+Exit codes follow sysexits.h where sendmail users expect them: 64 EX_USAGE (bad address, no
+recipient), 65 EX_DATAERR (message too big), 69 EX_UNAVAILABLE (subcommand not built yet),
+75 EX_TEMPFAIL (spool write failed); configuration errors exit 2 like argparse usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import email.utils
+import getpass
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from fastmta.config import Config, ConfigError, dump_example, load_config
+
+__all__ = [
+    "add_missing_headers",
+    "build_parser",
+    "check_address",
+    "dot_stuff",
+    "main",
+    "prepare_message",
+    "split_lines",
+]
+
+VERSION = "0.1.0"
+EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_TEMPFAIL = 64, 65, 69, 75
+EX_CONFIG = 2
+
+_DESCRIPTION = """\
+fastmta: a high-throughput outbound mail transfer agent.
+
+It accepts mail over SMTP (or from `fastmta send`), writes it durably to an on-disk spool, and
+delivers it to each recipient domain's mail exchangers in parallel over reused connections.
+Every setting has a working default; `fastmta config --example` prints them all, annotated."""
+
+_EPILOG = """\
+examples:
+  fastmta serve                                  relay on 127.0.0.1:2525, spool ./fastmta-spool
+  fastmta serve --config /etc/fastmta.toml
+  fastmta serve --listen 0.0.0.0:25 --relay [smtp.example.net]:587
+  fastmta send -t < message.eml                  queue a message (like sendmail -t)
+  fastmta passwd alice --file /etc/fastmta/users add or change an SMTP AUTH user
+  fastmta config --check /etc/fastmta.toml       validate a configuration file
+  fastmta queue list                             show queued messages
+
+run `fastmta COMMAND --help` for each command's options."""
+
+
+def _version_text() -> str:
+    try:
+        from fastmta.protocol.parse import ACCELERATED
+    except ImportError:
+        ACCELERATED = False
+    kind = "accelerated parser" if ACCELERATED else "pure Python parser"
+    return f"fastmta {VERSION} ({kind})"
+
+
+class _VersionAction(argparse.Action):
+    def __init__(self, option_strings: Sequence[str], dest: str, **kw: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and parser kind")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        print(_version_text())
+        parser.exit(0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of the ``fastmta`` command."""
+    raw = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="fastmta", description=_DESCRIPTION, epilog=_EPILOG, formatter_class=raw
+    )
+    p.add_argument("--version", action=_VersionAction)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+
+    s = sub.add_parser(
+        "serve",
+        help="run the MTA (SMTP listeners, spool, delivery)",
+        description="Run the MTA: listen for SMTP, spool accepted mail durably, deliver it. "
+        "Command-line options override the configuration file.",
+    )
+    s.add_argument(
+        "--config", metavar="FILE", help="TOML configuration file (default: built-in defaults)"
+    )
+    s.add_argument(
+        "--listen", metavar="HOST:PORT", action="append",
+        help="listen here instead of the configured listeners (role relay; repeatable; "
+        "\"[::1]:2525\" for IPv6)",
+    )  # fmt: skip
+    s.add_argument("--spool", metavar="DIR", help="spool directory (server.spool_dir)")
+    s.add_argument("--workers", metavar="N", type=int, help="worker processes, 0 = one per CPU")
+    s.add_argument("--hold", action="store_true", help="accept and spool mail but deliver nothing")
+    s.add_argument(
+        "--relay", metavar="HOST:PORT",
+        help="send all mail through this smarthost (\"[host]:port\" skips the MX lookup)",
+    )  # fmt: skip
+
+    m = sub.add_parser(
+        "send",
+        help="queue a message read from stdin (sendmail-compatible)",
+        description="Read a message from standard input (to end of file, like sendmail -i) and "
+        "write it into the spool, where a running (or the next) `fastmta serve` delivers it. "
+        "Bare LF line endings become CRLF; Date, Message-ID and From are added when missing. "
+        "Prints the queue id.",
+    )
+    m.add_argument(
+        "-f",
+        dest="sender",
+        metavar="SENDER",
+        help='envelope sender (default: you@hostname; "<>" = null)',
+    )
+    m.add_argument(
+        "-t",
+        dest="extract",
+        action="store_true",
+        help="also take recipients from To:, Cc:, Bcc: (Bcc: is removed)",
+    )
+    m.add_argument(
+        "-i",
+        dest="ignore_dots",
+        action="store_true",
+        help="accepted for sendmail compatibility (always on)",
+    )
+    m.add_argument(
+        "-o",
+        dest="sendmail_options",
+        metavar="OPT",
+        action="append",
+        help="sendmail -oX options, ignored",
+    )
+    m.add_argument(
+        "-F", dest="fullname", metavar="NAME", help="full name for an added From: header"
+    )
+    m.add_argument(
+        "--config", metavar="FILE", help="configuration file (for spool_dir, hostname, size limit)"
+    )
+    m.add_argument("--spool", metavar="DIR", help="spool directory (overrides the configuration)")
+    m.add_argument("recipients", nargs="*", metavar="RCPT", help="recipient addresses")
+
+    w = sub.add_parser(
+        "passwd",
+        help="add a user to the SMTP AUTH users file, or change a password",
+        description="Set USER's password in the users file (scrypt hash; atomic rewrite, mode "
+        "0600). The password is asked for on a terminal, else read as one line from stdin.",
+    )
+    w.add_argument("user", metavar="USER")
+    w.add_argument(
+        "--file", metavar="USERS_FILE", help="users file (default: policy.users_file of --config)"
+    )
+    w.add_argument("--config", metavar="FILE", help="configuration file naming policy.users_file")
+
+    c = sub.add_parser(
+        "config",
+        help="print the annotated example configuration, or check a file",
+        description="Print the example configuration (every key, its default and meaning), or "
+        "validate a file: exit 0 if it is valid, else print the offending key and exit 2.",
+    )
+    g = c.add_mutually_exclusive_group(required=True)
+    g.add_argument(
+        "--example", action="store_true", help="print the annotated example configuration"
+    )
+    g.add_argument("--check", metavar="FILE", help="validate FILE")
+
+    # Placeholders in the CLI wiring only: fastmta.queuecmd and fastmta.bench come later.
+    q = sub.add_parser(
+        "queue",
+        help="inspect and manage the spool (list, show, hold, release, flush, delete)",
+        description="Inspect and manage queued messages.",
+    )
+    q.add_argument("--config", metavar="FILE", help="configuration file")
+    q.add_argument("--spool", metavar="DIR", help="spool directory")
+    qs = q.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
+    qs.add_parser("list", help="list queued messages (id, age, size, sender, recipients)")
+    for name, text in (
+        ("show", "print a message's envelope and content"),
+        ("hold", "stop delivering these messages until released"),
+        ("release", "deliver held messages again"),
+        ("flush", "retry these messages now (all deferred mail if no id is given)"),
+        ("delete", "remove messages from the queue without a bounce"),
+    ):
+        qp = qs.add_parser(name, help=text)
+        qp.add_argument("ids", nargs="*", metavar="QUEUE_ID")
+
+    b = sub.add_parser(
+        "bench",
+        help="benchmark fastmta against a local sink (and Postfix, when installed)",
+        description="End-to-end benchmark on loopback; options are passed to fastmta.bench.",
+    )
+    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="options for the benchmark")
+    return p
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _err(msg: str) -> None:
+    print(f"fastmta: {msg}", file=sys.stderr)
+
+
+def _load(path: str | None, overrides: dict[str, Any] | None = None) -> Config:
+    """load_config with the CLI's error handling (raises SystemExit(2) with a message)."""
+    try:
+        return load_config(path, overrides)
+    except FileNotFoundError:
+        _err(f"config file not found: {path}")
+        raise SystemExit(EX_CONFIG) from None
+    except IsADirectoryError:
+        _err(f"config file is a directory: {path}")
+        raise SystemExit(EX_CONFIG) from None
+    except ConfigError as e:
+        _err(str(e))
+        raise SystemExit(EX_CONFIG) from None
+
+
+def _lazy_main(module: str, command: str, args: argparse.Namespace) -> int:
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        _err(f"{command}: not available yet")
+        return EX_UNAVAILABLE
+    return int(mod.main(args) or 0)
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {}
+    server: dict[str, Any] = {}
+    if args.spool:
+        server["spool_dir"] = args.spool
+    if args.workers is not None:
+        server["workers"] = args.workers
+    if args.hold:
+        server["hold_delivery"] = True
+    if server:
+        overrides["server"] = server
+    if args.listen:
+        overrides["listener"] = [{"address": a, "role": "relay"} for a in args.listen]
+    if args.relay:
+        overrides["delivery"] = {"relayhost": args.relay}
+    config = _load(args.config, overrides)
+    try:
+        from fastmta.app import serve
+    except ModuleNotFoundError as e:
+        if e.name != "fastmta.app":
+            raise
+        _err("serve: not available yet")
+        return EX_UNAVAILABLE
+    return int(serve(config) or 0)
+
+
+# --------------------------------------------------------------------------- send
+
+_LOCAL_FORBIDDEN = re.compile(r'[\x00-\x20\x7f<>()\[\]\\,;:@"]')
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9\-\u0080-\U0010ffff]{1,63}(?<!-)")
+_HEADER_NAME = re.compile(rb"[!-9;-~]+:")
+
+
+def check_address(addr: str, default_domain: str) -> str:
+    """Return ``addr`` as a bare mailbox ("user@example.com"), or raise ValueError saying why.
+
+    Surrounding angle brackets are removed; an address without "@" gets ``@default_domain``
+    (sendmail behaviour). Limits: local part <= 64 octets (RFC 5321 4.5.3.1.1), domain <= 255
+    (4.5.3.1.2), path <= 256 including "<>" (4.5.3.1.3). Non-ASCII is allowed (SMTPUTF8).
+    """
+    a = addr.strip()
+    if a.startswith("<") and a.endswith(">"):
+        a = a[1:-1].strip()
+    if not a:
+        raise ValueError("empty address")
+    if "@" not in a:
+        a = f"{a}@{default_domain}"
+    local, _, domain = a.rpartition("@")
+    if not local:
+        raise ValueError(f"{addr!r}: empty local part")
+    if local.startswith('"') and local.endswith('"') and len(local) >= 2:
+        if any(ord(c) < 32 or ord(c) == 127 for c in local):
+            raise ValueError(f"{addr!r}: control character in local part")
+    elif _LOCAL_FORBIDDEN.search(local) or local.startswith(".") or local.endswith("."):
+        raise ValueError(f"{addr!r}: invalid character or dot in local part")
+    if len(local.encode()) > 64:
+        raise ValueError(f"{addr!r}: local part longer than 64 octets (RFC 5321 4.5.3.1.1)")
+    if len(domain.encode()) > 255:
+        raise ValueError(f"{addr!r}: domain longer than 255 octets (RFC 5321 4.5.3.1.2)")
+    if len(a.encode()) + 2 > 256:
+        raise ValueError(f"{addr!r}: address longer than 256 octets (RFC 5321 4.5.3.1.3)")
+    if domain.startswith("[") and domain.endswith("]"):
+        import ipaddress
+
+        lit = domain[1:-1]
+        lit = lit[5:] if lit[:5].lower() == "ipv6:" else lit
+        try:
+            ipaddress.ip_address(lit)
+        except ValueError:
+            raise ValueError(f"{addr!r}: bad address literal") from None
+    elif not domain or not all(_LABEL.fullmatch(label) for label in domain.rstrip(".").split(".")):
+        raise ValueError(f"{addr!r}: invalid domain {domain!r}")
+    return a
+
+
+def split_lines(data: bytes) -> list[bytes]:
+    """Lines of ``data`` without terminators; CRLF, bare LF and bare CR all end a line (RFC 5321
+    2.3.8 allows CR and LF only as CRLF, so bare ones become line ends here)."""
+    lines = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return lines
+
+
+def dot_stuff(lines: list[bytes]) -> bytes:
+    """Wire form of ``lines``: each line + CRLF, a leading "." doubled (RFC 5321 4.5.2), no final
+    ".\\r\\n". (The lead may swap this for fastmta.protocol.parse.dot_stuff.)"""
+    return b"".join((b"." + ln if ln[:1] == b"." else ln) + b"\r\n" for ln in lines)
+
+
+def _header_fields(lines: list[bytes]) -> tuple[list[list[bytes]], list[bytes], bool]:
+    """Split into (header fields, each a list of its physical lines; body lines; had separator)."""
+    fields: list[list[bytes]] = []
+    i = 0
+    while i < len(lines):
+        ln = lines[i]
+        if ln == b"":
+            return fields, lines[i + 1 :], True
+        if ln[:1] in (b" ", b"\t") and fields:
+            fields[-1].append(ln)
+        elif _HEADER_NAME.match(ln):
+            fields.append([ln])
+        else:
+            break
+        i += 1
+    return fields, lines[i:], False
+
+
+def _field_name(field: list[bytes]) -> bytes:
+    return field[0].split(b":", 1)[0].strip().lower()
+
+
+def _field_value(field: list[bytes]) -> str:
+    unfolded = b"".join(field).split(b":", 1)[1]
+    return unfolded.decode("utf-8", "replace")
+
+
+def add_missing_headers(
+    fields: list[list[bytes]], *, hostname: str, sender: str, fullname: str | None = None,
+    now: float | None = None,
+) -> list[list[bytes]]:  # fmt: skip
+    """Append From:, Date:, Message-ID: fields when absent (RFC 5322 3.6: From and Date are
+    required; Message-ID SHOULD be present). From: uses ``sender`` (skipped for the null sender)."""
+    names = {_field_name(f) for f in fields}
+    out = list(fields)
+    if b"from" not in names and sender:
+        value = email.utils.formataddr((fullname, sender)) if fullname else sender
+        out.append([b"From: " + value.encode()])
+    if b"date" not in names:
+        out.append([b"Date: " + email.utils.formatdate(now, localtime=True).encode()])
+    if b"message-id" not in names:
+        out.append([b"Message-ID: " + email.utils.make_msgid(domain=hostname).encode()])
+    return out
+
+
+def prepare_message(
+    data: bytes, *, extract: bool, hostname: str, sender: str, fullname: str | None = None,
+    now: float | None = None,
+) -> tuple[bytes, list[str]]:  # fmt: skip
+    """Turn what a program piped to ``fastmta send`` into wire form.
+
+    Returns (wire bytes: CRLF, dot-stuffed, no final ".\\r\\n"; recipients found in To/Cc/Bcc if
+    ``extract``, else []). With ``extract`` Bcc fields are removed. A leading mbox "From " line is
+    dropped. Missing From/Date/Message-ID are added.
+    """
+    lines = split_lines(data)
+    if lines and lines[0].startswith(b"From "):
+        lines = lines[1:]
+    fields, body, _ = _header_fields(lines)
+    found: list[str] = []
+    if extract:
+        kept = []
+        for f in fields:
+            name = _field_name(f)
+            if name in (b"to", b"cc", b"bcc"):
+                for _, address in email.utils.getaddresses([_field_value(f)]):
+                    if address:
+                        found.append(address)
+            if name != b"bcc":
+                kept.append(f)
+        fields = kept
+    fields = add_missing_headers(
+        fields, hostname=hostname, sender=sender, fullname=fullname, now=now
+    )
+    out = [ln for f in fields for ln in f]
+    out.append(b"")  # the header/body separator (RFC 5322 2.1)
+    out.extend(body)
+    return dot_stuff(out), found
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    overrides = {"server": {"spool_dir": args.spool}} if args.spool else None
+    config = _load(args.config, overrides)
+    hostname = config.server.hostname
+    limit = config.limits.max_message_size
+    data = sys.stdin.buffer.read(limit + 1)
+    if len(data) > limit:
+        _err(f"message too big: more than {limit} bytes (limits.max_message_size)")
+        return EX_DATAERR
+
+    if args.sender is None:
+        sender = f"{getpass.getuser()}@{hostname}"
+    elif args.sender.strip() in ("", "<>"):
+        sender = ""
+    else:
+        try:
+            sender = check_address(args.sender, hostname)
+        except ValueError as e:
+            _err(f"bad sender address: {e}")
+            return EX_USAGE
+    wire, found = prepare_message(
+        data, extract=args.extract, hostname=hostname, sender=sender, fullname=args.fullname
+    )
+    if len(wire) > limit:
+        _err(f"message too big: {len(wire)} bytes > {limit} (limits.max_message_size)")
+        return EX_DATAERR
+    recipients: list[str] = []
+    for raw in [*args.recipients, *found]:
+        for part in raw.split(","):  # sendmail accepts "a@x,b@y"
+            if not part.strip():
+                continue
+            try:
+                address = check_address(part, hostname)
+            except ValueError as e:
+                _err(f"bad recipient address: {e}")
+                return EX_USAGE
+            if address.lower() not in {r.lower() for r in recipients}:
+                recipients.append(address)
+    if not recipients:
+        _err("no recipients (give addresses, or -t to read To:/Cc:/Bcc:)")
+        return EX_USAGE
+
+    from fastmta.spool.inject import inject
+    from fastmta.spool.records import Envelope, Recipient, new_queue_id
+
+    smtputf8 = not (sender.isascii() and all(r.isascii() for r in recipients))
+    envelope = Envelope(
+        id=new_queue_id(),
+        sender=sender,
+        recipients=[Recipient(address=r) for r in recipients],
+        arrival=time.time(),
+        size=len(wire),
+        body=None if wire.isascii() else "8BITMIME",
+        smtputf8=smtputf8,
+        client=f"local (uid {os.getuid()})",
+    )
+    try:
+        queue_id = inject(config.server.spool_dir, envelope, wire)
+    except Exception as e:  # SpoolError (or OSError): the message is not queued
+        _err(f"could not queue the message: {e}")
+        return EX_TEMPFAIL
+    print(queue_id)
+    return 0
+
+
+# --------------------------------------------------------------------------- passwd, config
+
+
+def cmd_passwd(args: argparse.Namespace) -> int:
+    from fastmta.auth import set_password
+
+    path = args.file
+    if not path:
+        path = _load(args.config).policy.users_file if args.config else ""
+    if not path:
+        _err("passwd: no users file: give --file USERS_FILE (or --config with policy.users_file)")
+        return EX_CONFIG
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"New password for {args.user}: ")
+        if getpass.getpass("Again: ") != password:
+            _err("passwd: the passwords differ")
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    try:
+        set_password(path, args.user, password)
+    except ValueError as e:
+        _err(f"passwd: {e}")
+        return EX_USAGE
+    except OSError as e:
+        _err(f"passwd: {path}: {e.strerror or e}")
+        return 1
+    print(f"{args.user}: password set in {path}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.example:
+        sys.stdout.write(dump_example())
+        return 0
+    _load(args.check)
+    print(f"{args.check}: OK")
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fastmta`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return cmd_serve(args)
+        if args.command == "send":
+            return cmd_send(args)
+        if args.command == "passwd":
+            return cmd_passwd(args)
+        if args.command == "config":
+            return cmd_config(args)
+        if args.command == "queue":
+            return _lazy_main("fastmta.queuecmd", "queue", args)
+        if args.command == "bench":
+            return _lazy_main("fastmta.bench", "bench", args)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    except KeyboardInterrupt:
+        return 130
+    parser.print_help()
+    return EX_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

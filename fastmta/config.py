@@ -1,0 +1,627 @@
+"""fastmta configuration: msgspec Structs loaded from TOML.
+
+Every field has a default that works as is, so ``load_config(None)`` gives a runnable relay on
+127.0.0.1:2525. A TOML file only needs the keys it changes. Unknown keys are errors (a typo must not
+silently fall back to a default), and every error names the key::
+
+    config error: limits.max_recipients: must be >= 100 (RFC 5321 4.5.3.1.8), got 10
+
+Durations are numbers (seconds) or strings such as ``"30s"``, ``"5m"``, ``"2h"``, ``"5d"``,
+``"1h30m"``, ``"250ms"``; sizes are integers (bytes) or strings such as ``"10k"``, ``"50M"``,
+``"1G"`` (binary multiples: 1k = 1024). Both arrive in the Structs as plain numbers (``Duration``
+is a ``float`` subclass, ``Size`` an ``int`` subclass).
+
+``load_config`` = parse TOML -> merge overrides -> ``msgspec.convert`` (types, unknown keys) ->
+``validate`` (values, cross-field rules) -> ``resolve`` (fill the "" / 0 = automatic defaults).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+import tomllib
+from importlib import resources
+from typing import Any
+
+import msgspec
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DeliveryConfig",
+    "DnsConfig",
+    "DomainPolicy",
+    "Duration",
+    "LimitsConfig",
+    "Listener",
+    "LocalConfig",
+    "PolicyConfig",
+    "QueueConfig",
+    "ServerConfig",
+    "Size",
+    "TlsConfig",
+    "dump_example",
+    "load_config",
+    "parse_duration",
+    "parse_hostport",
+    "parse_size",
+    "resolve",
+    "validate",
+]
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message starts with ``config error: <key>:``."""
+
+
+# --------------------------------------------------------------------------- value types
+
+
+class Duration(float):
+    """Seconds, as a float. TOML may give a number or a string like "1h30m"."""
+
+
+class Size(int):
+    """Bytes, as an int. TOML may give an integer or a string like "50M"."""
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_duration(value: int | float | str) -> float:
+    """Seconds from a number or a string of number+unit parts ("90", "30s", "1h30m", "250ms").
+
+    Raises ValueError for anything else (negative numbers included).
+    """
+    if isinstance(value, bool):
+        raise ValueError(f'expected a duration like 30, "30s", "5m", "1h30m", got {value!r}')
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"a duration must be >= 0, got {value!r}")
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if re.fullmatch(r"\d+(?:\.\d+)?", text):
+            return float(text)
+        pos, total = 0, 0.0
+        for m in _DURATION_PART.finditer(text):
+            if m.start() != pos:
+                break
+            total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+            pos = m.end()
+        if text and pos == len(text):
+            return total
+    raise ValueError(f'expected a duration like 30, "30s", "5m", "1h30m", got {value!r}')
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an integer or a string ("10k", "50M", "1G", "50MiB"; binary multiples).
+
+    Raises ValueError for anything else (negative numbers included).
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"a size must be >= 0, got {value!r}")
+        return value
+    if isinstance(value, str):
+        m = _SIZE.fullmatch(value.strip())
+        if m:
+            return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    raise ValueError(f'expected a size like 52428800, "10k", "50M", got {value!r}')
+
+
+def _dec_hook(typ: type, obj: Any) -> Any:
+    if typ is Duration:
+        return Duration(parse_duration(obj))
+    if typ is Size:
+        return Size(parse_size(obj))
+    raise NotImplementedError(typ)
+
+
+# --------------------------------------------------------------------------- sections
+
+_STRUCT = {"forbid_unknown_fields": True, "kw_only": True}
+
+
+class ServerConfig(msgspec.Struct, **_STRUCT):
+    hostname: str = ""  # "" -> socket.getfqdn()
+    workers: int = 0  # 0 -> os.cpu_count()
+    spool_dir: str = ""  # "" -> $FASTMTA_SPOOL, $XDG_STATE_HOME/fastmta/spool, ./fastmta-spool
+    hold_delivery: bool = False
+    log_level: str = "info"
+    log_file: str = ""  # "" -> stderr
+    delivery_log: str = ""  # "" -> <spool_dir>/delivery.log
+
+
+class Listener(msgspec.Struct, **_STRUCT):
+    address: str = "127.0.0.1:2525"
+    role: str = "relay"  # "relay" | "submission"
+    tls: str = (
+        "auto"  # "auto" | "none" | "starttls" | "implicit"; auto -> starttls if [tls] has a cert
+    )
+    auth: str = "tls"  # "tls" | "always" | "never"
+    bare_newline: str = "reject"  # "reject" | "normalize"
+
+    @property
+    def host(self) -> str:
+        return parse_hostport(self.address, 25)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_hostport(self.address, 25)[1]
+
+
+class TlsConfig(msgspec.Struct, **_STRUCT):
+    cert_file: str = ""
+    key_file: str = ""
+
+
+class LimitsConfig(msgspec.Struct, **_STRUCT):
+    max_connections: int = 1000
+    max_connections_per_ip: int = 50
+    max_recipients: int = 1000
+    max_message_size: Size = Size(50 << 20)
+    max_line_length: int = 1000
+    max_command_line: int = 512
+    max_auth_line: int = 12288
+    command_timeout: Duration = Duration(300)
+    data_timeout: Duration = Duration(600)
+    max_errors: int = 10
+    auth_failure_delay: Duration = Duration(1)
+    max_auth_failures: int = 3
+
+
+class PolicyConfig(msgspec.Struct, **_STRUCT):
+    mynetworks: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    local_domains: list[str] = msgspec.field(default_factory=list)
+    users_file: str = ""
+
+
+class LocalConfig(msgspec.Struct, **_STRUCT):
+    maildir_root: str = ""  # "" -> <spool_dir>/../maildir
+    users: list[str] = msgspec.field(default_factory=list)  # "user@domain" entries
+    catch_all: str = ""
+
+    def users_by_domain(self) -> dict[str, set[str]]:
+        """``{"example.com": {"alice", "bob"}}`` from the ``users`` list (lower-cased)."""
+        out: dict[str, set[str]] = {}
+        for entry in self.users:
+            user, _, domain = entry.rpartition("@")
+            out.setdefault(domain.lower(), set()).add(user.lower())
+        return out
+
+
+class DnsConfig(msgspec.Struct, **_STRUCT):
+    nameservers: list[str] = msgspec.field(default_factory=list)
+    min_ttl: Duration = Duration(60)
+    max_ttl: Duration = Duration(86400)
+    negative_ttl: Duration = Duration(300)
+    timeout: Duration = Duration(5)
+    prefer_ipv6: bool = False
+
+
+_DEFAULT_RETRY = ["5m", "10m", "20m", "40m", "1h20m", "2h40m", "4h"]
+
+
+class QueueConfig(msgspec.Struct, **_STRUCT):
+    retry_schedule: list[Duration] = msgspec.field(
+        default_factory=lambda: [Duration(parse_duration(s)) for s in _DEFAULT_RETRY]
+    )
+    retry_jitter: float = 0.2
+    max_lifetime: Duration = Duration(5 * 86400)
+    delay_warning: Duration = Duration(4 * 3600)
+    max_in_memory: int = 10000
+    recipients_per_transaction: int = 50
+
+
+class DeliveryConfig(msgspec.Struct, **_STRUCT):
+    port: int = 25
+    helo_name: str = ""  # "" -> server.hostname
+    tls: str = "opportunistic"  # "opportunistic" | "none" | "required"
+    tls_verify: bool = False
+    connect_timeout: Duration = Duration(30)
+    greeting_timeout: Duration = Duration(300)
+    mail_timeout: Duration = Duration(300)
+    rcpt_timeout: Duration = Duration(300)
+    data_timeout: Duration = Duration(120)
+    data_block_timeout: Duration = Duration(180)
+    data_done_timeout: Duration = Duration(600)
+    idle_timeout: Duration = Duration(30)
+    max_connections_per_site: int = 20
+    messages_per_connection: int = 1000
+    messages_per_second: float = 0.0  # 0 = unlimited
+    relayhost: str = ""
+    relay_username: str = ""
+    relay_password: str = ""
+    source_address: str = ""
+
+
+class DomainPolicy(msgspec.Struct, **_STRUCT):
+    """Per-destination-domain overrides; None = inherit from [delivery]."""
+
+    max_connections: int | None = None
+    messages_per_second: float | None = None
+    messages_per_connection: int | None = None
+    tls: str | None = None
+    route: str | None = None  # "[10.1.2.3]:2525" or "host:port"
+
+
+class Config(msgspec.Struct, **_STRUCT):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    listener: list[Listener] = msgspec.field(default_factory=lambda: [Listener()])
+    tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    policy: PolicyConfig = msgspec.field(default_factory=PolicyConfig)
+    local: LocalConfig = msgspec.field(default_factory=LocalConfig)
+    dns: DnsConfig = msgspec.field(default_factory=DnsConfig)
+    queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
+    delivery: DeliveryConfig = msgspec.field(default_factory=DeliveryConfig)
+    domain: dict[str, DomainPolicy] = msgspec.field(default_factory=dict)
+
+    @property
+    def listeners(self) -> list[Listener]:
+        """The listeners with ``tls = "auto"`` resolved (after ``resolve`` they already are)."""
+        auto = "starttls" if self.tls.cert_file else "none"
+        return [
+            msgspec.structs.replace(li, tls=auto) if li.tls == "auto" else li
+            for li in self.listener
+        ]
+
+
+SECTIONS: dict[str, type[msgspec.Struct]] = {
+    "server": ServerConfig,
+    "listener": Listener,
+    "tls": TlsConfig,
+    "limits": LimitsConfig,
+    "policy": PolicyConfig,
+    "local": LocalConfig,
+    "dns": DnsConfig,
+    "queue": QueueConfig,
+    "delivery": DeliveryConfig,
+    "domain": DomainPolicy,
+}
+
+
+# --------------------------------------------------------------------------- host:port
+
+
+def parse_hostport(s: str, default_port: int) -> tuple[str, int]:
+    """Split "host:port", "[::1]:25", "[10.0.0.1]:2525", "host", "::1" into (host, port).
+
+    Brackets are removed from the host. A bare IPv6 address without brackets takes the default
+    port. Raises ValueError on an empty host or a port outside 1..65535.
+    """
+    text = s.strip()
+    port_text = ""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"missing ']' in {s!r}")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"unexpected {rest!r} after ']' in {s!r}")
+            port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:
+        host = text  # "host" or a bare IPv6 address
+    if not host:
+        raise ValueError(f"missing host in {s!r}")
+    if port_text == "" and text.endswith(":"):
+        raise ValueError(f"missing port in {s!r}")
+    port = default_port
+    if port_text:
+        if not port_text.isdigit():
+            raise ValueError(f"bad port {port_text!r} in {s!r}")
+        port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port must be 1..65535, got {port} in {s!r}")
+    return host, port
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+_MSGSPEC_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+_UNKNOWN = re.compile(r"Object contains unknown field `(?P<key>[^`]*)`")
+
+
+def _translate(err: msgspec.ValidationError, prefix: str = "") -> ConfigError:
+    m = _MSGSPEC_PATH.match(str(err))
+    assert m is not None
+    msg, path = m.group("msg"), prefix + (m.group("path") or "")
+    path = path.lstrip(".")
+    unknown = _UNKNOWN.match(msg)
+    if unknown:
+        key = f"{path}.{unknown.group('key')}" if path else unknown.group("key")
+        return ConfigError(f"config error: {key}: unknown key")
+    msg = msg.replace("`", "")
+    if msg.startswith("Expected"):
+        msg = ("e" + msg[1:]).replace(" | null", "").replace("expected object", "expected a table")
+    return ConfigError(f"config error: {path or '(top level)'}: {msg}")
+
+
+def load_config(
+    path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None
+) -> Config:
+    """Load, validate and resolve a configuration.
+
+    ``path=None`` gives the built-in defaults. ``overrides`` is a dict shaped like the TOML
+    document (e.g. ``{"server": {"spool_dir": "/x"}}``) merged over the file before validation, so
+    command-line overrides get the same checks and messages. Raises ConfigError (message names
+    the key) or FileNotFoundError if ``path`` does not exist.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        with open(path, "rb") as f:
+            try:
+                data = tomllib.load(f)
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"config error: {os.fspath(path)}: invalid TOML: {e}") from None
+    if overrides:
+        data = _merge(data, overrides)
+    # [domain."x"] tables are converted one by one: msgspec hides dict keys in its error paths
+    # ("domain[...]"), and the message must name the domain.
+    domains_raw = data.pop("domain", {})
+    if not isinstance(domains_raw, dict):
+        raise _fail("domain", 'expected tables like [domain."example.com"]')
+    try:
+        config = msgspec.convert(data, Config, dec_hook=_dec_hook)
+    except msgspec.ValidationError as e:
+        raise _translate(e) from None
+    domains: dict[str, DomainPolicy] = {}
+    for name, entry in domains_raw.items():
+        try:
+            domains[name] = msgspec.convert(entry, DomainPolicy, dec_hook=_dec_hook)
+        except msgspec.ValidationError as e:
+            raise _translate(e, f'domain."{name}"') from None
+    config = msgspec.structs.replace(config, domain=domains)
+    validate(config)
+    return resolve(config)
+
+
+def dump_example() -> str:
+    """The annotated example configuration (fastmta/fastmta.example.toml) as text."""
+    return resources.files("fastmta").joinpath("fastmta.example.toml").read_text("utf-8")
+
+
+def resolve(config: Config, env: dict[str, str] | None = None) -> Config:
+    """Return a copy with the automatic defaults ("" / 0 / "auto") filled in.
+
+    hostname -> socket.getfqdn(); workers -> os.cpu_count(); spool_dir -> $FASTMTA_SPOOL, else
+    $XDG_STATE_HOME/fastmta/spool, else ./fastmta-spool (made absolute); delivery_log ->
+    <spool_dir>/delivery.log; maildir_root -> <spool_dir>/../maildir; helo_name -> hostname;
+    listener tls "auto" -> "starttls" with a [tls] cert, else "none".
+    """
+    env = os.environ if env is None else env  # type: ignore[assignment]
+    s = config.server
+    hostname = s.hostname or socket.getfqdn()
+    spool = s.spool_dir or env.get("FASTMTA_SPOOL", "")
+    if not spool:
+        xdg = env.get("XDG_STATE_HOME", "")
+        spool = os.path.join(xdg, "fastmta", "spool") if xdg else "fastmta-spool"
+    spool = os.path.abspath(os.path.expanduser(spool))
+    server = msgspec.structs.replace(
+        s,
+        hostname=hostname,
+        workers=s.workers or os.cpu_count() or 1,
+        spool_dir=spool,
+        delivery_log=s.delivery_log or os.path.join(spool, "delivery.log"),
+    )
+    local = msgspec.structs.replace(
+        config.local,
+        maildir_root=config.local.maildir_root
+        or os.path.normpath(os.path.join(spool, os.pardir, "maildir")),
+    )
+    delivery = msgspec.structs.replace(
+        config.delivery, helo_name=config.delivery.helo_name or hostname
+    )
+    domain = {name.lower().rstrip("."): pol for name, pol in config.domain.items()}
+    return msgspec.structs.replace(
+        config,
+        server=server,
+        local=local,
+        delivery=delivery,
+        listener=config.listeners,
+        domain=domain,
+    )
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _fail(key: str, msg: str) -> ConfigError:
+    return ConfigError(f"config error: {key}: {msg}")
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        options = (
+            " or ".join(f'"{a}"' for a in allowed)
+            if len(allowed) == 2
+            else ", ".join(f'"{a}"' for a in allowed)
+        )
+        raise _fail(key, f'expected {options}, got "{value}"')
+
+
+def _at_least(key: str, value: float, minimum: float, why: str = "") -> None:
+    if value < minimum:
+        got = int(value) if float(value).is_integer() else value
+        low = int(minimum) if float(minimum).is_integer() else minimum
+        raise _fail(key, f"must be >= {low}{f' ({why})' if why else ''}, got {got}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise _fail(key, f"must be > 0, got {value}")
+
+
+def _hostport(key: str, value: str, default_port: int) -> None:
+    try:
+        parse_hostport(value, default_port)
+    except ValueError as e:
+        raise _fail(key, str(e)) from None
+
+
+def _ip(key: str, value: str) -> None:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise _fail(key, f'expected an IP address, got "{value}"') from None
+
+
+_ADDRESS = re.compile(r"[^@\s<>]+@[^@\s<>]+")
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def validate(config: Config) -> None:
+    """Check values and cross-field rules; raise ConfigError naming the first bad key.
+
+    Types and unknown keys are already checked by msgspec; this is every value rule, in one place.
+    Timeouts only need to be > 0 here: RFC 5321 4.5.3.2 minimums are the defaults, and tests run
+    with short ones.
+    """
+    s = config.server
+    _at_least("server.workers", s.workers, 0)
+    _choice("server.log_level", s.log_level.lower(), _LOG_LEVELS)
+
+    if not config.listener:
+        raise _fail("listener", "at least one [[listener]] is required")
+    has_cert = bool(config.tls.cert_file)
+    for i, li in enumerate(config.listener):
+        k = f"listener[{i}]"
+        _hostport(f"{k}.address", li.address, 25)
+        _choice(f"{k}.role", li.role, ("relay", "submission"))
+        _choice(f"{k}.tls", li.tls, ("auto", "none", "starttls", "implicit"))
+        _choice(f"{k}.auth", li.auth, ("tls", "always", "never"))
+        _choice(f"{k}.bare_newline", li.bare_newline, ("reject", "normalize"))
+        tls = li.tls if li.tls != "auto" else ("starttls" if has_cert else "none")
+        if tls != "none" and not has_cert:
+            raise _fail(f"{k}.tls", f'"{li.tls}" needs [tls] cert_file and key_file')
+        if li.role == "submission" and (li.auth == "never" or (li.auth == "tls" and tls == "none")):
+            raise _fail(
+                f"{k}.auth",
+                'a submission listener needs AUTH (RFC 6409 4.3): set auth = "always", '
+                'or configure TLS so auth = "tls" can offer it',
+            )
+    seen: set[tuple[str, int]] = set()
+    for i, li in enumerate(config.listener):
+        hp = parse_hostport(li.address, 25)
+        if hp in seen:
+            raise _fail(f"listener[{i}].address", f'"{li.address}" is listed twice')
+        seen.add(hp)
+
+    t = config.tls
+    if bool(t.cert_file) != bool(t.key_file):
+        raise _fail(
+            "tls.key_file" if t.cert_file else "tls.cert_file", "cert_file and key_file go together"
+        )
+    for key, value in (("tls.cert_file", t.cert_file), ("tls.key_file", t.key_file)):
+        if value and not os.path.isfile(value):
+            raise _fail(key, f"file not found: {value}")
+
+    lim = config.limits
+    _at_least("limits.max_connections", lim.max_connections, 1)
+    _at_least("limits.max_connections_per_ip", lim.max_connections_per_ip, 1)
+    _at_least("limits.max_recipients", lim.max_recipients, 100, "RFC 5321 4.5.3.1.8")
+    _at_least("limits.max_message_size", lim.max_message_size, 65536, "RFC 5321 4.5.3.1.7")
+    _at_least("limits.max_line_length", lim.max_line_length, 1000, "RFC 5321 4.5.3.1.6")
+    _at_least("limits.max_command_line", lim.max_command_line, 512, "RFC 5321 4.5.3.1.4")
+    _at_least("limits.max_auth_line", lim.max_auth_line, 12288, "RFC 4954 4")
+    _positive("limits.command_timeout", lim.command_timeout)
+    _positive("limits.data_timeout", lim.data_timeout)
+    _at_least("limits.max_errors", lim.max_errors, 1)
+    _at_least("limits.max_auth_failures", lim.max_auth_failures, 1)
+
+    for i, net in enumerate(config.policy.mynetworks):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise _fail(
+                f"policy.mynetworks[{i}]", f'expected a CIDR like "10.0.0.0/8", got "{net}"'
+            ) from None
+    for i, dom in enumerate(config.policy.local_domains):
+        if not dom.strip(".") or any(c.isspace() or c in "@[]" for c in dom):
+            raise _fail(f"policy.local_domains[{i}]", f'expected a domain name, got "{dom}"')
+
+    for i, user in enumerate(config.local.users):
+        if not _ADDRESS.fullmatch(user):
+            raise _fail(f"local.users[{i}]", f'expected "user@domain", got "{user}"')
+    if config.local.catch_all and not _ADDRESS.fullmatch(config.local.catch_all):
+        raise _fail("local.catch_all", f'expected "user@domain", got "{config.local.catch_all}"')
+
+    d = config.dns
+    for i, ns in enumerate(d.nameservers):
+        try:
+            host, _ = parse_hostport(ns, 53)
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise _fail(
+                f"dns.nameservers[{i}]", f'expected an IP address (optionally :port), got "{ns}"'
+            ) from None
+    if d.min_ttl > d.max_ttl:
+        raise _fail("dns.min_ttl", f"must be <= dns.max_ttl ({d.max_ttl:g}), got {d.min_ttl:g}")
+    _positive("dns.timeout", d.timeout)
+
+    q = config.queue
+    if not q.retry_schedule:
+        raise _fail("queue.retry_schedule", "needs at least one interval")
+    for i, interval in enumerate(q.retry_schedule):
+        _positive(f"queue.retry_schedule[{i}]", interval)
+    if not 0 <= q.retry_jitter < 1:
+        raise _fail("queue.retry_jitter", f"must be in [0, 1), got {q.retry_jitter}")
+    _positive("queue.max_lifetime", q.max_lifetime)
+    _at_least("queue.max_in_memory", q.max_in_memory, 1)
+    _at_least("queue.recipients_per_transaction", q.recipients_per_transaction, 1)
+
+    dl = config.delivery
+    if not 1 <= dl.port <= 65535:
+        raise _fail("delivery.port", f"must be 1..65535, got {dl.port}")
+    _choice("delivery.tls", dl.tls, ("opportunistic", "none", "required"))
+    for name in (
+        "connect_timeout", "greeting_timeout", "mail_timeout", "rcpt_timeout", "data_timeout",
+        "data_block_timeout", "data_done_timeout", "idle_timeout",
+    ):  # fmt: skip
+        _positive(f"delivery.{name}", getattr(dl, name))
+    _at_least("delivery.max_connections_per_site", dl.max_connections_per_site, 1)
+    _at_least("delivery.messages_per_connection", dl.messages_per_connection, 1)
+    _at_least("delivery.messages_per_second", dl.messages_per_second, 0)
+    if dl.relayhost:
+        _hostport("delivery.relayhost", dl.relayhost, 25)
+    if bool(dl.relay_username) != bool(dl.relay_password):
+        raise _fail("delivery.relay_password", "relay_username and relay_password go together")
+    if dl.relay_username and not dl.relayhost:
+        raise _fail("delivery.relay_username", "set only with delivery.relayhost")
+    if dl.source_address:
+        _ip("delivery.source_address", dl.source_address)
+
+    for name, pol in config.domain.items():
+        k = f'domain."{name}"'
+        if not name.strip(".") or any(c.isspace() or c in "@" for c in name):
+            raise _fail(k, "expected a domain name")
+        if pol.max_connections is not None:
+            _at_least(f"{k}.max_connections", pol.max_connections, 1)
+        if pol.messages_per_connection is not None:
+            _at_least(f"{k}.messages_per_connection", pol.messages_per_connection, 1)
+        if pol.messages_per_second is not None:
+            _at_least(f"{k}.messages_per_second", pol.messages_per_second, 0)
+        if pol.tls is not None:
+            _choice(f"{k}.tls", pol.tls, ("opportunistic", "none", "required"))
+        if pol.route is not None:
+            _hostport(f"{k}.route", pol.route, 25)

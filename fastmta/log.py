@@ -1,0 +1,143 @@
+"""Logging: human-readable lines for operators, JSON lines for delivery attempts.
+
+``setup_logging(level, file)`` configures the root logger once per process (stderr, or a file that
+logrotate may move: WatchedFileHandler). ``DeliveryLog`` appends one JSON object per delivery
+attempt (``DeliveryRecord``) to its file: encoded by one reused msgspec Encoder into one buffer,
+written when the buffer passes ``buffer_size`` bytes, at least every ``flush_interval`` seconds
+(a timer on the running event loop, or immediately when there is no loop), and on close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import logging.handlers
+import os
+import sys
+import time
+
+import msgspec
+
+__all__ = ["DeliveryLog", "DeliveryRecord", "setup_logging"]
+
+_FORMAT = "%(asctime)s.%(msecs)03d %(levelname)-7s %(name)s[%(process)d]: %(message)s"
+_DATEFMT = "%Y-%m-%dT%H:%M:%S"
+_handler: logging.Handler | None = None
+
+log = logging.getLogger("fastmta.log")
+
+
+def setup_logging(level: str = "info", file: str | None = "") -> logging.Handler:
+    """Send log records at ``level`` and above to ``file`` ("" or None = stderr).
+
+    Idempotent: calling it again replaces the handler it installed before (other handlers are
+    left alone). Lines look like ``2024-05-01T12:00:00.123 INFO    fastmta.queue[4242]: text``
+    (local time). Raises ValueError for an unknown level, OSError if the file cannot be opened.
+    """
+    global _handler
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise ValueError(f"unknown log level {level!r}")
+    handler: logging.Handler
+    if file:
+        handler = logging.handlers.WatchedFileHandler(file, encoding="utf-8")
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(_FORMAT, _DATEFMT))
+    root = logging.getLogger()
+    if _handler is not None:
+        root.removeHandler(_handler)
+        _handler.close()
+    root.addHandler(handler)
+    root.setLevel(numeric)
+    _handler = handler
+    return handler
+
+
+class DeliveryRecord(msgspec.Struct, kw_only=True, omit_defaults=False):
+    """One delivery attempt of one recipient (one JSON line in the delivery log)."""
+
+    time: float = 0.0  # unix time of the result; 0 -> filled with time.time() by write()
+    queue_id: str
+    recipient: str
+    site: str = ""  # destination site (MX set) or "local"
+    mx: str = ""  # host name of the MX used
+    ip: str = ""  # peer IP address
+    tls: bool = False
+    code: int = 0  # SMTP reply code (0 = no reply: connect failure, timeout)
+    enhanced: str = ""  # RFC 3463 status, e.g. "4.4.1"
+    text: str = ""
+    latency: float = 0.0  # seconds for this attempt
+    outcome: str  # "delivered" | "deferred" | "bounced" | "expired"
+    attempt: int = 1
+
+
+class DeliveryLog:
+    """Buffered JSON-lines writer for DeliveryRecords (append mode, not fsync'd: a log).
+
+    ``write`` is cheap (encode into a bytearray). Write errors are logged once and the buffered
+    lines dropped: delivery must not fail because the log disk is full.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, flush_interval: float = 1.0,
+                 buffer_size: int = 64 << 10) -> None:  # fmt: skip
+        self.path = os.fspath(path)
+        self.flush_interval = flush_interval
+        self.buffer_size = buffer_size
+        self._encoder = msgspec.json.Encoder()
+        self._buf = bytearray()
+        self._timer: asyncio.TimerHandle | None = None
+        self._failed = False
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+
+    def write(self, record: DeliveryRecord) -> None:
+        """Buffer one record; flushed within ``flush_interval`` seconds."""
+        if self._fd is None:
+            raise ValueError("DeliveryLog is closed")
+        if not record.time:
+            record.time = time.time()
+        self._encoder.encode_into(record, self._buf, -1)
+        self._buf += b"\n"
+        if len(self._buf) >= self.buffer_size:
+            self.flush()
+            return
+        if self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()  # no loop to schedule on: write through
+                return
+            self._timer = loop.call_later(self.flush_interval, self.flush)
+
+    def flush(self) -> None:
+        """Write the buffered lines now."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._buf or self._fd is None:
+            return
+        data, self._buf = self._buf, bytearray()
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+        except OSError as e:
+            if not self._failed:
+                log.error("delivery log %s: write failed, records dropped: %s", self.path, e)
+            self._failed = True
+
+    def close(self) -> None:
+        """Flush and close. Idempotent."""
+        if self._fd is None:
+            return
+        self.flush()
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> DeliveryLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
