@@ -581,3 +581,29 @@ def test_nameserver_validation():
         Resolver(["dns.example"])
     with pytest.raises(ValueError):
         Resolver(min_ttl=10, max_ttl=5)
+
+
+def test_concurrent_questions_are_bounded(run, dns):
+    for i in range(60):
+        dns.add_a(f"d{i}.burst.test", "127.0.0.1")
+
+    async def main():
+        async with make(dns, max_concurrent_queries=8) as r:
+            inner = r._client.query
+            outstanding = peak = 0
+
+            async def counting(name, qtype):
+                nonlocal outstanding, peak
+                outstanding += 1
+                peak = max(peak, outstanding)
+                try:
+                    return await inner(name, qtype)
+                finally:
+                    outstanding -= 1
+
+            r._client.query = counting  # type: ignore[method-assign]
+            dests = await asyncio.gather(*(r.destination(f"d{i}.burst.test") for i in range(60)))
+            return dests, peak
+
+    dests, peak = run(main())
+    assert len(dests) == 60 and peak == 8  # 180 questions, never more than 8 at once

@@ -69,7 +69,8 @@ class Resolver:
     ``"[::1]:53"``); ``None`` uses the system resolver configuration (/etc/resolv.conf).
     ``timeout`` is per try, ``tries`` per nameserver. ``prefer_ipv6`` puts each host's IPv6
     addresses before its IPv4 ones. At most ``max_mx_hosts`` MX hosts (the most preferred)
-    are resolved per domain; ``max_cache_entries`` bounds each cache level. ``clock`` gives
+    are resolved per domain; ``max_cache_entries`` bounds each cache level;
+    ``max_concurrent_queries`` bounds the questions outstanding at once. ``clock`` gives
     the time base of ``Destination.expires``; ``rng`` draws the order of equal preferences.
 
     Use from one event loop at a time; the aiodns channel follows the running loop.
@@ -88,6 +89,7 @@ class Resolver:
         max_mx_hosts: int = 10,
         failure_ttl: float = 5.0,
         max_cache_entries: int = 100_000,
+        max_concurrent_queries: int = 256,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
@@ -95,8 +97,8 @@ class Resolver:
             raise ValueError("need 0 <= min_ttl <= max_ttl")
         if negative_ttl < 0 or failure_ttl < 0:
             raise ValueError("negative_ttl and failure_ttl must be >= 0")
-        if max_mx_hosts < 1:
-            raise ValueError("max_mx_hosts must be >= 1")
+        if max_mx_hosts < 1 or max_concurrent_queries < 1:
+            raise ValueError("max_mx_hosts and max_concurrent_queries must be >= 1")
         self.min_ttl = min_ttl
         self.max_ttl = max_ttl
         self.negative_ttl = negative_ttl
@@ -111,6 +113,11 @@ class Resolver:
         self._record_flight: SingleFlight[tuple[str, QType], tuple[Answer, float]] = SingleFlight()
         self._plan_flight: SingleFlight[str, Plan | _Failure] = SingleFlight()
         self._stats = ResolverStats()
+        # Bounds the questions outstanding at once: a burst of cold domains (a new campaign)
+        # must not overflow the nameserver's or the kernel's UDP buffers and turn into timeouts.
+        self.max_concurrent_queries = max_concurrent_queries
+        self._query_slots: asyncio.Semaphore | None = None
+        self._slots_loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def stats(self) -> ResolverStats:
@@ -266,8 +273,13 @@ class Resolver:
         return await self._record_flight.run(key, lambda: self._fetch(name, qtype))
 
     async def _fetch(self, name: str, qtype: QType) -> tuple[Answer, float]:
-        self._stats.queries += 1
-        answer = await self._client.query(name, qtype)
+        loop = asyncio.get_running_loop()
+        if self._query_slots is None or self._slots_loop is not loop:
+            self._query_slots = asyncio.Semaphore(self.max_concurrent_queries)
+            self._slots_loop = loop
+        async with self._query_slots:
+            self._stats.queries += 1
+            answer = await self._client.query(name, qtype)
         if answer.status == "ok":
             ttl = min(max(answer.ttl, self.min_ttl), self.max_ttl)
         elif answer.status == "fail":

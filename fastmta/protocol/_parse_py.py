@@ -58,9 +58,10 @@ class LineReader:
                 return
             self._discard = False
             data = data[i + 1 :]
-        if self._pos and self._pos == len(self._buf):
-            self._buf.clear()
-            self._pos = self._scan = 0
+        if self._pos:  # drop consumed lines: bounded even when every feed ends mid-line
+            del self._buf[: self._pos]
+            self._scan -= self._pos
+            self._pos = 0
         self._buf += data
 
     @property
@@ -714,9 +715,10 @@ class ReplyReader:
         self._lines: list[bytes] = []
 
     def feed(self, data: bytes) -> None:
-        if self._pos and self._pos == len(self._buf):
-            self._buf.clear()
-            self._pos = self._scan = 0
+        if self._pos:  # drop consumed lines: bounded even when every feed ends mid-line
+            del self._buf[: self._pos]
+            self._scan -= self._pos
+            self._pos = 0
         self._buf += data
 
     def next_reply(self) -> Reply | None:

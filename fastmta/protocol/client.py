@@ -1,0 +1,407 @@
+"""The client side of SMTP as a sans-IO state machine: what the delivery half speaks.
+
+Replies in (:meth:`ClientSession.receive`), events and command bytes out
+(:meth:`ClientSession.next_event`, :meth:`ClientSession.data_to_send`). The caller owns the
+socket, the timers (:attr:`ClientSession.phase` says which RFC 5321 4.5.3.2 timeout applies)
+and the decisions (start TLS? which message next?); this module owns the order of commands
+and the meaning of replies.
+
+One connection: greeting -> EHLO (HELO if EHLO is refused) -> optional STARTTLS and EHLO
+again -> transactions, each MAIL/RCPT.../DATA pipelined when the server offers PIPELINING
+(RFC 2920), or MAIL/RCPT.../BDAT LAST in a single write when it also offers CHUNKING
+(RFC 3030) -> RSET between transactions when needed -> QUIT.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+from .errors import ParseError
+from .parse import ReplyReader
+from .replies import Capabilities, Reply, parse_ehlo, reply
+
+
+class Phase(enum.Enum):
+    """What the session waits for; names the timeout to use (RFC 5321 4.5.3.2)."""
+
+    GREETING = "greeting"  # 4.5.3.2.1: 5 minutes
+    EHLO = "ehlo"
+    STARTTLS = "starttls"
+    IDLE = "idle"  # ready for a transaction: nothing expected from the server
+    MAIL = "mail"  # 4.5.3.2.2: 5 minutes
+    RCPT = "rcpt"  # 4.5.3.2.3: 5 minutes
+    DATA = "data"  # 4.5.3.2.4: 2 minutes (the 354)
+    DATA_DONE = "data_done"  # 4.5.3.2.6: 10 minutes (after the final ".")
+    RSET = "rset"
+    QUIT = "quit"
+    CLOSED = "closed"
+
+
+class Message(msgspec.Struct, gc=False):
+    """One transaction to send. ``data`` is wire form (CRLF, dot-stuffed), without the final
+    ".\\r\\n" (the spool's form); ``rcpt_params`` are per recipient (e.g. "NOTIFY=FAILURE")."""
+
+    sender: str
+    recipients: list[str]
+    data: bytes
+    body: str | None = None  # "8BITMIME" when the content is 8-bit (RFC 6152)
+    smtputf8: bool = False  # the envelope or headers need SMTPUTF8 (RFC 6531)
+    ret: str | None = None
+    envid: str | None = None
+    rcpt_params: list[str] | None = None
+
+
+class Ready(msgspec.Struct, gc=False):
+    """The connection can carry a transaction. ``capabilities`` from the last EHLO."""
+
+    capabilities: Capabilities
+    tls: bool
+
+
+class StartTLS(msgspec.Struct, gc=False):
+    """The server said 220 to STARTTLS: wrap the transport, then call tls_started()."""
+
+
+class TransactionResult(msgspec.Struct, gc=False):
+    """Per-recipient outcome of one transaction (same order as Message.recipients)."""
+
+    mail: Reply
+    rcpts: list[Reply]  # the RCPT reply, or the final DATA reply for accepted recipients
+    data: Reply | None  # the final reply after the content (None if content was not sent)
+
+
+class Failed(msgspec.Struct, gc=False):
+    """The connection is unusable: a greeting/EHLO/STARTTLS failure, 421, or a malformed
+    reply. ``reply`` says why; close and (for delivery) try the next MX host."""
+
+    reply: Reply
+    phase: Phase
+
+
+class Closed(msgspec.Struct, gc=False):
+    """QUIT was answered (or the caller gave up): close the transport."""
+
+
+ClientEvent = Ready | StartTLS | TransactionResult | Failed | Closed
+
+# Replies the session makes up when it does not send (so callers see one kind of outcome).
+NEED_SMTPUTF8 = reply(553, "5.6.7", "Message needs SMTPUTF8 but the server does not offer it")
+TOO_BIG_FOR_SERVER = reply(552, "5.3.4", "Message size exceeds the server's fixed limit")
+NO_RESPONSE = reply(451, "4.4.2", "Connection lost")
+
+
+def _path(address: str) -> bytes:
+    return b"<" + address.encode("utf-8") + b">"
+
+
+class ClientSession:
+    """One SMTP client conversation over one connection."""
+
+    def __init__(
+        self,
+        helo_name: str,
+        *,
+        use_pipelining: bool = True,
+        use_chunking: bool = True,
+        max_reply_line: int = 2048,
+        max_reply_lines: int = 128,
+    ) -> None:
+        self.helo_name = helo_name
+        self.use_pipelining = use_pipelining
+        self.use_chunking = use_chunking
+        self.phase = Phase.GREETING
+        self.capabilities = Capabilities(esmtp=False, keywords={})
+        self.tls = False
+        self.greeting: Reply | None = None
+        self._reader = ReplyReader(max_reply_line, max_reply_lines)
+        self._out: list[bytes] = []
+        self._events: list[ClientEvent] = []
+        self._esmtp = True  # EHLO first; HELO only if EHLO is refused
+        # the transaction in flight
+        self._msg: Message | None = None
+        self._expect: list[str] = []  # what each outstanding reply answers: "mail", "rcpt", ...
+        self._mail_reply: Reply | None = None
+        self._rcpt_replies: list[Reply] = []
+        self._accepted = 0
+        self._dirty = False  # a transaction failed midway: RSET before the next one
+
+    # ------------------------------------------------------------------ I/O side
+
+    def receive(self, data: bytes) -> None:
+        self._reader.feed(data)
+        while self.phase is not Phase.CLOSED:
+            try:
+                r = self._reader.next_reply()
+            except ParseError as e:
+                self._fail(reply(e.code, e.enhanced, e.text))
+                return
+            if r is None:
+                return
+            self._on_reply(r)
+
+    def connection_lost(self) -> None:
+        """The transport closed under us: whatever was in flight failed transiently."""
+        if self.phase in (Phase.QUIT, Phase.CLOSED):
+            self.phase = Phase.CLOSED
+            return
+        self._fail(NO_RESPONSE)
+
+    def data_to_send(self) -> bytes:
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    def next_event(self) -> ClientEvent | None:
+        return self._events.pop(0) if self._events else None
+
+    # ------------------------------------------------------------------ caller's moves
+
+    def starttls(self) -> None:
+        """Ask for TLS (only in Phase.IDLE, when capabilities.starttls)."""
+        self._require(Phase.IDLE)
+        self.phase = Phase.STARTTLS
+        self._out.append(b"STARTTLS\r\n")
+
+    def tls_started(self) -> None:
+        """The transport now speaks TLS: EHLO again (RFC 3207 4.2)."""
+        self.tls = True
+        self.capabilities = Capabilities(esmtp=False, keywords={})
+        self._send_ehlo()
+
+    def send(self, msg: Message) -> None:
+        """Start a transaction (Phase.IDLE only). Its outcome arrives as TransactionResult."""
+        self._require(Phase.IDLE)
+        caps = self.capabilities
+        if msg.smtputf8 and not caps.smtputf8:
+            self._events.append(TransactionResult(NEED_SMTPUTF8, [NEED_SMTPUTF8] * len(msg.recipients), None))
+            return
+        if caps.size and len(msg.data) > caps.size:
+            self._events.append(
+                TransactionResult(TOO_BIG_FOR_SERVER, [TOO_BIG_FOR_SERVER] * len(msg.recipients), None)
+            )
+            return
+        self._msg = msg
+        self._mail_reply = None
+        self._rcpt_replies = []
+        self._accepted = 0
+        if self._dirty:
+            self._out.append(b"RSET\r\n")
+            self._expect.append("rset")
+            self._dirty = False
+        self._out.append(self._mail_command(msg))
+        self._expect.append("mail")
+        self.phase = Phase.MAIL
+        if caps.pipelining and self.use_pipelining:
+            self._send_rcpts_and_content(pipelined=True)
+
+    def quit(self) -> None:
+        """Say goodbye; Closed follows the 221 (or the caller may just close)."""
+        if self.phase is Phase.CLOSED:
+            return
+        self._out.append(b"QUIT\r\n")
+        self.phase = Phase.QUIT
+
+    # ------------------------------------------------------------------ internals
+
+    def _require(self, phase: Phase) -> None:
+        if self.phase is not phase:
+            raise RuntimeError(f"not allowed in phase {self.phase.value}")
+
+    def _fail(self, r: Reply) -> None:
+        phase = self.phase
+        self.phase = Phase.CLOSED
+        if self._msg is not None:
+            # the transaction in flight gets the failure for every recipient not yet final
+            msg = self._msg
+            self._msg = None
+            rcpts = self._rcpt_replies + [r] * (len(msg.recipients) - len(self._rcpt_replies))
+            if self._mail_reply is not None and self._mail_reply.is_positive():
+                rcpts = [x if not x.is_positive() else r for x in rcpts]
+            self._events.append(TransactionResult(self._mail_reply or r, rcpts, None))
+        self._events.append(Failed(r, phase))
+
+    def _send_ehlo(self) -> None:
+        verb = b"EHLO " if self._esmtp else b"HELO "
+        self._out.append(verb + self.helo_name.encode("idna" if not self.helo_name.isascii() else "ascii") + b"\r\n")
+        self.phase = Phase.EHLO
+
+    def _mail_command(self, msg: Message) -> bytes:
+        caps = self.capabilities
+        parts = [b"MAIL FROM:", _path(msg.sender)]
+        if caps.size is not None:
+            parts.append(b" SIZE=%d" % len(msg.data))
+        if msg.body and caps.eightbitmime:
+            parts.append(b" BODY=" + msg.body.encode())
+        if msg.smtputf8:
+            parts.append(b" SMTPUTF8")
+        if caps.dsn:
+            if msg.ret:
+                parts.append(b" RET=" + msg.ret.encode())
+            if msg.envid:
+                parts.append(b" ENVID=" + msg.envid.encode())
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    def _rcpt_command(self, i: int) -> bytes:
+        msg = self._msg
+        assert msg is not None
+        cmd = b"RCPT TO:" + _path(msg.recipients[i])
+        if msg.rcpt_params and self.capabilities.dsn and msg.rcpt_params[i]:
+            cmd += b" " + msg.rcpt_params[i].encode()
+        return cmd + b"\r\n"
+
+    def _chunking(self) -> bool:
+        return self.use_chunking and self.capabilities.chunking
+
+    def _send_rcpts_and_content(self, pipelined: bool) -> None:
+        """With PIPELINING: every RCPT and the DATA (or BDAT with the content) in one go."""
+        msg = self._msg
+        assert msg is not None
+        for i in range(len(msg.recipients)):
+            self._out.append(self._rcpt_command(i))
+            self._expect.append("rcpt")
+        self._send_content_command()
+
+    def _send_content_command(self) -> None:
+        msg = self._msg
+        assert msg is not None
+        if self._chunking():
+            # BDAT carries the content as is: undo the dot-stuffing of the wire form.
+            content = _unstuff(msg.data)
+            self._out.append(b"BDAT %d LAST\r\n" % len(content))
+            self._out.append(content)
+            self._expect.append("bdat")
+        else:
+            self._out.append(b"DATA\r\n")
+            self._expect.append("data")
+
+    def _on_reply(self, r: Reply) -> None:
+        phase = self.phase
+        if r.code == 421 and phase not in (Phase.QUIT,):
+            self._fail(r)  # RFC 5321 3.8: the server is closing
+            return
+        if phase is Phase.GREETING:
+            self.greeting = r
+            if r.code != 220:
+                self._fail(r)
+                return
+            self._send_ehlo()
+        elif phase is Phase.EHLO:
+            if r.code == 250:
+                self.capabilities = parse_ehlo(r) if self._esmtp else Capabilities(esmtp=False, keywords={})
+                self.phase = Phase.IDLE
+                self._events.append(Ready(self.capabilities, self.tls))
+            elif self._esmtp and r.code in (500, 501, 502, 504, 550):
+                self._esmtp = False  # an old server: fall back to HELO (RFC 5321 3.2)
+                self._send_ehlo()
+            else:
+                self._fail(r)
+        elif phase is Phase.STARTTLS:
+            if r.code == 220:
+                self._events.append(StartTLS())
+            else:
+                self._fail(r)
+        elif phase is Phase.QUIT:
+            self.phase = Phase.CLOSED
+            self._events.append(Closed())
+        elif phase is Phase.IDLE:
+            self._fail(reply(451, "4.5.0", f"Unexpected reply: {r}"))
+        else:
+            self._transaction_reply(r)
+
+    def _transaction_reply(self, r: Reply) -> None:
+        if not self._expect:
+            self._fail(reply(451, "4.5.0", f"Unexpected reply: {r}"))
+            return
+        what = self._expect.pop(0)
+        msg = self._msg
+        assert msg is not None
+        pipelined = self.capabilities.pipelining and self.use_pipelining
+        if what == "rset":
+            return
+        if what == "mail":
+            self._mail_reply = r
+            if not r.is_positive():
+                self._dirty = True
+                if not pipelined:
+                    self._finish(None)
+                return
+            if not pipelined:
+                self.phase = Phase.RCPT
+                self._out.append(self._rcpt_command(0))
+                self._expect.append("rcpt")
+            else:
+                self.phase = Phase.RCPT
+            return
+        if what == "rcpt":
+            self._rcpt_replies.append(r)
+            if r.is_positive():
+                self._accepted += 1
+            if not pipelined:
+                n = len(self._rcpt_replies)
+                if n < len(msg.recipients):
+                    self._out.append(self._rcpt_command(n))
+                    self._expect.append("rcpt")
+                elif self._accepted:
+                    self._send_content_command()
+                    self.phase = Phase.DATA if not self._chunking() else Phase.DATA_DONE
+                else:
+                    self._dirty = True
+                    self._finish(None)
+            elif len(self._rcpt_replies) == len(msg.recipients):
+                self.phase = Phase.DATA_DONE if self._chunking() else Phase.DATA
+            return
+        if what == "data":
+            ok = self._mail_reply is not None and self._mail_reply.is_positive() and self._accepted
+            if r.code == 354:
+                if ok:
+                    self._out.append(msg.data)
+                    self._out.append(b".\r\n")
+                    self._expect.append("done")
+                else:
+                    # RFC 2920 3.1: no valid recipients yet 354; end the (empty) content
+                    self._out.append(b".\r\n")
+                    self._expect.append("discard")
+                self.phase = Phase.DATA_DONE
+                return
+            self._dirty = True
+            self._finish(r if ok else None)
+            return
+        if what == "discard":
+            self._dirty = True
+            self._finish(None)
+            return
+        # "done" (after the final dot) or "bdat"
+        ok = self._mail_reply is not None and self._mail_reply.is_positive() and self._accepted
+        if not r.is_positive():
+            self._dirty = True
+        self._finish(r if ok else None)
+
+    def _finish(self, data_reply: Reply | None) -> None:
+        msg = self._msg
+        assert msg is not None and self._mail_reply is not None
+        mail = self._mail_reply
+        if not mail.is_positive():
+            rcpts = [mail] * len(msg.recipients)
+        else:
+            rcpts = list(self._rcpt_replies)
+            rcpts += [reply(451, "4.5.0", "No reply")] * (len(msg.recipients) - len(rcpts))
+            if data_reply is not None:
+                rcpts = [data_reply if x.is_positive() else x for x in rcpts]
+            else:
+                rcpts = [reply(451, "4.5.0", "Content not sent") if x.is_positive() else x for x in rcpts]
+        if self._expect:  # pipelined replies still to come for a failed MAIL: wait for them
+            self._pending = TransactionResult(mail, rcpts, data_reply)
+            return
+        self._msg = None
+        self.phase = Phase.IDLE
+        self._events.append(TransactionResult(mail, rcpts, data_reply))
+
+
+def _unstuff(wire: bytes) -> bytes:
+    """Wire form -> content for BDAT (RFC 3030 has no dot-stuffing)."""
+    if wire.startswith(b".."):
+        wire = wire[1:]
+    return wire.replace(b"\r\n..", b"\r\n.")
