@@ -368,3 +368,22 @@ def test_queue_ids_unique_and_sorted():
     assert len(set(ids)) == len(ids)
     assert ids == sorted(ids)
     assert all(len(i) == 24 and i.isalnum() for i in ids)
+
+
+def test_writes_during_close_raise_instead_of_hanging(tmp_path, run):
+    async def main():
+        sp = Spool(tmp_path)
+        await sp.open()
+        m = await sp.store(make_env(), b"x\r\n")
+        closing = asyncio.ensure_future(sp.close())
+        await asyncio.sleep(0)  # close() has started
+        with pytest.raises(SpoolError):
+            await asyncio.wait_for(sp.store(make_env(), b"y\r\n"), 5)
+        with pytest.raises(SpoolError):
+            await sp.done(m.envelope.id)
+        await closing
+        sp = Spool(tmp_path)
+        assert [x.envelope.id for x in await sp.open()] == [m.envelope.id]
+        await sp.close()
+
+    run(main())

@@ -1,0 +1,128 @@
+"""Record framing and segment files: pure functions, no threads, no asyncio.
+
+A shard directory holds append-only segment files named `NNNNNNNN.seg` (decimal, increasing).
+A segment is a sequence of records::
+
+    header (16 bytes, little endian)
+      magic     4s   b"FMR1"
+      type      u8   RecordType
+      flags     u8   0 (reserved)
+      reserved  u16  0
+      length    u32  payload length
+      crc32     u32  zlib.crc32 of header bytes 4..12 (type, flags, reserved, length) + payload
+    payload   `length` bytes
+
+The crc also covers type and length, so a damaged header is caught like a damaged payload.
+MESSAGE payload = u32 envelope length + msgpack Envelope + the message bytes, raw (wire form:
+CRLF, dot-stuffed, without the final ".\\r\\n"), so delivery pwrite/preads them as they are.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+import struct
+import zlib
+from collections.abc import Sequence
+
+HEADER = struct.Struct("<4sBBHII")
+HEADER_SIZE = HEADER.size  # 16
+_HEADER_MID = struct.Struct("<BBHI")  # the crc-covered header fields
+ENVLEN = struct.Struct("<I")
+MAGIC = b"FMR1"
+MAX_PAYLOAD = 0xFFFFFFFF  # u32 length field
+_SEGMENT_RE = re.compile(r"^(\d{8,})\.seg$")
+
+
+class RecordType(enum.IntEnum):
+    MESSAGE = 1  # Envelope + message bytes
+    UPDATE = 2  # RecipientUpdate
+    DONE = 3  # Done
+
+
+def segment_name(number: int) -> str:
+    """File name of segment `number`: 8 decimal digits + ".seg"."""
+    return f"{number:08d}.seg"
+
+
+def list_segments(directory: str | os.PathLike[str]) -> list[int]:
+    """Numbers of the segment files in `directory`, ascending."""
+    out = []
+    for name in os.listdir(directory):
+        m = _SEGMENT_RE.match(name)
+        if m:
+            out.append(int(m.group(1)))
+    out.sort()
+    return out
+
+
+def frame(rtype: int, payload: Sequence[bytes | memoryview]) -> list[bytes | memoryview]:
+    """Header + payload pieces of one record, ready for os.pwritev. Computes the crc (no copy)."""
+    length = 0
+    for p in payload:
+        length += len(p)
+    if length > MAX_PAYLOAD:
+        raise ValueError(f"record payload of {length} bytes exceeds {MAX_PAYLOAD}")
+    crc = zlib.crc32(_HEADER_MID.pack(rtype, 0, 0, length))
+    for p in payload:
+        crc = zlib.crc32(p, crc)
+    return [HEADER.pack(MAGIC, rtype, 0, 0, length, crc), *payload]
+
+
+def message_payload(
+    envelope_bytes: bytes, data: Sequence[bytes | memoryview]
+) -> list[bytes | memoryview]:
+    """MESSAGE payload pieces: envelope length, envelope, message bytes (not copied)."""
+    return [ENVLEN.pack(len(envelope_bytes)), envelope_bytes, *data]
+
+
+def split_message(payload: memoryview) -> tuple[memoryview, int]:
+    """(envelope bytes, offset of the message bytes within the payload) of a MESSAGE payload.
+
+    Raises ValueError if the envelope length does not fit the payload.
+    """
+    if len(payload) < ENVLEN.size:
+        raise ValueError("MESSAGE payload shorter than its envelope length field")
+    (envlen,) = ENVLEN.unpack_from(payload)
+    start = ENVLEN.size
+    if start + envlen > len(payload):
+        raise ValueError("MESSAGE envelope length exceeds the payload")
+    return payload[start : start + envlen], start + envlen
+
+
+def scan(buf: bytes | memoryview) -> tuple[list[tuple[int, int, memoryview]], int]:
+    """Parse the records of one segment's contents.
+
+    Returns ([(record offset, type, payload view), ...], good_end): the records up to the first
+    one that is incomplete or damaged (bad magic, length beyond the end, crc mismatch), and the
+    offset where that damaged tail starts (== len(buf) when the whole segment is sound).
+    Records are appended, so damage can only be a torn tail of writes never acknowledged:
+    the caller truncates the file to `good_end`. No I/O.
+    """
+    mv = memoryview(buf)
+    end = len(mv)
+    pos = 0
+    records = []
+    unpack = HEADER.unpack_from
+    crc32 = zlib.crc32
+    while pos + HEADER_SIZE <= end:
+        magic, rtype, _flags, _res, length, crc = unpack(mv, pos)
+        start = pos + HEADER_SIZE
+        if magic != MAGIC or start + length > end:
+            break
+        payload = mv[start : start + length]
+        if crc32(payload, crc32(mv[pos + 4 : pos + 12])) != crc:
+            break
+        records.append((pos, rtype, payload))
+        pos = start + length
+    return records, pos
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """fsync a directory so the entries created/renamed/removed in it are durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,353 @@
+"""Spool: the durable, append-only, group-committed message store of one shard.
+
+Threading contract: the event loop owns the Spool; every method is called from the loop thread.
+All file writes, fsyncs and segment creation/deletion happen on one writer thread
+(writer.py); recovery and adoption file I/O run via asyncio.to_thread. Only read() touches a
+file on the loop thread (one os.pread of the message bytes).
+
+Durability contract:
+- store() returns only after the message and its envelope are fdatasync'd (and, for a new
+  segment file, its directory entry fsync'd). It raises SpoolError otherwise; a failed store is
+  truncated away and is never recovered later (best effort if even the truncation fails: the
+  record is then whole, never half).
+- update()/done() are written with the next group commit (lazily durable); flush() waits for
+  them; close() writes them before returning. Losing a DONE in a crash means re-delivery
+  (at-least-once); a stored MESSAGE is never lost.
+- If a store() is cancelled after it was submitted, the message may still be stored: it is then
+  live in the spool (and returned by the next open()) although the caller never saw it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+from collections.abc import Sequence
+
+from .errors import SpoolError
+from .inject import INCOMING, claim_incoming, unlink_claimed
+from .records import ENCODER, Done, Envelope, RecipientUpdate, StoredMessage
+from .recover import SegmentInfo, recover
+from .segment import ENVLEN, HEADER_SIZE, RecordType, message_payload, segment_name
+from .writer import BARRIER, DELETE, RECORD, STOP, SegmentWriter, SpoolStats, Ticket
+
+__all__ = ["Spool", "SpoolStats"]
+
+log = logging.getLogger("fastmta.spool")
+
+
+class Spool:
+    """Durable message store for one shard directory (see the module docstring for contracts).
+
+    directory        the shard directory (created if missing); holds NNNNNNNN.seg, lock, adopting/
+    fsync            False only for tests/benchmarks: nothing is then durable
+    segment_size     roll over to a new segment file past this size (a bigger record gets its own)
+    max_batch_bytes  upper bound of one group commit's payload
+    incoming         injection directory shared by the shards of one spool root
+                     (default `<directory>/incoming`, i.e. the shard is the root)
+    adopt_batch      max injected messages adopted per adopt_incoming() call (bounds memory)
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        fsync: bool = True,
+        segment_size: int = 64 << 20,
+        max_batch_bytes: int = 8 << 20,
+        incoming: str | os.PathLike[str] | None = None,
+        adopt_batch: int = 1000,
+    ) -> None:
+        self.directory = os.fspath(directory)
+        self.incoming = os.fspath(incoming) if incoming is not None else None
+        if self.incoming is None:
+            self.incoming = os.path.join(self.directory, INCOMING)
+        self._fsync = fsync
+        self._segment_size = segment_size
+        self._max_batch = max_batch_bytes
+        self._adopt_batch = adopt_batch
+        self.stats = SpoolStats()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._writer: SegmentWriter | None = None
+        self._lock_fd: int | None = None
+        self._index: dict[str, StoredMessage] = {}
+        self._segs: dict[int, SegmentInfo] = {}
+        self._active = 0  # highest segment number the writer may append to (loop's view)
+        self._readers: dict[int, int] = {}  # segment number -> O_RDONLY fd
+        self._adopting: asyncio.Lock | None = None
+        self._closing = False
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    async def open(self) -> list[StoredMessage]:
+        """Create directories, lock the shard, recover, start the writer, adopt injected mail.
+
+        Returns every live (not DONE) message, in arrival order, with updates applied.
+        Raises SpoolError if another process holds the shard.
+        """
+        if self._writer is not None:
+            raise SpoolError("spool already open")
+        self._loop = asyncio.get_running_loop()
+        self._adopting = asyncio.Lock()
+        os.makedirs(self.directory, exist_ok=True)
+        self._lock()
+        try:
+            rec = await asyncio.to_thread(recover, self.directory, fsync=self._fsync)
+        except BaseException:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise
+        self._index = rec.messages
+        self._segs = rec.segments
+        self._active = rec.next_segment
+        self.stats.truncated_bytes += rec.truncated_bytes
+        self.stats.recovered = len(rec.messages)
+        self._writer = SegmentWriter(
+            self.directory,
+            rec.next_segment,
+            self._notify,
+            self.stats,
+            fsync=self._fsync,
+            segment_size=self._segment_size,
+            max_batch_bytes=self._max_batch,
+        )
+        self._writer.start()
+        for n in sorted(self._segs):
+            self._maybe_delete(n)
+        try:
+            await self.adopt_incoming()
+        except OSError as e:  # injected mail waits for the next adoption; the spool works
+            log.error("adopting injected messages failed: %s", e)
+        out = list(self._index.values())
+        out.sort(key=lambda m: (m.envelope.arrival, m.envelope.id))
+        return out
+
+    async def close(self) -> None:
+        """Write everything queued (updates/done included), stop the writer, release the shard."""
+        writer = self._writer
+        if writer is None or self._closing:
+            return
+        self._closing = True  # from here on every write raises SpoolError instead of hanging
+        fut = self._loop.create_future()
+        writer.submit(Ticket(STOP, fut=fut))
+        try:
+            await fut
+        except SpoolError:
+            pass  # logged by the writer; nothing more can be done at close
+        finally:
+            await asyncio.to_thread(writer.join)
+            self._writer = None
+            self._closing = False
+            for fd in self._readers.values():
+                os.close(fd)
+            self._readers.clear()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    # --- the API ------------------------------------------------------------------------------
+    async def store(self, envelope: Envelope, data: bytes | Sequence[bytes]) -> StoredMessage:
+        """Durably store a message; returns where it is. Sets `envelope.size`.
+
+        `data` is wire form (CRLF, dot-stuffed, no final ".\\r\\n"), one bytes object or a list
+        of chunks (written with writev, not joined). Do not mutate it until this returns.
+        Raises SpoolError (answer 452 4.3.1) if it could not be made durable.
+        """
+        writer = self._live_writer()
+        pieces = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
+        size = 0
+        for p in pieces:
+            size += len(p)
+        envelope.size = size
+        env_bytes = ENCODER.encode(envelope)
+        payload = message_payload(env_bytes, pieces)
+        fut = self._loop.create_future()
+        ctx = (envelope, len(env_bytes), size)
+        writer.submit(
+            Ticket(
+                RECORD, RecordType.MESSAGE, payload, ENVLEN.size + len(env_bytes) + size, fut, ctx
+            )
+        )
+        return await fut
+
+    def read(self, msg: StoredMessage) -> bytes:
+        """The stored wire-form bytes of `msg` (one os.pread; fine on the loop for mail sizes).
+
+        Raises SpoolError if the message's segment is gone (it was DONE) or is short.
+        """
+        fd = self._readers.get(msg.segment)
+        if fd is None:
+            if msg.segment not in self._segs:
+                raise SpoolError(f"message {msg.envelope.id} is no longer in the spool")
+            path = os.path.join(self.directory, segment_name(msg.segment))
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                raise SpoolError(f"cannot open {path}: {e}", e.errno) from e
+            self._readers[msg.segment] = fd
+        data = os.pread(fd, msg.length, msg.offset)
+        if len(data) != msg.length:
+            raise SpoolError(f"message {msg.envelope.id}: short read")
+        return data
+
+    async def update(self, envelope: Envelope) -> None:
+        """Record the recipient states, last replies, attempts and next_attempt of `envelope`.
+
+        Written with the next group commit (see flush()). Raises KeyError for an unknown or
+        finished queue id. The spool's own copy of the envelope is updated too.
+        """
+        self._live_writer()
+        sm = self._index[envelope.id]
+        upd = RecipientUpdate.of(envelope)
+        if sm.envelope is not envelope:
+            upd.apply(sm.envelope)
+        self._submit_record(RecordType.UPDATE, ENCODER.encode(upd), sm.segment)
+
+    async def done(self, queue_id: str) -> None:
+        """Mark a message finished (every recipient final). Idempotent: unknown ids are ignored.
+
+        Written with the next group commit; the message's segment is deleted once its last
+        live message is done (and no older segment still needs its DONE records).
+        """
+        writer = self._live_writer()
+        sm = self._index.pop(queue_id, None)
+        if sm is None:
+            return
+        self._segs[sm.segment].live -= 1
+        body = ENCODER.encode(Done(queue_id))
+        writer.submit(Ticket(RECORD, RecordType.DONE, [body], len(body), None, sm.segment))
+        self._maybe_delete(sm.segment)
+
+    async def flush(self) -> None:
+        """Wait until every record submitted so far (updates and done included) is durable."""
+        writer = self._live_writer()
+        fut = self._loop.create_future()
+        writer.submit(Ticket(BARRIER, fut=fut))
+        await fut
+
+    async def adopt_incoming(self) -> list[StoredMessage]:
+        """Adopt messages injected with inject() into this shard's log. Async.
+
+        Claims up to `adopt_batch` files (rename-to-claim, safe against other shards and
+        processes), stores them durably (group commit), then deletes the claimed files.
+        Returns the newly stored messages (for the caller to schedule). A message whose store
+        fails stays claimed and is retried by the next call.
+        """
+        self._live_writer()
+        async with self._adopting:  # one adoption at a time per spool
+            claimed = await asyncio.to_thread(
+                claim_incoming, self.incoming, self.directory, self._adopt_batch, fsync=self._fsync
+            )
+            if not claimed:
+                return []
+            todo = []
+            finished = []
+            for path, env, data in claimed:
+                if env.id in self._index:
+                    finished.append(path)  # stored before a crash, unlink lost: not twice
+                else:
+                    todo.append((path, env, data))
+            results = await asyncio.gather(
+                *(self.store(env, data) for _, env, data in todo), return_exceptions=True
+            )
+            adopted = []
+            for (path, _, _), r in zip(todo, results, strict=True):
+                if isinstance(r, BaseException):
+                    continue
+                adopted.append(r)
+                finished.append(path)
+            self.stats.adopted += len(adopted)
+            await asyncio.to_thread(unlink_claimed, finished, self.directory, fsync=self._fsync)
+            return adopted
+
+    def get(self, queue_id: str) -> StoredMessage | None:
+        """The live message with this queue id, or None."""
+        return self._index.get(queue_id)
+
+    def __len__(self) -> int:
+        """Number of live messages."""
+        return len(self._index)
+
+    # --- internals (loop thread) --------------------------------------------------------------
+    def _lock(self) -> None:
+        fd = os.open(
+            os.path.join(self.directory, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            raise SpoolError(f"spool {self.directory} is in use by another process", e.errno) from e
+        self._lock_fd = fd
+
+    def _live_writer(self) -> SegmentWriter:
+        if self._writer is None or self._closing:
+            raise SpoolError("spool is not open")
+        return self._writer
+
+    def _submit_record(self, rtype: int, body: bytes, ref_segment: int) -> None:
+        self._live_writer().submit(Ticket(RECORD, rtype, [body], len(body), None, ref_segment))
+
+    def _notify(self, tickets: list[Ticket]) -> None:
+        """Writer thread -> loop: one hop per group commit."""
+        try:
+            self._loop.call_soon_threadsafe(self._complete, tickets)
+        except RuntimeError:  # loop closed: nobody is waiting any more
+            pass
+
+    def _complete(self, tickets: list[Ticket]) -> None:
+        for t in tickets:
+            fut = t.fut
+            if t.kind != RECORD:
+                if fut is not None and not fut.done():
+                    if t.error is not None:
+                        fut.set_exception(t.error)
+                    else:
+                        fut.set_result(None)
+                continue
+            if t.error is not None:
+                if not fut.done():
+                    fut.set_exception(t.error)
+                continue
+            seg = t.segment
+            if seg not in self._segs:
+                self._segs[seg] = SegmentInfo()
+            if seg > self._active:
+                self._rolled(seg)
+            if t.rtype == RecordType.MESSAGE:
+                env, envlen, size = t.ctx
+                offset = t.offset + HEADER_SIZE + ENVLEN.size + envlen
+                sm = StoredMessage(env, seg, offset, size)
+                self._index[env.id] = sm
+                self._segs[seg].live += 1
+                self.stats.messages += 1
+                if not fut.done():
+                    fut.set_result(sm)
+            else:
+                ref = t.ctx
+                if ref != seg and ref in self._segs:
+                    self._segs[seg].refs.add(ref)
+
+    def _rolled(self, new_active: int) -> None:
+        """The writer moved on to `new_active`: older segments may now be deletable."""
+        self._active = new_active
+        for n in sorted(self._segs):
+            if n >= new_active:
+                break
+            self._maybe_delete(n)
+
+    def _maybe_delete(self, n: int) -> None:
+        info = self._segs.get(n)
+        if info is None or n >= self._active or info.live > 0 or self._closing:
+            return  # (when closing, the next open() deletes it)
+        if any(r in self._segs for r in info.refs):
+            return
+        del self._segs[n]
+        fd = self._readers.pop(n, None)
+        if fd is not None:
+            os.close(fd)
+        self._writer.submit(Ticket(DELETE, ctx=n))
+        for m in sorted(self._segs):
+            if m > n and n in self._segs[m].refs:
+                self._segs[m].refs.discard(n)
+                self._maybe_delete(m)
