@@ -175,11 +175,15 @@ class ClientSession:
         self._require(Phase.IDLE)
         caps = self.capabilities
         if msg.smtputf8 and not caps.smtputf8:
-            self._events.append(TransactionResult(NEED_SMTPUTF8, [NEED_SMTPUTF8] * len(msg.recipients), None))
+            self._events.append(
+                TransactionResult(NEED_SMTPUTF8, [NEED_SMTPUTF8] * len(msg.recipients), None)
+            )
             return
         if caps.size and len(msg.data) > caps.size:
             self._events.append(
-                TransactionResult(TOO_BIG_FOR_SERVER, [TOO_BIG_FOR_SERVER] * len(msg.recipients), None)
+                TransactionResult(
+                    TOO_BIG_FOR_SERVER, [TOO_BIG_FOR_SERVER] * len(msg.recipients), None
+                )
             )
             return
         self._msg = msg
@@ -224,7 +228,11 @@ class ClientSession:
 
     def _send_ehlo(self) -> None:
         verb = b"EHLO " if self._esmtp else b"HELO "
-        self._out.append(verb + self.helo_name.encode("idna" if not self.helo_name.isascii() else "ascii") + b"\r\n")
+        self._out.append(
+            verb
+            + self.helo_name.encode("idna" if not self.helo_name.isascii() else "ascii")
+            + b"\r\n"
+        )
         self.phase = Phase.EHLO
 
     def _mail_command(self, msg: Message) -> bytes:
@@ -290,7 +298,9 @@ class ClientSession:
             self._send_ehlo()
         elif phase is Phase.EHLO:
             if r.code == 250:
-                self.capabilities = parse_ehlo(r) if self._esmtp else Capabilities(esmtp=False, keywords={})
+                self.capabilities = (
+                    parse_ehlo(r) if self._esmtp else Capabilities(esmtp=False, keywords={})
+                )
                 self.phase = Phase.IDLE
                 self._events.append(Ready(self.capabilities, self.tls))
             elif self._esmtp and r.code in (500, 501, 502, 504, 550):
@@ -391,10 +401,9 @@ class ClientSession:
             if data_reply is not None:
                 rcpts = [data_reply if x.is_positive() else x for x in rcpts]
             else:
-                rcpts = [reply(451, "4.5.0", "Content not sent") if x.is_positive() else x for x in rcpts]
-        if self._expect:  # pipelined replies still to come for a failed MAIL: wait for them
-            self._pending = TransactionResult(mail, rcpts, data_reply)
-            return
+                rcpts = [
+                    reply(451, "4.5.0", "Content not sent") if x.is_positive() else x for x in rcpts
+                ]
         self._msg = None
         self.phase = Phase.IDLE
         self._events.append(TransactionResult(mail, rcpts, data_reply))

@@ -132,7 +132,9 @@ AUTH_NOT_NOW = reply(503, "5.5.1", "Error: MAIL transaction in progress")
 NO_VALID_RCPTS = reply(554, "5.5.1", "Error: no valid recipients")  # RFC 2920 3.1
 AUTH_REQUIRED = reply(530, "5.7.0", "Authentication required")  # RFC 4954 6
 MUST_STARTTLS = reply(530, "5.7.0", "Must issue a STARTTLS command first")  # RFC 3207 4
-ENCRYPTION_REQUIRED = reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+ENCRYPTION_REQUIRED = reply(
+    538, "5.7.11", "Encryption required for requested authentication mechanism"
+)
 TOO_MANY_RCPTS = reply(452, "4.5.3", "Error: too many recipients")  # 4.5.3.1.10
 TOO_BIG = reply(552, "5.3.4", "Error: message file too big")  # RFC 1870 6.3
 SIZE_TOO_BIG = reply(552, "5.3.4", "Message size exceeds fixed limit")  # RFC 1870 6.2

@@ -18,7 +18,15 @@ import msgspec
 
 from . import replies as R
 from .errors import MailFrom, ParseError, RcptTo
-from .parse import MODE_BDAT, MODE_WIRE, DataReader, LineReader, parse_command, parse_mail, parse_rcpt
+from .parse import (
+    MODE_BDAT,
+    MODE_WIRE,
+    DataReader,
+    LineReader,
+    parse_command,
+    parse_mail,
+    parse_rcpt,
+)
 from .replies import Reply, reply
 
 
@@ -103,7 +111,15 @@ class CloseEvent(msgspec.Struct, gc=False):
     reason: str
 
 
-Event = MailEvent | RcptEvent | MessageEvent | StartTLSEvent | AuthEvent | AuthResponseEvent | CloseEvent
+Event = (
+    MailEvent
+    | RcptEvent
+    | MessageEvent
+    | StartTLSEvent
+    | AuthEvent
+    | AuthResponseEvent
+    | CloseEvent
+)
 
 # Verbs that say the peer is not an SMTP client at all (Postfix drops these at once).
 _NON_SMTP = frozenset({"GET", "POST", "PUT", "HEAD", "CONNECT", "OPTIONS", "USER"})

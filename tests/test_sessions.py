@@ -1,0 +1,485 @@
+"""The sans-IO sessions: the server session driven by raw bytes, and the client session
+talking to the server session in memory (no sockets at all)."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from fastmta.protocol import server as S
+from fastmta.protocol.client import (
+    ClientSession,
+    Failed,
+    Message,
+    Ready,
+    StartTLS,
+    TransactionResult,
+)
+from fastmta.protocol.parse import dot_stuff
+from fastmta.protocol.replies import reply
+
+
+class Peer:
+    """Answers server-session events: accepts everything unless told otherwise."""
+
+    def __init__(self, config: S.SessionConfig | None = None, **policy):
+        self.s = S.ServerSession(config or S.SessionConfig(hostname="mx.test"))
+        self.s.greet()
+        self.messages: list[S.MessageEvent] = []
+        self.closed = False
+        self.reject_rcpt = policy.get("reject_rcpt", lambda a: None)
+        self.reject_mail = policy.get("reject_mail", lambda a: None)
+        self.tls_started = 0
+
+    def feed(self, data: bytes) -> bytes:
+        self.s.receive(data)
+        while (ev := self.s.next_event()) is not None:
+            if isinstance(ev, S.MailEvent):
+                r = self.reject_mail(ev.mail.address)
+                self.s.reject(r) if r else self.s.accept()
+            elif isinstance(ev, S.RcptEvent):
+                r = self.reject_rcpt(ev.rcpt.address)
+                self.s.reject(r) if r else self.s.accept()
+            elif isinstance(ev, S.MessageEvent):
+                self.messages.append(ev)
+                self.s.accept(reply(250, "2.0.0", f"Ok: queued as Q{len(self.messages)}"))
+            elif isinstance(ev, S.StartTLSEvent):
+                self.tls_started += 1
+                self.s.tls_started()
+            elif isinstance(ev, S.AuthEvent):
+                self.s.challenge(b"")
+            elif isinstance(ev, S.AuthResponseEvent):
+                if ev.line == b"*":
+                    self.s.reject(reply(501, "5.7.0", "Authentication aborted"))
+                else:
+                    user = base64.b64decode(ev.line).split(b"\0")[1].decode()
+                    self.s.auth_success(user)
+            elif isinstance(ev, S.CloseEvent):
+                self.closed = True
+                break
+        return self.s.data_to_send()
+
+    def greeting(self) -> bytes:
+        return self.s.data_to_send()
+
+
+def talk(peer: Peer, lines: bytes) -> list[bytes]:
+    out = peer.feed(lines)
+    return out.splitlines()
+
+
+# ------------------------------------------------------------------ server session
+
+
+def test_basic_transaction_with_pipelining():
+    p = Peer()
+    assert p.greeting().startswith(b"220 mx.test")
+    out = talk(p, b"EHLO c.test\r\n")
+    assert out[0] == b"250-mx.test" and b"250-PIPELINING" in out and out[-1] == b"250 CHUNKING"
+    out = talk(
+        p,
+        b"MAIL FROM:<a@b.test> SIZE=100\r\nRCPT TO:<c@d.test>\r\nRCPT TO:<e@d.test>\r\nDATA\r\n",
+    )
+    assert out == [
+        b"250 2.1.0 Ok",
+        b"250 2.1.5 Ok",
+        b"250 2.1.5 Ok",
+        b"354 End data with <CR><LF>.<CR><LF>",
+    ]
+    out = talk(p, b"Subject: hi\r\n\r\n..dot\r\n.\r\nQUIT\r\n")
+    assert out == [b"250 2.0.0 Ok: queued as Q1", b"221 2.0.0 Bye"]
+    (m,) = p.messages
+    assert b"".join(m.chunks) == b"Subject: hi\r\n\r\n..dot\r\n"  # wire form kept
+    assert [r.address for r in m.rcpts] == ["c@d.test", "e@d.test"] and m.mail.size == 100
+    assert p.closed
+
+
+@pytest.mark.parametrize(
+    "commands, expected",
+    [
+        (b"MAIL FROM:<a@b.test>\r\n", b"503 5.5.1 Error: send HELO/EHLO first"),
+        (b"EHLO c\r\nRCPT TO:<a@b.test>\r\n", b"503 5.5.1 Error: need MAIL command"),
+        (b"EHLO c\r\nDATA\r\n", b"503 5.5.1 Error: need MAIL command"),
+        (
+            b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nMAIL FROM:<a@b.test>\r\n",
+            b"503 5.5.1 Error: nested MAIL command",
+        ),
+        (b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nDATA\r\n", b"554 5.5.1 Error: no valid recipients"),
+        (b"EHLO c\r\nFOO\r\n", b"500 5.5.2 Error: command not recognized"),
+        (b"EHLO c\r\nEXPN x\r\n", b"502 5.5.1 Error: command not implemented"),
+        (
+            b"EHLO c\r\nVRFY x\r\n",
+            b"252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery",
+        ),
+        (b"EHLO c\r\nMAIL FROM:<a@b.test> FOO=1\r\n", b"555 5.5.4 Unsupported option: FOO"),
+        (b"EHLO c\r\nMAIL FROM:<bad\r\n", b"501 5.1.7 Bad sender address syntax"),
+        (b"EHLO\r\n", b"501 5.5.4 Syntax: EHLO hostname"),
+        (
+            b"EHLO c\r\nMAIL FROM:<a@b.test> SIZE=999999999999\r\n",
+            b"552 5.3.4 Message size exceeds fixed limit",
+        ),
+        (b"EHLO c\r\nSTARTTLS\r\n", b"502 5.5.1 Error: command not implemented"),
+        (b"EHLO c\r\nAUTH PLAIN\r\n", b"504 5.5.4 Unrecognized authentication type"),
+        (b"EHLO c\r\nNOOP\r\n", b"250 2.0.0 Ok"),
+        (b"EHLO c\r\nRSET\r\n", b"250 2.0.0 Ok"),
+        (b"EHLO c\r\nHELP\r\n", b"214 2.0.0 See https://www.rfc-editor.org/rfc/rfc5321"),
+    ],
+)
+def test_replies_for_wrong_sequences_and_syntax(commands, expected):
+    p = Peer(S.SessionConfig(hostname="mx.test", auth="never"))
+    p.greeting()
+    out = talk(p, commands)
+    assert out[-1] == expected
+
+
+def test_helo_client_must_not_pipeline():
+    p = Peer()
+    p.greeting()
+    assert talk(p, b"HELO c\r\n") == [b"250 mx.test"]
+    out = talk(p, b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\n")
+    assert out == [b"554 5.5.0 Error: SMTP protocol synchronization"] and p.closed
+
+
+def test_input_before_greeting_is_refused():
+    s = S.ServerSession(S.SessionConfig())
+    s.receive(b"EHLO early\r\n")
+    assert s.data_to_send() == b"554 5.5.0 Error: SMTP protocol synchronization\r\n"
+    assert isinstance(s.next_event(), S.CloseEvent)
+
+
+def test_content_before_354_is_refused():
+    p = Peer()
+    p.greeting()
+    out = talk(
+        p,
+        b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\nSubject: x\r\n\r\n.\r\n",
+    )
+    assert out[-1] == b"554 5.5.0 Error: SMTP protocol synchronization" and p.closed
+    assert not p.messages
+
+
+def test_content_before_354_allowed_when_not_forbidden():
+    p = Peer(S.SessionConfig(forbid_unauth_pipelining=False))
+    p.greeting()
+    out = talk(p, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\nx\r\n.\r\n")
+    assert out[-1].startswith(b"250 2.0.0 Ok: queued")
+
+
+def test_pipelined_after_failed_rcpt_and_data():
+    """RFC 2920: replies in order; DATA after only failed RCPTs gets 554 and the content
+    the client then (wrongly) sends is read as commands and fails harmlessly."""
+    p = Peer(
+        reject_rcpt=lambda a: reply(550, "5.1.1", "no such user") if a.startswith("x") else None
+    )
+    p.greeting()
+    talk(p, b"EHLO c\r\n")
+    out = talk(p, b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@d.test>\r\nRCPT TO:<y@d.test>\r\nDATA\r\n")
+    assert out == [
+        b"250 2.1.0 Ok",
+        b"550 5.1.1 no such user",
+        b"250 2.1.5 Ok",
+        b"354 End data with <CR><LF>.<CR><LF>",
+    ]
+    talk(p, b"body\r\n.\r\n")
+    assert [r.address for r in p.messages[0].rcpts] == ["y@d.test"]
+
+
+def test_too_many_recipients():
+    p = Peer(S.SessionConfig(max_recipients=100))
+    p.greeting()
+    talk(p, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n")
+    out = talk(p, b"".join(b"RCPT TO:<r%d@d.test>\r\n" % i for i in range(101)))
+    assert out[-1] == b"452 4.5.3 Error: too many recipients" and out[-2] == b"250 2.1.5 Ok"
+
+
+def test_message_too_big_and_line_too_long():
+    p = Peer(S.SessionConfig(max_message_size=100))
+    p.greeting()
+    talk(p, b"EHLO c\r\n")
+    talk(p, b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
+    out = talk(p, b"x" * 60 + b"\r\n" + b"y" * 60 + b"\r\n.\r\n")
+    assert out == [b"552 5.3.4 Error: message file too big"] and not p.messages
+    talk(p, b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
+    assert talk(p, b"ok\r\n.\r\n")[0].startswith(b"250")
+    p2 = Peer()
+    p2.greeting()
+    talk(p2, b"EHLO c\r\n")
+    talk(p2, b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
+    assert talk(p2, b"z" * 2000 + b"\r\n.\r\n") == [b"500 5.5.2 Error: message line too long"]
+
+
+@pytest.mark.parametrize("seq", [b"\n.\n", b"\r.\r\n", b"\n.\r\n", b"\r\n.\r"])
+def test_smuggling_in_session(seq):
+    for mode in ("reject", "normalize"):
+        p = Peer(S.SessionConfig(bare_newline=mode))
+        p.greeting()
+        talk(p, b"EHLO c\r\n")
+        talk(p, b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
+        out = talk(p, b"body" + seq + b"MAIL FROM:<evil@x.test>\r\nRCPT TO:<v@d.test>\r\nDATA\r\n")
+        # never a second transaction from the smuggled commands
+        assert all(b"354" not in line for line in out)
+        if mode == "reject" or b"\r" in seq.replace(b"\r\n", b""):
+            assert out[-1].startswith(b"521 5.5.2") and p.closed
+        else:
+            assert out == []  # still content
+            assert talk(p, b".\r\n")[0].startswith(b"250")
+            assert b"MAIL FROM:<evil@x.test>" in b"".join(p.messages[0].chunks)
+
+
+def test_bdat_chunks():
+    p = Peer()
+    p.greeting()
+    talk(p, b"EHLO c\r\n")
+    content = b"Subject: x\r\n\r\n.dot\r\n"
+    out = talk(
+        p,
+        b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nBDAT 10\r\n"
+        + content[:10]
+        + b"BDAT %d LAST\r\n" % (len(content) - 10)
+        + content[10:]
+        + b"QUIT\r\n",
+    )
+    assert out[2] == b"250 2.0.0 Ok: 10 octets" and out[3].startswith(b"250 2.0.0 Ok: queued")
+    assert b"".join(p.messages[0].chunks) == b"Subject: x\r\n\r\n..dot\r\n"  # stuffed for the spool
+
+
+def test_bdat_without_rcpt_consumes_chunk():
+    p = Peer()
+    p.greeting()
+    talk(p, b"EHLO c\r\n")
+    out = talk(p, b"MAIL FROM:<a@b.test>\r\nBDAT 6 LAST\r\nQUIT\r\nNOOP\r\n")
+    assert out == [b"250 2.1.0 Ok", b"554 5.5.1 Error: no valid recipients", b"250 2.0.0 Ok"]
+
+
+def test_starttls_then_state_is_reset_and_injection_refused():
+    p = Peer(S.SessionConfig(tls_available=True))
+    p.greeting()
+    out = talk(p, b"EHLO c\r\n")
+    assert b"250-STARTTLS" in out and not any(b"AUTH" in x for x in out)
+    assert talk(p, b"STARTTLS\r\n") == [b"220 2.0.0 Ready to start TLS"]
+    assert p.tls_started == 1 and p.s.tls and p.s.helo is None
+    assert talk(p, b"MAIL FROM:<a@b.test>\r\n") == [b"503 5.5.1 Error: send HELO/EHLO first"]
+    out = talk(p, b"EHLO c\r\n")
+    assert b"250-STARTTLS" not in out and b"250-AUTH PLAIN LOGIN" in out
+    p2 = Peer(S.SessionConfig(tls_available=True))
+    p2.greeting()
+    talk(p2, b"EHLO c\r\n")
+    out = talk(p2, b"STARTTLS\r\nMAIL FROM:<injected@x.test>\r\n")
+    assert out == [b"554 5.5.0 Error: SMTP protocol synchronization"] and p2.tls_started == 0
+
+
+def test_auth_exchange_and_required():
+    p = Peer(S.SessionConfig(auth="always", auth_required=True))
+    p.greeting()
+    talk(p, b"EHLO c\r\n")
+    assert talk(p, b"MAIL FROM:<a@b.test>\r\n") == [b"530 5.7.0 Authentication required"]
+    assert talk(p, b"AUTH PLAIN\r\n") == [b"334 "]
+    assert talk(p, base64.b64encode(b"\0alice\0pw") + b"\r\n") == [
+        b"235 2.7.0 Authentication successful"
+    ]
+    assert p.s.user == "alice"
+    assert talk(p, b"MAIL FROM:<a@b.test>\r\n") == [b"250 2.1.0 Ok"]
+    assert talk(p, b"AUTH PLAIN\r\n") == [b"503 5.5.1 Error: already authenticated"]
+
+
+def test_auth_needs_tls_by_default():
+    p = Peer(S.SessionConfig())
+    p.greeting()
+    talk(p, b"EHLO c\r\n")
+    assert talk(p, b"AUTH PLAIN AHgAeQ==\r\n") == [
+        b"538 5.7.11 Encryption required for requested authentication mechanism"
+    ]
+
+
+def test_too_many_errors_disconnects():
+    p = Peer(S.SessionConfig(max_errors=3))
+    p.greeting()
+    out = talk(p, b"EHLO c\r\nFOO\r\nBAR\r\nBAZ\r\nNOOP\r\n")
+    assert out[-1] == b"421 4.7.0 Error: too many errors" and p.closed
+
+
+def test_non_smtp_client_is_dropped():
+    p = Peer()
+    p.greeting()
+    assert talk(p, b"GET / HTTP/1.1\r\n")[0].startswith(b"221 2.7.0") and p.closed
+
+
+def test_every_split_gives_the_same_conversation():
+    stream = (
+        b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n",
+        b"Subject: x\r\n\r\nhello\r\n.\r\nQUIT\r\n",
+    )
+    whole = Peer()
+    whole.greeting()
+    want = whole.feed(stream[0]) + whole.feed(stream[1])
+    for part in range(2):
+        data = stream[part]
+        for k in range(1, len(data)):
+            p = Peer()
+            p.greeting()
+            got = p.feed(stream[0]) if part == 1 else b""
+            pieces = [data[:k], data[k:]]
+            for piece in pieces:
+                got += p.feed(piece)
+            if part == 0:
+                got += p.feed(stream[1])
+            assert got == want
+            assert b"".join(p.messages[0].chunks) == b"Subject: x\r\n\r\nhello\r\n"
+
+
+# ------------------------------------------------------------------ client <-> server in memory
+
+
+def converse(client: ClientSession, peer: Peer, greeting: bytes, on_ready=None, max_rounds=100):
+    """Shuttle bytes between the two sessions until the client has nothing to say."""
+    events = []
+    client.receive(greeting)
+    for _ in range(max_rounds):
+        while (ev := client.next_event()) is not None:
+            events.append(ev)
+            if isinstance(ev, StartTLS):
+                client.tls_started()
+            elif on_ready is not None:
+                on_ready(ev)
+        out = client.data_to_send()
+        if not out:
+            break
+        back = peer.feed(out)
+        if back:
+            client.receive(back)
+    return events
+
+
+def run_client(peer: Peer, msgs: list[Message], *, starttls=False, **kw):
+    client = ClientSession("client.test", **kw)
+    todo = list(msgs)
+    results = []
+
+    def on_ready(ev):
+        if isinstance(ev, Ready):
+            if starttls and ev.capabilities.starttls and not ev.tls:
+                client.starttls()
+                return
+            if todo:
+                client.send(todo.pop(0))
+            else:
+                client.quit()
+        elif isinstance(ev, TransactionResult):
+            results.append(ev)
+            if todo:
+                client.send(todo.pop(0))
+            else:
+                client.quit()
+
+    events = converse(client, peer, peer.greeting(), on_ready)
+    return client, events, results
+
+
+BODY = dot_stuff(b"Subject: hello\r\n\r\n.leading dot\r\nbody\r\n", terminate=False)
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+@pytest.mark.parametrize("chunking", [True, False])
+def test_client_and_server_in_memory(pipelining, chunking):
+    peer = Peer(
+        reject_rcpt=lambda a: reply(550, "5.1.1", "unknown") if a.startswith("bad") else None
+    )
+    msgs = [
+        Message("a@b.test", ["c@d.test", "bad@d.test", "e@d.test"], BODY),
+        Message("a@b.test", ["f@d.test"], BODY),
+    ]
+    client, events, results = run_client(
+        peer, msgs, use_pipelining=pipelining, use_chunking=chunking
+    )
+    assert len(results) == 2
+    r1 = results[0]
+    assert [x.code for x in r1.rcpts] == [250, 550, 250] and r1.data.code == 250
+    assert [x.code for x in results[1].rcpts] == [250]
+    assert len(peer.messages) == 2
+    assert b"".join(peer.messages[0].chunks) == BODY  # wire form survives both ways (DATA and BDAT)
+    assert [r.address for r in peer.messages[0].rcpts] == ["c@d.test", "e@d.test"]
+    assert peer.closed
+
+
+def test_client_all_rcpts_rejected_then_next_transaction_works():
+    peer = Peer(
+        reject_rcpt=lambda a: reply(550, "5.1.1", "unknown") if a.startswith("bad") else None
+    )
+    msgs = [
+        Message("a@b.test", ["bad1@d.test", "bad2@d.test"], BODY),
+        Message("a@b.test", ["ok@d.test"], BODY),
+    ]
+    client, events, results = run_client(peer, msgs, use_chunking=False)
+    assert [x.code for x in results[0].rcpts] == [550, 550] and results[0].data is None
+    assert [x.code for x in results[1].rcpts] == [250]
+    assert len(peer.messages) == 1
+
+
+def test_client_mail_rejected():
+    peer = Peer(reject_mail=lambda a: reply(553, "5.7.1", "sender refused"))
+    client, events, results = run_client(peer, [Message("a@b.test", ["c@d.test"], BODY)])
+    assert results[0].mail.code == 553 and [x.code for x in results[0].rcpts] == [553]
+
+
+def test_client_falls_back_to_helo():
+    class OldServer(Peer):
+        def feed(self, data):
+            if data.startswith(b"EHLO"):
+                return b"502 5.5.2 Error: command not recognized\r\n"
+            return super().feed(data)
+
+    peer = OldServer()
+    client, events, results = run_client(peer, [Message("a@b.test", ["c@d.test"], BODY)])
+    assert not client.capabilities.pipelining and results[0].data.code == 250
+
+
+def test_client_starttls_reissues_ehlo():
+    peer = Peer(S.SessionConfig(tls_available=True))
+    client, events, results = run_client(
+        peer, [Message("a@b.test", ["c@d.test"], BODY)], starttls=True
+    )
+    assert peer.tls_started == 1 and client.tls
+    assert sum(isinstance(e, Ready) for e in events) == 2
+    assert results[0].data.code == 250
+
+
+def test_client_smtputf8_needed_but_not_offered():
+    client = ClientSession("c.test")
+    client.receive(b"220 mx\r\n")
+    client.receive(b"250-mx\r\n250 PIPELINING\r\n")
+    assert isinstance(client.next_event(), Ready)
+    client.send(Message("a@b.test", ["ü@d.test"], BODY, smtputf8=True))
+    ev = client.next_event()
+    assert (
+        isinstance(ev, TransactionResult)
+        and ev.rcpts[0].code == 553
+        and ev.rcpts[0].enhanced == "5.6.7"
+    )
+    assert client.data_to_send() == b"EHLO c.test\r\n"  # nothing sent for that message
+
+
+def test_client_421_and_greeting_failures():
+    client = ClientSession("c.test")
+    client.receive(b"421 4.3.2 busy\r\n")
+    ev = client.next_event()
+    assert isinstance(ev, Failed) and ev.reply.code == 421
+    client = ClientSession("c.test")
+    client.receive(b"220 mx\r\n250 mx\r\n")
+    client.next_event()
+    client.send(Message("a@b.test", ["c@d.test"], BODY))
+    client.receive(b"421 4.4.2 timeout\r\n")
+    evs = [client.next_event(), client.next_event()]
+    assert isinstance(evs[0], TransactionResult) and evs[0].rcpts[0].code == 421
+    assert isinstance(evs[1], Failed)
+
+
+def test_client_connection_lost_mid_data():
+    client = ClientSession("c.test", use_chunking=False)
+    client.receive(b"220 mx\r\n250-mx\r\n250 PIPELINING\r\n")
+    client.next_event()
+    client.send(Message("a@b.test", ["c@d.test"], BODY))
+    client.receive(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    client.connection_lost()
+    ev = client.next_event()
+    assert isinstance(ev, TransactionResult) and ev.rcpts[0].is_transient()
