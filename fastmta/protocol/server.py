@@ -274,7 +274,7 @@ class ServerSession:
         self._reset_transaction()
         self.state = State.CONNECTED
 
-    def shutdown(self, answer: Reply = reply(421, "4.3.2", "Service shutting down")) -> None:
+    def shutdown(self, answer: Reply = R.SHUTTING_DOWN) -> None:
         """The server is going away: say so and close (RFC 5321 3.8)."""
         if self.state is not State.CLOSED:
             self._send(answer)
