@@ -11,10 +11,12 @@ anywhere; nothing already scanned is scanned again; every buffer is bounded; no 
 is created per byte, and per line only the objects the caller receives.
 """
 
+cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize
 from cpython.bytes cimport PyBytes_GET_SIZE
 from cpython.list cimport PyList_Append, PyList_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.stdint cimport uint64_t
 from libc.string cimport memchr, memcpy, memmove
 
@@ -35,10 +37,11 @@ CR = 13
 LF = 10
 DOT = 46
 
-DEF C_CR = 13
-DEF C_LF = 10
-DEF C_DOT = 46
-DEF C_SP = 32
+cdef enum:
+    C_CR = 13
+    C_LF = 10
+    C_DOT = 46
+    C_SP = 32
 
 # --------------------------------------------------------------------------------------
 # Helpers: input as bytes, growable C buffers, character classes
@@ -102,10 +105,11 @@ cdef inline void _buf_reset(Buf* b):
 
 
 # Character classes (RFC 5321 4.1.2, RFC 5322 3.2.3, RFC 3461 4)
-DEF K_ATEXT = 1
-DEF K_LETDIG = 2
-DEF K_HEX = 4
-DEF K_DIGIT = 8
+cdef enum:
+    K_ATEXT = 1
+    K_LETDIG = 2
+    K_HEX = 4
+    K_DIGIT = 8
 
 cdef unsigned char _CLS[256]
 
@@ -160,6 +164,7 @@ cdef object _fatal(tuple err):
     return ParseError(err[0], err[1], err[2], True)
 
 
+@cython.final
 cdef class LineReader:
     """CRLF-framed command lines (RFC 5321 2.3.8). See the twin for the contract.
 
@@ -265,10 +270,11 @@ MAX_DOMAIN = 255  # 4.5.3.1.2
 MAX_PATH = 256  # 4.5.3.1.3, including the angle brackets
 MAX_ENVID = 100  # RFC 3461 4.4
 
-DEF C_MAX_LOCAL = 64
-DEF C_MAX_DOMAIN = 255
-DEF C_MAX_PATH = 256
-DEF C_MAX_ENVID = 100
+cdef enum:
+    C_MAX_LOCAL = 64
+    C_MAX_DOMAIN = 255
+    C_MAX_PATH = 256
+    C_MAX_ENVID = 100
 
 ERR_MAIL_SYNTAX = (501, "5.5.4", "Syntax: MAIL FROM:<address>")
 ERR_RCPT_SYNTAX = (501, "5.5.4", "Syntax: RCPT TO:<address>")
@@ -438,15 +444,16 @@ cdef str _address(const unsigned char* s, Path* p, tuple bad):
 
 
 # Known ESMTP keywords, as bits for duplicate detection without building strings
-DEF P_OTHER = 0
-DEF P_SIZE = 1
-DEF P_BODY = 2
-DEF P_SMTPUTF8 = 3
-DEF P_RET = 4
-DEF P_ENVID = 5
-DEF P_AUTH = 6
-DEF P_NOTIFY = 7
-DEF P_ORCPT = 8
+cdef enum:
+    P_OTHER = 0
+    P_SIZE = 1
+    P_BODY = 2
+    P_SMTPUTF8 = 3
+    P_RET = 4
+    P_ENVID = 5
+    P_AUTH = 6
+    P_NOTIFY = 7
+    P_ORCPT = 8
 
 
 cdef struct Param:
@@ -587,7 +594,7 @@ def parse_mail(arg) -> MailFrom:
     cdef Path path
     cdef Param p
     cdef Py_ssize_t i, k, vn
-    cdef long long num
+    cdef unsigned long long num
     cdef bint smtputf8 = False
     size = body = ret = envid = auth = None
     i = _skip_keyword(s, n, "FROM:", 5, ERR_MAIL_SYNTAX)
@@ -730,19 +737,27 @@ S_CR = 2  # just after a CR; only LF may follow
 S_DOT = 3  # a "." at the beginning of a line (DATA only): stuffing or the end marker
 S_DOTCR = 4  # ".\r" at the beginning of a line: only LF may follow (end of data)
 
-DEF C_UNSTUFF = 0
-DEF C_WIRE = 1
-DEF C_BDAT = 2
-DEF C_BOL = 0
-DEF C_MID = 1
-DEF C_SCR = 2
-DEF C_SDOT = 3
-DEF C_DOTCR = 4
+cdef enum:
+    C_UNSTUFF = 0
+    C_WIRE = 1
+    C_BDAT = 2
+    C_BOL = 0
+    C_MID = 1
+    C_SCR = 2
+    C_SDOT = 3
+    C_DOTCR = 4
 
-DEF ONES = 0x0101010101010101
-DEF HIGHS = 0x8080808080808080
-DEF LFS = 0x0A0A0A0A0A0A0A0A
-DEF CRS = 0x0D0D0D0D0D0D0D0D
+cdef extern from *:
+    """
+    #define FASTMTA_ONES 0x0101010101010101ULL
+    #define FASTMTA_HIGHS 0x8080808080808080ULL
+    #define FASTMTA_LFS 0x0A0A0A0A0A0A0A0AULL
+    #define FASTMTA_CRS 0x0D0D0D0D0D0D0D0DULL
+    """
+    const uint64_t ONES "FASTMTA_ONES"
+    const uint64_t HIGHS "FASTMTA_HIGHS"
+    const uint64_t LFS "FASTMTA_LFS"
+    const uint64_t CRS "FASTMTA_CRS"
 
 
 cdef inline Py_ssize_t _find_crlf(const unsigned char* p, Py_ssize_t i, Py_ssize_t n) nogil:
@@ -763,6 +778,7 @@ cdef inline Py_ssize_t _find_crlf(const unsigned char* p, Py_ssize_t i, Py_ssize
     return n
 
 
+@cython.final
 cdef class DataReader:
     """Message content after DATA (or inside BDAT chunks), incremental. See the twin.
 
@@ -779,6 +795,7 @@ cdef class DataReader:
     cdef public bint line_too_long
     cdef int _state
     cdef Py_ssize_t _line  # octets of the current line so far, as received
+    cdef bint _lf  # the previous line ended in a bare LF (normalize): no end marker now
     cdef list _chunks
 
     def __init__(
@@ -797,6 +814,7 @@ cdef class DataReader:
         self.line_too_long = False
         self._state = C_BOL
         self._line = 0
+        self._lf = False
         self._chunks = []
 
     @property
@@ -851,6 +869,7 @@ cdef class DataReader:
         cdef Py_ssize_t dot_at = -1  # a held-back line-start "." in this chunk (-1: none)
         cdef int state = self._state
         cdef Py_ssize_t line = self._line
+        cdef bint lf = self._lf
         cdef Py_ssize_t max_line = self.max_line
         cdef int mode = self.mode
         cdef bint normalize = self.normalize
@@ -872,6 +891,7 @@ cdef class DataReader:
                         line += 1
                         if line > max_line:
                             self.line_too_long = True
+                        lf = False
                         c = p[i + 1]
                         if c > 13 and c != C_DOT:
                             i += 1
@@ -895,6 +915,7 @@ cdef class DataReader:
                 out = i
                 state = C_BOL
                 line = 0
+                lf = True
                 continue
             c = p[i]
             if state == C_BOL:
@@ -928,6 +949,7 @@ cdef class DataReader:
                     out = i
                     state = C_BOL
                     line = 0
+                    lf = True
                 continue
             if state == C_SCR:
                 if c != C_LF:
@@ -938,6 +960,7 @@ cdef class DataReader:
                     self.line_too_long = True
                 state = C_BOL
                 line = 0
+                lf = False
                 continue
             if state == C_SDOT:
                 if c == C_CR:
@@ -956,6 +979,7 @@ cdef class DataReader:
                     out = i
                     state = C_BOL
                     line = 0
+                    lf = True
                     continue
                 # a stuffed dot: drop it (MODE_UNSTUFF) or keep it (MODE_WIRE)
                 if mode == C_UNSTUFF:
@@ -972,6 +996,15 @@ cdef class DataReader:
             if dot_at >= 0:
                 self._emit(d, out, dot_at)
             i += 1
+            if lf:
+                # "\n.\r\n": the line before ended in a bare LF, so this is not
+                # CRLF.CRLF (smuggling); it is a content line "."
+                self._emit_const(b".\r\n" if mode == C_UNSTUFF else b"..\r\n")
+                out = i
+                state = C_BOL
+                line = 0
+                lf = False
+                continue
             self._state = C_BOL
             self._line = 0
             self.done = True
@@ -982,6 +1015,7 @@ cdef class DataReader:
             self._emit(d, out, dot_at)
         self._state = state
         self._line = line
+        self._lf = lf
         return n
 
     def finish(self) -> None:
@@ -1035,7 +1069,131 @@ def dot_stuff(body, bint terminate=True) -> bytes:
         q[o + 1] = C_CR
         q[o + 2] = C_LF
         o += 3
+    # _PyBytes_Resize needs the only reference: move ours into rp, resize, take it back
+    Py_INCREF(res)
     rp = <PyObject*>res
-    res = None  # _PyBytes_Resize needs the only reference
+    res = None
     _PyBytes_Resize(&rp, o)
-    return <object>rp
+    res = <object>rp
+    Py_DECREF(res)
+    return res
+
+
+# --------------------------------------------------------------------------------------
+# Replies (client side)
+# --------------------------------------------------------------------------------------
+
+ERR_REPLY = (451, "4.5.0", "Malformed reply from server")
+
+
+@cython.final
+cdef class ReplyReader:
+    """Replies from a server (RFC 5321 4.2), single and multi-line, incremental. See the
+    twin: a bare LF ends a line too; a line over ``max_line`` octets or a reply over
+    ``max_lines`` lines is an error."""
+
+    cdef public Py_ssize_t max_line
+    cdef public Py_ssize_t max_lines
+    cdef Buf _b
+    cdef int _code
+    cdef list _lines
+
+    def __init__(self, Py_ssize_t max_line=2048, Py_ssize_t max_lines=128):
+        self.max_line = max_line
+        self.max_lines = max_lines
+        self._code = 0
+        self._lines = []
+
+    def __dealloc__(self):
+        PyMem_Free(self._b.data)
+
+    def feed(self, data) -> None:
+        cdef bytes d = _as_bytes(data)
+        _buf_feed(&self._b, PyBytes_AS_STRING(d), PyBytes_GET_SIZE(d))
+
+    def next_reply(self):
+        """The next complete reply, or None until one has arrived. Raises ParseError."""
+        cdef const unsigned char* buf
+        cdef Py_ssize_t start, lf, end, ln
+        cdef int code
+        while True:
+            buf = <const unsigned char*>self._b.data
+            start = self._b.pos
+            lf = _find(buf, self._b.scan if self._b.scan > start else start, self._b.len, C_LF)
+            if lf < 0:
+                if self._b.len - start > self.max_line:
+                    raise _err(ERR_REPLY, "line too long")
+                self._b.scan = self._b.len
+                return None
+            self._b.pos = self._b.scan = lf + 1
+            end = lf - 1 if lf > start and buf[lf - 1] == C_CR else lf
+            if lf + 1 - start > self.max_line:
+                raise _err(ERR_REPLY, "line too long")
+            ln = end - start
+            buf += start
+            if (
+                ln < 3
+                or not (50 <= buf[0] <= 53)
+                or not (48 <= buf[1] <= 53)
+                or not (48 <= buf[2] <= 57)
+                or (ln > 3 and buf[3] != 32 and buf[3] != 45)
+            ):
+                raise _err(ERR_REPLY, "bad reply line")
+            code = (buf[0] - 48) * 100 + (buf[1] - 48) * 10 + buf[2] - 48
+            if PyList_GET_SIZE(self._lines) and code != self._code:
+                raise _err(ERR_REPLY, "code changed within a reply")
+            self._code = code
+            PyList_Append(self._lines, PyBytes_FromStringAndSize(<const char*>buf, ln))
+            if PyList_GET_SIZE(self._lines) > self.max_lines:
+                raise _err(ERR_REPLY, "too many lines")
+            if ln > 3 and buf[3] == 45:  # "-": more lines follow
+                continue
+            lines = self._lines
+            self._lines = []
+            return _make_reply(code, lines)
+
+
+cdef Py_ssize_t _enhanced(int code, const unsigned char* text, Py_ssize_t n):
+    """Length of an RFC 3463 status code ``class.subject.detail`` at the start of text whose
+    class matches the reply code (and the space after it), else 0."""
+    cdef Py_ssize_t i, k
+    cdef int part
+    if n < 5 or text[0] != 48 + code // 100 or text[1] != C_DOT:
+        return 0
+    i = 2
+    for part in range(2):
+        k = i
+        while i < n and 48 <= text[i] <= 57 and i - k < 3:
+            i += 1
+        if i == k:
+            return 0
+        if part == 0:
+            if i >= n or text[i] != C_DOT:
+                return 0
+            i += 1
+    if i < n and text[i] != 32:
+        return 0
+    return i
+
+
+cdef object _make_reply(int code, list lines):
+    cdef Py_ssize_t k, tn, e
+    cdef const unsigned char* t
+    enhanced = None
+    texts = []
+    for k in range(PyList_GET_SIZE(lines)):
+        line = <bytes>lines[k]
+        t = <const unsigned char*>PyBytes_AS_STRING(line) + 4
+        tn = PyBytes_GET_SIZE(line) - 4
+        if tn < 0:
+            tn = 0
+        e = _enhanced(code, t, tn)
+        if e:
+            if k == 0:
+                enhanced = PyUnicode_DecodeASCII(<const char*>t, e, NULL)
+            t += e + 1
+            tn -= e + 1
+            if tn < 0:
+                tn = 0
+        PyList_Append(texts, PyUnicode_DecodeUTF8(<const char*>t, tn, "replace"))
+    return Reply(code, enhanced, tuple(texts))

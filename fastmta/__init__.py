@@ -1,1 +1,3 @@
 """fastmta: a high-throughput outbound mail transfer agent."""
+
+__version__ = "0.1.0"

@@ -258,7 +258,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise
         _err("serve: not available yet")
         return EX_UNAVAILABLE
-    return int(serve(config) or 0)
+    return int(serve(config, reload=lambda: load_config(args.config, overrides)) or 0)
 
 
 # --------------------------------------------------------------------------- send

@@ -1,0 +1,356 @@
+"""`fastmta serve`: a supervisor process and N worker processes.
+
+Each worker owns one event loop, one spool shard (``<spool>/shard-<i>``), its own delivery
+engine, and its own listening socket on every configured address (SO_REUSEPORT: the kernel
+spreads connections over the workers). The supervisor starts them, restarts one that dies,
+rolls them over on SIGHUP (new config, no connection refused: the others keep listening),
+and on SIGTERM/SIGINT stops them all cleanly (in-flight transactions finish, then exit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+
+from . import __version__, loop
+from .config import Config, ConfigError, parse_hostport
+from .log import DeliveryLog, setup_logging
+from .protocol.parse import IMPLEMENTATION
+from .spool import Spool, SpoolError
+from .spool.records import StoredMessage
+
+log = logging.getLogger("fastmta")
+
+ADOPT_INTERVAL = 1.0  # seconds between looks into <spool>/incoming (fastmta send)
+STOP_TIMEOUT = 30.0  # seconds a stopping worker gives in-flight transactions
+CRASH_WINDOW = 5.0  # a worker dying this soon after start is a start-up failure
+
+
+def shard_dir(spool_root: str, index: int) -> str:
+    return os.path.join(spool_root, f"shard-{index}")
+
+
+def incoming_dir(spool_root: str) -> str:
+    return os.path.join(spool_root, "incoming")
+
+
+class Worker:
+    """One worker: spool shard + delivery engine + listeners, on the running loop.
+    Also what tests and embedders start in-process."""
+
+    def __init__(self, config: Config, index: int = 0, count: int = 1) -> None:
+        self.config = config
+        self.index = index
+        self.count = count
+        root = config.server.spool_dir
+        self.spool = Spool(shard_dir(root, index), incoming=incoming_dir(root))
+        self.engine = None
+        self.listenings: list = []
+        self.servers: list[asyncio.base_events.Server] = []
+        self._stop = asyncio.Event()
+        self._adopter: asyncio.Task[None] | None = None
+        self.delivery_log: DeliveryLog | None = None
+
+    async def start(self) -> None:
+        from .delivery.engine import DeliveryEngine
+        from .server import Listening
+
+        config = self.config
+        recovered = await self.spool.open()
+        recovered += await self._absorb_orphan_shards()
+        self.delivery_log = DeliveryLog(config.server.delivery_log)
+        self.engine = DeliveryEngine(
+            config, self.spool, delivery_log=self.delivery_log, hostname=config.server.hostname
+        )
+        self.engine.hold = config.server.hold_delivery
+        await self.engine.start(recovered)
+        users = _users(config)
+        local_check = _local_check(config)
+        lp = asyncio.get_running_loop()
+        for listener in config.listener:
+            ssl_ctx = _server_ssl(config) if listener.tls in ("starttls", "implicit") else None
+            ctx = Listening(
+                config,
+                listener,
+                self.spool,
+                submit=self.engine.submit,
+                users=users,
+                local_check=local_check,
+                ssl_context=ssl_ctx,
+            )
+            host, port = parse_hostport(listener.address, 25)
+            server = await lp.create_server(
+                ctx,
+                host or None,
+                port,
+                reuse_port=True,
+                backlog=1024,
+                ssl=ssl_ctx if listener.tls == "implicit" else None,
+            )
+            self.listenings.append(ctx)
+            self.servers.append(server)
+        self._adopter = asyncio.ensure_future(self._adopt_loop())
+        if recovered:
+            log.info("worker %d: recovered %d message(s) from the spool", self.index, len(recovered))
+
+    async def _adopt_loop(self) -> None:
+        """Mail injected by `fastmta send` lands in <spool>/incoming; take it in."""
+        while True:
+            await asyncio.sleep(ADOPT_INTERVAL)
+            try:
+                for msg in await self.spool.adopt_incoming():
+                    self.engine.submit(msg)
+            except SpoolError as e:
+                log.error("adopting injected mail failed: %s", e)
+
+    async def _absorb_orphan_shards(self) -> list[StoredMessage]:
+        """Shards left by a run with more workers: worker i takes shard j when j % count == i,
+        copies its live messages into its own shard, then removes it."""
+        root = self.config.server.spool_dir
+        out: list[StoredMessage] = []
+        try:
+            names = os.listdir(root)
+        except FileNotFoundError:
+            return out
+        for name in sorted(names):
+            if not name.startswith("shard-") or not name[6:].isdigit():
+                continue
+            j = int(name[6:])
+            if j < self.count or j % self.count != self.index:
+                continue
+            orphan = Spool(os.path.join(root, name), incoming=incoming_dir(root))
+            for msg in await orphan.open():
+                data = orphan.read(msg)
+                out.append(await self.spool.store(msg.envelope, data))
+                await orphan.done(msg.envelope.id)
+            await orphan.close()
+            _remove_tree(os.path.join(root, name))
+            log.info("worker %d: absorbed %s (%d message(s))", self.index, name, len(out))
+        return out
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def wait(self) -> None:
+        await self._stop.wait()
+
+    async def stop(self) -> None:
+        for server in self.servers:
+            server.close()
+        for ctx in self.listenings:
+            await ctx.drain(STOP_TIMEOUT)
+        if self._adopter is not None:
+            self._adopter.cancel()
+        if self.engine is not None:
+            await self.engine.stop()
+        await self.spool.close()
+        if self.delivery_log is not None:
+            self.delivery_log.close()
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        out = []
+        for server in self.servers:
+            for sock in server.sockets:
+                out.append(sock.getsockname()[:2])
+        return out
+
+
+def _users(config: Config):
+    if not config.policy.users_file:
+        return None
+    from .auth import Users
+
+    return Users(config.policy.users_file)
+
+
+def _local_check(config: Config) -> Callable[[str], tuple[int, str, str] | None] | None:
+    if not config.policy.local_domains:
+        return None
+    from .delivery.maildir import MaildirDelivery
+
+    md = MaildirDelivery(
+        config.local.maildir_root,
+        users=config.local.users_by_domain() or None,
+        catch_all=config.local.catch_all or None,
+    )
+    return md.check
+
+
+def _server_ssl(config: Config):
+    if not config.tls.cert_file:
+        return None
+    from .tls import server_context
+
+    return server_context(config.tls.cert_file, config.tls.key_file)
+
+
+def _remove_tree(path: str) -> None:
+    for dirpath, dirnames, filenames in os.walk(path, topdown=False):
+        for f in filenames:
+            os.unlink(os.path.join(dirpath, f))
+        for d in dirnames:
+            os.rmdir(os.path.join(dirpath, d))
+    os.rmdir(path)
+
+
+# ------------------------------------------------------------------ processes
+
+
+def _worker_process(config: Config, index: int, count: int) -> int:
+    """Body of a worker process (after fork)."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor handles reloads
+
+    async def main() -> int:
+        worker = Worker(config, index, count)
+        lp = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            lp.add_signal_handler(sig, worker.request_stop)
+        try:
+            await worker.start()
+        except (OSError, SpoolError) as e:
+            log.error("worker %d cannot start: %s", index, e)
+            return 1
+        await worker.wait()
+        log.info("worker %d stopping", index)
+        await worker.stop()
+        return 0
+
+    return loop.run(main())
+
+
+def _check_listen(config: Config) -> str | None:
+    """Bind each address once (and let go) so a taken port is a clear error at once."""
+    for listener in config.listener:
+        host, port = parse_hostport(listener.address, 25)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            s.bind((host, port))
+        except OSError as e:
+            why = "address already in use" if e.errno == errno.EADDRINUSE else e.strerror
+            return f"cannot listen on {listener.address}: {why}"
+        finally:
+            s.close()
+    return None
+
+
+class Supervisor:
+    def __init__(self, config: Config, reload: Callable[[], Config] | None) -> None:
+        self.config = config
+        self.reload_config = reload
+        self.children: dict[int, tuple[int, float]] = {}  # pid -> (index, started)
+        self.stopping = False
+        self._hup = False
+
+    def spawn(self, index: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # child
+            code = 1
+            try:
+                code = _worker_process(self.config, index, self.config.server.workers)
+            except BaseException:  # noqa: BLE001 - a child must never return into the parent's code
+                log.exception("worker %d crashed", index)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        self.children[pid] = (index, time.monotonic())
+
+    def run(self) -> int:
+        n = self.config.server.workers
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        for i in range(n):
+            self.spawn(i)
+        while self.children:
+            if self._hup:
+                self._hup = False
+                self.rollover()
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                time.sleep(0.2)  # signals set flags; this loop acts on them
+                continue
+            index, started = self.children.pop(pid, (None, 0.0))
+            if index is None or self.stopping:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if time.monotonic() - started < CRASH_WINDOW and code != 0:
+                log.error("worker %d failed at start (exit %d); stopping", index, code)
+                self._on_stop(signal.SIGTERM, None)
+                self.failed = True
+                continue
+            log.error("worker %d died (exit %d); restarting it", index, code)
+            self.spawn(index)
+        return 1 if getattr(self, "failed", False) else 0
+
+    def _on_stop(self, signum, frame) -> None:
+        self.stopping = True
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def _on_hup(self, signum, frame) -> None:
+        self._hup = True
+
+    def rollover(self) -> None:
+        """SIGHUP: load the config again; if valid, replace the workers one at a time."""
+        if self.reload_config is None:
+            return
+        try:
+            new = self.reload_config()
+        except (ConfigError, OSError) as e:
+            log.error("reload failed, keeping the running configuration: %s", e)
+            return
+        if new.server.workers != self.config.server.workers:
+            log.warning("reload: a new worker count takes effect at the next start")
+            new = _with_workers(new, self.config.server.workers)
+        self.config = new
+        log.info("reloading: replacing %d worker(s)", len(self.children))
+        for pid, (index, _) in list(self.children.items()):
+            os.kill(pid, signal.SIGTERM)
+            os.waitpid(pid, 0)
+            del self.children[pid]
+            self.spawn(index)
+
+
+def _with_workers(config: Config, n: int) -> Config:
+    import msgspec
+
+    return msgspec.structs.replace(
+        config, server=msgspec.structs.replace(config.server, workers=n)
+    )
+
+
+def serve(config: Config, reload: Callable[[], Config] | None = None) -> int:
+    """Run the server until SIGTERM/SIGINT. Returns the process exit code."""
+    setup_logging(config.server.log_level, config.server.log_file or None)
+    problem = _check_listen(config)
+    if problem:
+        print(f"fastmta: {problem}", file=sys.stderr)
+        return 2
+    os.makedirs(config.server.spool_dir, exist_ok=True)
+    listens = ", ".join(f"{lst.address} ({lst.role}, tls={lst.tls})" for lst in config.listener)
+    print(
+        f"fastmta {__version__} ({IMPLEMENTATION} parser, {loop.loop_name()}): "
+        f"listening on {listens}\n"
+        f"  spool {config.server.spool_dir}, {config.server.workers} worker(s), "
+        f"delivery {'held' if config.server.hold_delivery else 'on'}, "
+        f"hostname {config.server.hostname}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return Supervisor(config, reload).run()

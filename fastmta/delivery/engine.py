@@ -1,0 +1,504 @@
+"""The delivery engine: what the app creates to deliver what the spool holds.
+
+    engine = DeliveryEngine(config, spool, delivery_log=log)
+    await engine.start(await spool.open())   # schedule what the spool had
+    engine.submit(stored)                     # after every durable store (sync, cheap)
+    await engine.stop()                       # bounded: in-flight transactions finish
+
+The path of a message: :class:`~fastmta.queue.scheduler.Scheduler` says it is due and has
+memory room -> its bytes are read from the spool (one pread) -> its pending recipients are
+split by domain (:func:`~fastmta.queue.scheduler.batches`) -> each batch is routed
+(routing.py): local domains to Maildir (local.py), the rest to a site's ready queue in the
+pool (pool.py), after one cached MX resolution -> each transaction's per-recipient replies
+update the envelope and write one delivery-log line each -> when the last batch of the
+attempt is back: a DSN for the recipients that failed in it (bounce.py; stored before the
+original is marked), then ``spool.done`` (all final) or ``spool.update`` and a retry timer.
+
+Outcome rules: 2xx delivered; 5xx bounced; 4xx, connection failures (after every MX address),
+timeouts and transient DNS errors deferred; permanent DNS errors (NXDOMAIN 550 5.1.2, null
+MX 556 5.1.10) bounced. A message still deferred after ``queue.max_lifetime`` is bounced
+(outcome "expired"). All on the event loop thread; the only thread hops are the spool's group
+commit and Maildir writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+
+import msgspec
+
+from fastmta.config import Config
+from fastmta.delivery.bounce import Failure, make_dsn
+from fastmta.delivery.local import LocalDelivery
+from fastmta.delivery.maildir import MaildirDelivery
+from fastmta.delivery.pool import AttemptInfo, ConnectionPool, Job
+from fastmta.delivery.routing import Route, Router
+from fastmta.delivery.smtp import Timeouts
+from fastmta.dns import Destination, DnsError, Resolver
+from fastmta.log import DeliveryLog, DeliveryRecord
+from fastmta.protocol.client import Message
+from fastmta.protocol.replies import Reply, reply
+from fastmta.queue.retry import RetrySchedule
+from fastmta.queue.scheduler import Scheduler, batches
+from fastmta.queue.sites import limits_for
+from fastmta.spool import Spool, SpoolError
+from fastmta.spool.records import RcptState, StoredMessage
+from fastmta.tls import client_context
+
+__all__ = ["DeliveryEngine", "EngineStats"]
+
+log = logging.getLogger("fastmta.delivery")
+
+_DELIVERED = int(RcptState.DELIVERED)
+_BOUNCED = int(RcptState.BOUNCED)
+_DEFERRED = int(RcptState.DEFERRED)
+_PENDING = (int(RcptState.PENDING), int(RcptState.DEFERRED))
+
+
+class EngineStats(msgspec.Struct):
+    """A snapshot. delivered/deferred/bounced count recipient outcomes; attempts count
+    transactions (or local/DNS attempts); in_memory: messages loaded; queued: all known."""
+
+    delivered: int = 0
+    deferred: int = 0
+    bounced: int = 0
+    attempts: int = 0
+    dsns: int = 0
+    connections_opened: int = 0
+    reused: int = 0
+    in_memory: int = 0
+    queued: int = 0
+
+
+class _Active:
+    """A message being delivered in this attempt (its bytes are in memory)."""
+
+    __slots__ = ("sm", "data", "jobs", "failures", "last")
+
+    def __init__(self, sm: StoredMessage, data: bytes) -> None:
+        self.sm = sm
+        self.data = data
+        self.jobs = 0
+        self.failures: list[Failure] = []
+        self.last: dict[int, tuple[Reply, str]] = {}  # index -> (reply, mx) of this attempt
+
+
+class DeliveryEngine:
+    """Schedules and delivers the spool's messages (see the module docstring).
+
+    Every limit comes from ``config``; ``resolver`` defaults to one built from [dns];
+    ``delivery_log`` (optional) gets one record per recipient per attempt; ``hostname``
+    (default server.hostname) is the DSN reporting MTA and the EHLO name fallback.
+    ``clock`` (Unix time) and ``schedule`` exist for tests.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        *,
+        resolver: Resolver | None = None,
+        delivery_log: DeliveryLog | None = None,
+        hostname: str | None = None,
+        schedule: RetrySchedule | None = None,
+        local_threads: int = 4,
+    ) -> None:
+        self.config = config
+        self.spool = spool
+        q, d = config.queue, config.delivery
+        self.hostname = hostname or config.server.hostname or socket.getfqdn()
+        self._own_resolver = resolver is None
+        if resolver is None:
+            dns = config.dns
+            resolver = Resolver(
+                dns.nameservers or None,
+                min_ttl=dns.min_ttl,
+                max_ttl=dns.max_ttl,
+                negative_ttl=dns.negative_ttl,
+                timeout=dns.timeout,
+                prefer_ipv6=dns.prefer_ipv6,
+            )
+        self.resolver = resolver
+        self.delivery_log = delivery_log
+        self.router = Router(config)
+        self.scheduler = Scheduler(
+            schedule or RetrySchedule(q.retry_schedule, q.retry_jitter, q.max_lifetime),
+            max_in_memory=q.max_in_memory,
+            recipients_per_transaction=q.recipients_per_transaction,
+        )
+        self.pool = ConnectionPool(
+            self._on_result,
+            helo_name=d.helo_name or self.hostname,
+            timeouts=Timeouts.from_config(d),
+            idle_timeout=d.idle_timeout,
+            tls_context=client_context(d.tls_verify),
+            tls_verify=d.tls_verify,
+            source_address=d.source_address or None,
+        )
+        lc = config.local
+        users = lc.users_by_domain() or None
+        self.local = LocalDelivery(
+            MaildirDelivery(
+                lc.maildir_root or "maildir",
+                users=users,
+                catch_all=lc.catch_all or None,
+                hostname=self.hostname,
+            ),
+            max_threads=local_threads,
+        )
+        self._hold = config.server.hold_delivery
+        self._stats = EngineStats()
+        self._active: dict[str, _Active] = {}
+        self._warned: set[str] = set()  # delay DSN sent (in memory: at most twice per restart)
+        self._dest_cache: dict[tuple[str, bool], Destination] = {}
+        self._resolving: dict[tuple[str, bool], list[Job]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._kicked = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._stopping = False
+
+    # --- the API ------------------------------------------------------------------------------
+    @property
+    def hold(self) -> bool:
+        """Delivery held: submit() still queues; nothing is sent until released."""
+        return self._hold
+
+    @hold.setter
+    def hold(self, value: bool) -> None:
+        self._hold = value
+        if not value:
+            self._kick()
+
+    @property
+    def stats(self) -> EngineStats:
+        s = msgspec.structs.replace(self._stats)
+        s.connections_opened = self.pool.stats.connections_opened
+        s.reused = self.pool.stats.reused
+        s.in_memory = self.scheduler.active
+        s.queued = len(self.scheduler)
+        return s
+
+    async def start(self, recovered: list[StoredMessage]) -> None:
+        """Schedule the spool's unfinished messages (next_attempt honoured) and begin."""
+        self._loop = asyncio.get_running_loop()
+        for sm in recovered:
+            self.scheduler.add(sm)
+        self._kick()
+
+    def submit(self, msg: StoredMessage) -> None:
+        """A message just made durable: queue it (sync, O(1)); delivered soon unless held."""
+        self.scheduler.add(msg)
+        self._kick()
+
+    def flush(self) -> None:
+        """Retry every deferred message now (``fastmta queue flush``)."""
+        self.scheduler.flush()
+        self._kick()
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Let transactions in flight finish (at most ``timeout`` s), QUIT pooled
+        connections, record partial results in the spool, flush the delivery log."""
+        self._stopping = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        await self.pool.close(timeout)
+        if self._tasks:
+            _, pending = await asyncio.wait(list(self._tasks), timeout=timeout)
+            for t in pending:
+                t.cancel()
+        for act in list(self._active.values()):
+            try:  # recipients already final in this attempt stay final after a restart
+                await self.spool.update(act.sm.envelope)
+            except (KeyError, SpoolError):
+                pass
+        self._active.clear()
+        try:
+            await self.spool.flush()
+        except SpoolError:
+            pass
+        if self.delivery_log is not None:
+            self.delivery_log.flush()
+        await asyncio.to_thread(self.local.close)
+        if self._own_resolver:
+            self.resolver.close()
+
+    # --- scheduling ---------------------------------------------------------------------------
+    def _kick(self) -> None:
+        if self._kicked or self._loop is None or self._stopping:
+            return
+        self._kicked = True
+        self._loop.call_soon(self._pump)
+
+    def _pump(self) -> None:
+        self._kicked = False
+        if self._hold or self._stopping:
+            return
+        while True:
+            ready = self.scheduler.take_ready()
+            if not ready:
+                break
+            for sm in ready:
+                self._activate(sm)
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        due = self.scheduler.next_due()
+        if due is None or self._stopping or self._loop is None:
+            return
+        if self._timer is not None:
+            if self._timer_at <= due:
+                return
+            self._timer.cancel()
+        self._timer_at = due
+        delay = max(0.0, due - time.time())
+        self._timer = self._loop.call_later(delay + 0.001, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._pump()
+
+    def _spawn(self, coro: object) -> None:
+        assert self._loop is not None
+        task = self._loop.create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _activate(self, sm: StoredMessage) -> None:
+        env = sm.envelope
+        try:
+            data = self.spool.read(sm)
+        except SpoolError as e:
+            log.error("message %s cannot be read, dropped from the queue: %s", env.id, e)
+            self.scheduler.finished(sm)
+            return
+        act = _Active(sm, data)
+        groups = batches(env, self.scheduler.recipients_per_transaction)
+        self._active[env.id] = act
+        if not groups:  # nothing pending (e.g. recovered after its last result)
+            act.jobs = 1
+            self._spawn(self._job_finished(act))
+            return
+        act.jobs = len(groups)
+        body = "8BITMIME" if env.body in ("8BITMIME", "BINARYMIME") else None
+        params = None
+        if any(r.notify or r.orcpt for r in env.recipients):
+            params = [self._rcpt_params(env.recipients[i]) for i in range(len(env.recipients))]
+        for domain, idx in groups:
+            rc = env.recipients
+            msg = Message(
+                env.sender,
+                [rc[i].address for i in idx],
+                data,
+                body,
+                env.smtputf8,
+                env.ret,
+                env.envid,
+                [params[i] for i in idx] if params else None,
+            )
+            route = self.router.route(domain)
+            job = Job(msg, None, route, act, idx, domain)
+            if route.kind == "local":
+                self._spawn(self._deliver_local(job))
+                continue
+            key = (route.lookup, route.bracketed)
+            dest = self._dest_cache.get(key)
+            if dest is not None and dest.expires > self.resolver.clock():
+                self._dispatch(job, route, dest)
+            elif key in self._resolving:  # one resolution per domain at a time
+                self._resolving[key].append(job)
+            else:
+                self._resolving[key] = [job]
+                self._spawn(self._resolve(key, route))
+
+    @staticmethod
+    def _rcpt_params(r: object) -> str:
+        parts = []
+        if r.notify:  # type: ignore[attr-defined]
+            parts.append(f"NOTIFY={r.notify}")  # type: ignore[attr-defined]
+        if r.orcpt:  # type: ignore[attr-defined]
+            parts.append(f"ORCPT={r.orcpt}")  # type: ignore[attr-defined]
+        return " ".join(parts)
+
+    def _dispatch(self, job: Job, route: Route, dest: Destination) -> None:
+        job.destination = dest
+        key = Router.site_key(route, dest)
+        domain = job.domain if route.tag else None
+        self.pool.site(key, lambda: limits_for(self.config, domain)).put(job)
+
+    async def _resolve(self, key: tuple[str, bool], route: Route) -> None:
+        try:
+            dest = await Router.destination(route, self.resolver)
+        except DnsError as e:
+            r = reply(e.code, e.enhanced, e.text)
+            for job in self._resolving.pop(key, []):
+                await self._on_result(job, [r] * len(job.message.recipients), AttemptInfo())
+            return
+        except BaseException:
+            self._resolving.pop(key, None)
+            raise
+        if len(self._dest_cache) > 100_000:
+            self._dest_cache.clear()
+        self._dest_cache[key] = dest
+        jobs = self._resolving.pop(key, [])
+        if self._stopping:
+            return
+        for job in jobs:
+            self._dispatch(job, job.route, dest)  # type: ignore[arg-type]
+
+    async def _deliver_local(self, job: Job) -> None:
+        started = time.monotonic()
+        msg = job.message
+        replies = await self.local.deliver(msg.recipients, msg.data, msg.sender)
+        await self._on_result(job, replies, AttemptInfo("", "", False, started), site="local")
+
+    # --- results ------------------------------------------------------------------------------
+    async def _on_result(
+        self, job: Job, replies: list[Reply], info: AttemptInfo, site: str | None = None
+    ) -> None:
+        """Apply one transaction's per-recipient replies (called by pool workers)."""
+        act: _Active = job.owner  # type: ignore[assignment]
+        env = act.sm.envelope
+        attempt = env.attempts + 1
+        now = time.time()
+        latency = time.monotonic() - info.started if info.started else 0.0
+        st = self._stats
+        st.attempts += 1
+        dlog = self.delivery_log
+        site = site if site is not None else job.site
+        for i, r in zip(job.indexes, replies, strict=False):
+            rc = env.recipients[i]
+            text = str(r)
+            rc.last_reply = text
+            if r.is_positive():
+                rc.state = _DELIVERED
+                outcome = "delivered"
+                st.delivered += 1
+            elif r.is_permanent():
+                rc.state = _BOUNCED
+                outcome = "bounced"
+                st.bounced += 1
+                act.failures.append(Failure(i, r.code, r.enhanced, r.text, info.mx or None))
+            else:
+                rc.state = _DEFERRED
+                outcome = "deferred"
+                st.deferred += 1
+                act.last[i] = (r, info.mx)
+            if dlog is not None:
+                dlog.write(
+                    DeliveryRecord(
+                        time=now,
+                        queue_id=env.id,
+                        recipient=rc.address,
+                        site=site,
+                        mx=info.mx,
+                        ip=info.ip,
+                        tls=info.tls,
+                        code=r.code,
+                        enhanced=r.enhanced or "",
+                        text=r.text,
+                        latency=latency,
+                        outcome=outcome,
+                        attempt=attempt,
+                    )
+                )
+        await self._job_finished(act)
+
+    async def _job_finished(self, act: _Active) -> None:
+        act.jobs -= 1
+        if act.jobs > 0:
+            return
+        sm = act.sm
+        env = sm.envelope
+        env.attempts += 1
+        self._active.pop(env.id, None)
+        pending = [i for i, r in enumerate(env.recipients) if r.state in _PENDING]
+        if pending and self.scheduler.expired(env):
+            self._expire(act, pending)
+            pending = []
+        try:
+            if act.failures:
+                await self._send_dsn(act, "failure")
+            if not pending:
+                await self.spool.done(env.id)
+                self.scheduler.finished(sm)
+                self._warned.discard(env.id)
+            else:
+                self.scheduler.retry(sm)
+                await self.spool.update(env)
+                await self._maybe_warn(act, pending)
+        except (KeyError, SpoolError) as e:  # removed meanwhile, or the spool is closing
+            log.warning("message %s: cannot record the result: %s", env.id, e)
+        self._arm_timer()
+        self._kick()
+
+    def _expire(self, act: _Active, pending: list[int]) -> None:
+        """queue.max_lifetime is over: the still-deferred recipients bounce (RFC 5321 4.5.4.1)."""
+        env = act.sm.envelope
+        now = time.time()
+        for i in pending:
+            rc = env.recipients[i]
+            rc.state = _BOUNCED
+            r, mx = act.last.get(i, (None, ""))
+            if r is not None:
+                f = Failure(i, r.code, r.enhanced, r.text, mx or None)
+            else:
+                f = Failure(i, 451, "4.4.7", rc.last_reply or "Delivery time expired")
+            act.failures.append(f)
+            self._stats.bounced += 1
+            if self.delivery_log is not None:
+                self.delivery_log.write(
+                    DeliveryRecord(
+                        time=now,
+                        queue_id=env.id,
+                        recipient=rc.address,
+                        code=f.code,
+                        enhanced=f.enhanced or "",
+                        text=f"message expired after {self.config.queue.max_lifetime:g}s: "
+                        + f.text,
+                        outcome="expired",
+                        attempt=env.attempts,
+                    )
+                )
+
+    async def _send_dsn(self, act: _Active, kind: str, pending: list[int] | None = None) -> None:
+        env = act.sm.envelope
+        if kind == "failure":
+            failures = act.failures
+        else:
+            failures = []
+            for i in pending or ():
+                r, mx = act.last.get(i, (None, ""))
+                if r is not None:
+                    failures.append(Failure(i, r.code, r.enhanced, r.text, mx or None))
+                else:
+                    failures.append(Failure(i, 451, "4.0.0", env.recipients[i].last_reply or ""))
+        made = make_dsn(
+            env,
+            failures,
+            act.data,
+            reporting_mta=self.hostname,
+            kind=kind,  # type: ignore[arg-type]
+            retry_until=env.arrival + self.scheduler.schedule.max_lifetime,
+        )
+        if made is None:
+            return
+        dsn_env, data = made
+        stored = await self.spool.store(dsn_env, data)  # durable before the original moves on
+        self._stats.dsns += 1
+        self.submit(stored)
+
+    async def _maybe_warn(self, act: _Active, pending: list[int]) -> None:
+        env = act.sm.envelope
+        warn_after = self.config.queue.delay_warning
+        if env.id in self._warned or not self.scheduler.schedule.delay_warning_due(
+            env.arrival, time.time(), False, warn_after
+        ):
+            return
+        self._warned.add(env.id)
+        await self._send_dsn(act, "delay", pending)

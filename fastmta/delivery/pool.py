@@ -1,0 +1,313 @@
+"""The connection pool: per-site ready queues served by connection workers.
+
+Each site (a set of MX hosts, see routing.py) has a FIFO of jobs (one transaction each) and up
+to ``SiteLimits.max_connections`` worker tasks. A worker owns one connection at a time: it takes
+a job, connects if it has no usable connection (MX hosts and their addresses in order, the next
+one on a connect failure, a 4xx/5xx greeting, 421, or a TLS failure), runs the transaction,
+hands the replies to ``on_result``, and takes the next job over the same connection (the client
+session sends RSET when needed). With no job, a connected worker waits ``idle_timeout``
+seconds, then says QUIT (Postfix smtp_connection_cache_time_limit). A connection is retired after
+``messages_per_connection`` transactions. The per-site rate limit is a token bucket.
+
+When every address of a site fails and no other worker of the site holds a live connection, the
+site is unreachable: every job queued for it fails with the same reply at once (Postfix marks
+the destination dead) instead of each waiting through the same connect timeouts.
+
+Hot path: one ``deque`` append and (when a worker idles) one future wake-up per job; no task
+per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+import msgspec
+
+from fastmta.delivery.routing import Route
+from fastmta.delivery.smtp import ConnectError, SmtpConnection, Timeouts, open_connection
+from fastmta.dns import Destination
+from fastmta.protocol.client import NO_RESPONSE, Message
+from fastmta.protocol.replies import Reply, reply
+from fastmta.queue.limits import SiteLimits
+
+__all__ = ["AttemptInfo", "ConnectionPool", "Job", "PoolStats", "SitePool"]
+
+log = logging.getLogger("fastmta.delivery")
+
+NO_HOSTS = reply(451, "4.4.4", "No mail exchanger address to try")
+STOPPING = reply(451, "4.3.2", "Delivery is stopping")
+
+
+class AttemptInfo(msgspec.Struct, gc=False):
+    """Where a transaction went (for the delivery log)."""
+
+    mx: str = ""
+    ip: str = ""
+    tls: bool = False
+    started: float = 0.0  # time.monotonic() when the attempt began
+
+
+class Job:
+    """One transaction to make: ``message`` to ``destination`` via ``route``. ``owner`` and
+    ``indexes`` belong to the caller (which message, which recipients)."""
+
+    __slots__ = ("message", "destination", "route", "owner", "indexes", "domain", "site")
+
+    def __init__(
+        self,
+        message: Message,
+        destination: Destination | None,
+        route: Route | None,
+        owner: object,
+        indexes: list[int],
+        domain: str,
+    ) -> None:
+        self.message = message
+        self.destination = destination
+        self.route = route
+        self.owner = owner
+        self.indexes = indexes
+        self.domain = domain
+        self.site = ""
+
+
+ResultHandler = Callable[[Job, list[Reply], AttemptInfo], Awaitable[None]]
+
+
+class PoolStats(msgspec.Struct):
+    connections_opened: int = 0
+    reused: int = 0
+    connect_failures: int = 0
+
+
+class SitePool:
+    """Ready queue and workers of one site (see the module docstring)."""
+
+    def __init__(self, pool: ConnectionPool, key: str, limits: SiteLimits) -> None:
+        self.pool = pool
+        self.key = key
+        self.limits = limits
+        self.queue: deque[Job] = deque()
+        self.workers: set[asyncio.Task[None]] = set()
+        self._idle: deque[asyncio.Future[None]] = deque()
+        self._starting = 0
+        self.connected = 0  # workers holding a live connection
+
+    def put(self, job: Job) -> None:
+        """Queue a job; wake an idle worker or start one within the connection limit."""
+        job.site = self.key
+        self.queue.append(job)
+        while self._idle:
+            w = self._idle.popleft()
+            if not w.done():
+                w.set_result(None)
+                return
+        if self.limits.can_open() and len(self.queue) > self._starting and not self.pool.closing:
+            self._spawn()
+
+    def _spawn(self) -> None:
+        self.limits.opened()
+        self._starting += 1
+        task = asyncio.get_running_loop().create_task(self._worker())
+        self.workers.add(task)
+        task.add_done_callback(self.workers.discard)
+
+    async def _next_job(self, connected: bool) -> Job | None:
+        """The next job; a connected worker waits up to idle_timeout for one."""
+        while not self.queue:
+            if not connected or self.pool.closing:
+                return None
+            fut = asyncio.get_running_loop().create_future()
+            self._idle.append(fut)
+            try:
+                await asyncio.wait_for(fut, self.pool.idle_timeout)
+            except TimeoutError:
+                return None
+        return self.queue.popleft()
+
+    async def _worker(self) -> None:
+        pool = self.pool
+        conn: SmtpConnection | None = None
+        first = True
+        try:
+            while not pool.closing:
+                job = await self._next_job(conn is not None)
+                if first:
+                    self._starting -= 1
+                    first = False
+                if job is None:
+                    break
+                await self._rate_limit()
+                if conn is not None and not conn.usable:
+                    self._drop(conn)
+                    conn = None
+                reused = conn is not None
+                if conn is None:
+                    try:
+                        conn = await pool.connect(job)
+                    except ConnectError as e:
+                        await self._unreachable(job, e.reply)
+                        continue
+                    self.connected += 1
+                else:
+                    pool.stats.reused += 1
+                info = AttemptInfo(conn.host, conn.ip, conn.tls, time.monotonic())
+                result = await conn.transact(job.message)
+                if reused and result.mail is NO_RESPONSE and not conn.usable:
+                    # the server closed the cached connection before we spoke: not a real
+                    # attempt; once more over a fresh connection (Postfix does the same)
+                    self._drop(conn)
+                    conn = None
+                    try:
+                        conn = await pool.connect(job)
+                    except ConnectError as e:
+                        await self._unreachable(job, e.reply)
+                        continue
+                    self.connected += 1
+                    info = AttemptInfo(conn.host, conn.ip, conn.tls, time.monotonic())
+                    result = await conn.transact(job.message)
+                await pool.on_result(job, result.rcpts, info)
+                if not conn.usable or self.limits.connection_spent(conn.transactions):
+                    self._drop(conn)
+                    conn = None
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug must not leave the site without workers forever
+            log.exception("delivery worker for %s failed", self.key)
+        finally:
+            if first:
+                self._starting -= 1
+            if conn is not None:
+                self._drop(conn)
+            self.limits.closed()
+            if self.queue and not pool.closing and self.limits.can_open():
+                self._spawn()
+
+    def _drop(self, conn: SmtpConnection) -> None:
+        conn.close(quit=True)
+        self.connected -= 1
+
+    async def _rate_limit(self) -> None:
+        delay = self.limits.try_send()
+        while delay > 0:
+            await asyncio.sleep(delay)
+            delay = self.limits.try_send()
+
+    async def _unreachable(self, job: Job, r: Reply) -> None:
+        """Every address failed: fail this job, and the queued ones if no one is connected."""
+        self.pool.stats.connect_failures += 1
+        info = AttemptInfo("", "", False, time.monotonic())
+        failed = [job]
+        if self.connected == 0:
+            failed.extend(self.queue)
+            self.queue.clear()
+        for j in failed:
+            await self.pool.on_result(j, [r] * len(j.message.recipients), info)
+
+
+class ConnectionPool:
+    """All sites' queues and workers. ``on_result(job, replies, info)`` is awaited by the
+    worker for every finished transaction (replies in the order of job.message.recipients)."""
+
+    def __init__(
+        self,
+        on_result: ResultHandler,
+        *,
+        helo_name: str,
+        timeouts: Timeouts | None = None,
+        idle_timeout: float = 30.0,
+        tls_context: ssl.SSLContext | None = None,
+        tls_verify: bool = False,
+        source_address: str | None = None,
+        max_addresses: int = 10,
+        use_pipelining: bool = True,
+        use_chunking: bool = True,
+    ) -> None:
+        self.on_result = on_result
+        self.helo_name = helo_name
+        self.timeouts = timeouts or Timeouts()
+        self.idle_timeout = idle_timeout
+        self.tls_context = tls_context
+        self.tls_verify = tls_verify
+        self.source_address = source_address or None
+        self.max_addresses = max_addresses  # Postfix smtp_mx_address_limit-like bound
+        self.use_pipelining = use_pipelining
+        self.use_chunking = use_chunking
+        self.sites: dict[str, SitePool] = {}
+        self.stats = PoolStats()
+        self.closing = False
+
+    def site(self, key: str, limits: Callable[[], SiteLimits]) -> SitePool:
+        sp = self.sites.get(key)
+        if sp is None:
+            sp = self.sites[key] = SitePool(self, key, limits())
+        return sp
+
+    async def connect(self, job: Job) -> SmtpConnection:
+        """Open a connection for ``job``: hosts in order, each host's addresses in order."""
+        dest, route = job.destination, job.route
+        assert dest is not None and route is not None
+        last: ConnectError | None = None
+        tried = 0
+        for mx in dest.hosts:
+            for ip in mx.addresses:
+                if tried >= self.max_addresses:
+                    break
+                tried += 1
+                try:
+                    conn = await self._open(mx.name, ip, route, route.tls)
+                except ConnectError as e:
+                    last = e
+                    if not (e.tls_failed and route.tls == "opportunistic"):
+                        continue
+                    try:  # the handshake failed: this host once more in clear (Postfix)
+                        conn = await self._open(mx.name, ip, route, "none")
+                    except ConnectError as e2:
+                        last = e2
+                        continue
+                self.stats.connections_opened += 1
+                return conn
+        raise last or ConnectError(NO_HOSTS)
+
+    async def _open(self, host: str, ip: str, route: Route, tls: str) -> SmtpConnection:
+        return await open_connection(
+            host,
+            ip,
+            route.port,
+            helo_name=self.helo_name,
+            timeouts=self.timeouts,
+            tls=tls,
+            tls_context=self.tls_context,
+            source_address=self.source_address,
+            auth=route.auth,
+            use_pipelining=self.use_pipelining,
+            use_chunking=self.use_chunking,
+        )
+
+    def queued(self) -> int:
+        return sum(len(s.queue) for s in self.sites.values())
+
+    async def close(self, timeout: float = 10.0) -> list[Job]:
+        """Stop: let transactions in flight finish (at most ``timeout`` s), QUIT idle
+        connections, cancel the rest. Returns the jobs that were queued but never started."""
+        self.closing = True
+        left: list[Job] = []
+        for sp in self.sites.values():
+            left.extend(sp.queue)
+            sp.queue.clear()
+            for w in sp._idle:
+                if not w.done():
+                    w.set_result(None)
+        tasks = [t for sp in self.sites.values() for t in sp.workers]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+        return left

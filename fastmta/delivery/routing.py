@@ -1,0 +1,142 @@
+"""Where mail for a recipient domain goes: local Maildir, a smarthost, a per-domain route, or
+the domain's MX hosts (Postfix: mydestination, relayhost, transport_maps).
+
+Pure decisions plus one async step (:meth:`Router.destination`) that asks the resolver. The
+order of precedence is Postfix's: a local domain is delivered locally; then a per-domain
+``route`` (transport map); then the global ``relayhost``; else the domain's MX hosts.
+
+A route written ``"[host]:port"`` is used as is (no MX lookup, RFC 5321 section 5.1 does not
+apply to an explicit next hop); ``"host:port"`` looks up the MX records of ``host``. Without a
+port, the global ``delivery.port`` applies (25 unless tests override it).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+
+import msgspec
+
+from fastmta.config import Config, parse_hostport
+from fastmta.dns import Destination, DnsError, MXHost, Resolver
+from fastmta.dns.mx import address_literal
+
+__all__ = ["Route", "Router", "is_loopback"]
+
+TLS_MODES = ("none", "opportunistic", "required")
+
+
+class Route(msgspec.Struct, frozen=True):
+    """How to deliver to one recipient domain.
+
+    ``kind``: "local" (Maildir) or "smtp". ``lookup``: the name to resolve; ``bracketed``: use
+    ``lookup`` as the host itself (no MX lookup). ``port``: TCP port. ``tls``: "none" |
+    "opportunistic" | "required". ``auth``: (username, password) for AUTH, relayhost only.
+    ``tag``: extra site-key text; domains with per-domain limits get their own site.
+    """
+
+    kind: str
+    lookup: str = ""
+    bracketed: bool = False
+    port: int = 25
+    tls: str = "opportunistic"
+    auth: tuple[str, str] | None = None
+    tag: str = ""
+
+
+def is_loopback(address: str) -> bool:
+    """True for 127.0.0.0/8 and ::1 (AUTH without TLS is allowed only there)."""
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def _split_next_hop(value: str, default_port: int) -> tuple[str, bool, int]:
+    bracketed = value.strip().startswith("[")
+    host, port = parse_hostport(value, default_port)
+    if bracketed and ":" in host and not host.lower().startswith("ipv6:"):
+        host = "IPv6:" + host  # keep the RFC 5321 4.1.3 literal form for address_literal()
+    return host, bracketed, port
+
+
+class Router:
+    """Maps a recipient domain to a :class:`Route` (cached per domain; config is immutable)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        d = config.delivery
+        self._port = d.port
+        self._tls = d.tls
+        local = [x.lower().rstrip(".") for x in config.policy.local_domains]
+        self._local_exact = {x for x in local if not x.startswith(".")}
+        self._local_suffixes = tuple(x for x in local if x.startswith("."))
+        self._relay: tuple[str, bool, int] | None = None
+        if d.relayhost:
+            self._relay = _split_next_hop(d.relayhost, d.port)
+        self._relay_auth = (d.relay_username, d.relay_password) if d.relay_username else None
+        self._cache: dict[str, Route] = {}
+
+    def is_local(self, domain: str) -> bool:
+        """True when ``domain`` is a local domain (exact, or a ".suffix" entry matches)."""
+        domain = domain.lower().rstrip(".")
+        return domain in self._local_exact or (
+            bool(self._local_suffixes) and domain.endswith(self._local_suffixes)
+        )
+
+    def route(self, domain: str) -> Route:
+        """The route for ``domain`` (lower-cased). No I/O."""
+        domain = domain.lower()
+        r = self._cache.get(domain)
+        if r is not None:
+            return r
+        r = self._build(domain)
+        if len(self._cache) < 100_000:  # bounded: domains are unbounded input
+            self._cache[domain] = r
+        return r
+
+    def _build(self, domain: str) -> Route:
+        if self.is_local(domain):
+            return Route("local")
+        policy = self.config.domain.get(domain.rstrip("."))
+        tls = self._tls
+        tag = ""
+        if policy is not None:
+            if policy.tls is not None:
+                tls = policy.tls
+            if (
+                policy.max_connections is not None
+                or policy.messages_per_second is not None
+                or policy.messages_per_connection is not None
+                or policy.tls is not None
+            ):
+                tag = domain  # its own limits: its own site
+            if policy.route:
+                host, bracketed, port = _split_next_hop(policy.route, self._port)
+                return Route("smtp", host, bracketed, port, tls, None, tag)
+        if self._relay is not None:
+            host, bracketed, port = self._relay
+            return Route("smtp", host, bracketed, port, tls, self._relay_auth, tag)
+        return Route("smtp", domain, False, self._port, tls, None, tag)
+
+    @staticmethod
+    def site_key(route: Route, dest: Destination) -> str:
+        """Site key: the MX set (Destination.site), the port, the TLS policy and any tag."""
+        key = f"{dest.site}:{route.port}/{route.tls}"
+        return f"{key}/{route.tag}" if route.tag else key
+
+    @staticmethod
+    async def destination(route: Route, resolver: Resolver) -> Destination:
+        """Resolve ``route`` into hosts to try. Raises DnsError (see Resolver.destination)."""
+        if not route.bracketed:
+            return await resolver.destination(route.lookup)
+        literal = address_literal(f"[{route.lookup}]")
+        if literal is not None:
+            host = MXHost(literal, 0, (literal,))
+            return Destination(route.lookup, literal, (host,), math.inf)
+        addresses = await resolver.addresses(route.lookup)
+        if not addresses:
+            raise DnsError.no_addresses(route.lookup)
+        host = MXHost(route.lookup, 0, addresses)
+        expires = resolver.clock() + resolver.min_ttl
+        return Destination(route.lookup, route.lookup.lower(), (host,), expires)

@@ -1,0 +1,420 @@
+"""One SMTP connection to one mail exchanger: the asyncio adapter around the sans-IO
+:class:`~fastmta.protocol.client.ClientSession`, with per-phase timeouts, STARTTLS and AUTH.
+
+:func:`open_connection` connects, reads the greeting, says EHLO, negotiates TLS per policy and
+authenticates (smarthost only). :meth:`SmtpConnection.transact` runs one transaction and
+returns the per-recipient replies. The pool (pool.py) decides which host and when to reuse.
+
+Timeouts are RFC 5321 section 4.5.3.2's, chosen by ``ClientSession.phase`` and re-armed
+whenever the server sends anything; a write that cannot drain (the server stopped reading)
+gets ``data_block`` (4.5.3.2.5). A timeout aborts the connection and the transaction's
+recipients get ``451 4.4.2`` (transient: retried later).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ipaddress
+import ssl
+from collections import deque
+
+import msgspec
+
+from fastmta.config import DeliveryConfig
+from fastmta.delivery.routing import is_loopback
+from fastmta.protocol.client import (
+    NO_RESPONSE,
+    ClientEvent,
+    ClientSession,
+    Closed,
+    Failed,
+    Message,
+    Phase,
+    Ready,
+    StartTLS,
+    TransactionResult,
+)
+from fastmta.protocol.errors import ParseError
+from fastmta.protocol.parse import ReplyReader
+from fastmta.protocol.replies import Reply, reply
+from fastmta.tls import client_context
+
+__all__ = ["ConnectError", "SmtpConnection", "Timeouts", "open_connection"]
+
+# RFC 3463 3.8 X.7.5 "cryptographic failure"; a transient code so the queue retries.
+TLS_NOT_OFFERED = reply(451, "4.7.5", "TLS is required but the server does not offer STARTTLS")
+TLS_FAILED = "TLS is required but the TLS handshake failed"
+AUTH_NOT_SECURE = reply(451, "4.7.0", "Refusing to send AUTH credentials without TLS")
+
+
+class Timeouts(msgspec.Struct, frozen=True):
+    """Seconds per phase (RFC 5321 4.5.3.2); the defaults are the RFC's minimums."""
+
+    connect: float = 30.0
+    greeting: float = 300.0  # 4.5.3.2.1
+    mail: float = 300.0  # 4.5.3.2.2 (also EHLO, STARTTLS, RSET, AUTH, QUIT)
+    rcpt: float = 300.0  # 4.5.3.2.3
+    data: float = 120.0  # 4.5.3.2.4
+    data_block: float = 180.0  # 4.5.3.2.5
+    data_done: float = 600.0  # 4.5.3.2.6
+
+    @classmethod
+    def from_config(cls, d: DeliveryConfig) -> Timeouts:
+        return cls(
+            d.connect_timeout,
+            d.greeting_timeout,
+            d.mail_timeout,
+            d.rcpt_timeout,
+            d.data_timeout,
+            d.data_block_timeout,
+            d.data_done_timeout,
+        )
+
+    def for_phase(self, phase: Phase) -> float:
+        if phase is Phase.GREETING:
+            return self.greeting
+        if phase is Phase.RCPT:
+            return self.rcpt
+        if phase is Phase.DATA:
+            return self.data
+        if phase is Phase.DATA_DONE:
+            return self.data_done
+        return self.mail
+
+
+class ConnectError(Exception):
+    """Connecting to one address failed; ``reply`` says why (transient unless the server
+    said 5xx). ``tls_failed``: the STARTTLS handshake failed (opportunistic: retry in clear)."""
+
+    def __init__(self, r: Reply, *, tls_failed: bool = False) -> None:
+        super().__init__(str(r))
+        self.reply = r
+        self.tls_failed = tls_failed
+
+
+class SmtpConnection(asyncio.Protocol):
+    """An established (or establishing) connection; use :func:`open_connection`."""
+
+    def __init__(self, session: ClientSession, timeouts: Timeouts, host: str, ip: str) -> None:
+        self.session = session
+        self.timeouts = timeouts
+        self.host = host  # MX host name (for logs and SNI)
+        self.ip = ip
+        self.tls = False
+        self.transactions = 0  # transactions carried
+        self.transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timed_out: Phase | None = None
+        self._closed = False
+        self._paused = False
+        self._aux: ReplyReader | None = None  # AUTH replies bypass the session
+        self._aux_replies: deque[Reply] = deque()
+        self._made: asyncio.Future[None] = self._loop.create_future()
+
+    # --- asyncio.Protocol ---------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if not self._made.done():
+            self._made.set_result(None)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self._aux is not None:
+            self._aux_feed(data)
+        else:
+            self.session.receive(data)
+            self._flush()
+        self._arm()
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._disarm()
+        self.session.connection_lost()
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+        self._arm()
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._arm()
+
+    # --- state --------------------------------------------------------------------------------
+    @property
+    def usable(self) -> bool:
+        """True when another transaction may start on this connection."""
+        return not self._closed and self.session.phase is Phase.IDLE
+
+    def close(self, quit: bool = True) -> None:
+        """QUIT (best effort, without waiting for the 221) and close."""
+        if self.transport is None or self._closed:
+            return
+        if quit and self.session.phase is Phase.IDLE:
+            self.session.quit()
+            self._flush()
+        self._disarm()
+        self.transport.close()
+        self._closed = True
+
+    def abort(self) -> None:
+        self._disarm()
+        if self.transport is not None:
+            self.transport.abort()
+        self._closed = True
+
+    # --- the conversation ---------------------------------------------------------------------
+    async def transact(self, msg: Message) -> TransactionResult:
+        """One transaction (IDLE phase only). Never raises for SMTP-level failures: a lost
+        connection or timeout becomes transient replies for every recipient not yet final."""
+        self.session.send(msg)
+        self._flush()
+        self._arm()
+        self.transactions += 1
+        while True:
+            ev = await self.next_event()
+            if isinstance(ev, TransactionResult):
+                if self._timed_out is not None:
+                    ev = self._timeout_result(ev)
+                return ev
+            if isinstance(ev, Failed | Closed):
+                # a failure without a result: nothing of this message was answered
+                r = self._failure_reply(ev.reply if isinstance(ev, Failed) else NO_RESPONSE)
+                return TransactionResult(r, [r] * len(msg.recipients), None)
+
+    async def next_event(self) -> ClientEvent:
+        """The next session event, waiting (with the phase's timeout armed) as needed."""
+        while True:
+            ev = self.session.next_event()
+            if ev is not None:
+                if self._timed_out is not None and isinstance(ev, Failed):
+                    ev = Failed(self._failure_reply(ev.reply), ev.phase)
+                return ev
+            if self._closed:
+                return Failed(self._failure_reply(NO_RESPONSE), self.session.phase)
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    async def start_tls(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
+        """Upgrade after the server's 220 to STARTTLS (RFC 3207 4.2). Raises ConnectError."""
+        self._disarm()
+        try:
+            transport = await asyncio.wait_for(
+                self._loop.start_tls(
+                    self.transport,
+                    self,
+                    context,
+                    server_hostname=server_hostname,
+                    ssl_handshake_timeout=self.timeouts.mail,
+                ),
+                self.timeouts.mail + 1,
+            )
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as e:
+            self.abort()
+            raise ConnectError(
+                reply(451, "4.7.5", f"{TLS_FAILED}: {e or type(e).__name__}"), tls_failed=True
+            ) from None
+        self.transport = transport  # type: ignore[assignment]
+        self.tls = True
+        self.session.tls_started()
+        self._flush()
+        self._arm()
+
+    async def authenticate(self, username: str, password: str) -> None:
+        """AUTH PLAIN (or LOGIN) per RFC 4954; raises ConnectError when refused."""
+        mechs = self.session.capabilities.auth
+        self._aux = ReplyReader(2048, 128)
+        try:
+            if "PLAIN" in mechs or "LOGIN" not in mechs:
+                token = base64.b64encode(f"\0{username}\0{password}".encode()).decode()
+                r = await self._aux_command(f"AUTH PLAIN {token}\r\n")
+            else:
+                r = await self._aux_command("AUTH LOGIN\r\n")
+                if r.code == 334:
+                    r = await self._aux_command(
+                        base64.b64encode(username.encode()).decode() + "\r\n"
+                    )
+                if r.code == 334:
+                    r = await self._aux_command(
+                        base64.b64encode(password.encode()).decode() + "\r\n"
+                    )
+        finally:
+            self._aux = None
+            self._disarm()
+        if r.code != 235:
+            # RFC 4954 6: 535 bad credentials; defer (like Postfix) rather than bounce mail
+            raise ConnectError(reply(451, "4.7.0", f"Authentication failed: {r}"))
+
+    # --- internals ----------------------------------------------------------------------------
+    async def _aux_command(self, line: str) -> Reply:
+        assert self.transport is not None
+        self.transport.write(line.encode())
+        self._arm(self.timeouts.mail)
+        while not self._aux_replies:
+            if self._closed:
+                return self._failure_reply(NO_RESPONSE)
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._aux_replies.popleft()
+
+    def _aux_feed(self, data: bytes) -> None:
+        assert self._aux is not None
+        self._aux.feed(data)
+        while True:
+            try:
+                r = self._aux.next_reply()
+            except ParseError as e:
+                r = reply(e.code, e.enhanced, e.text)
+                self.abort()
+            if r is None:
+                return
+            self._aux_replies.append(r)
+
+    def _flush(self) -> None:
+        out = self.session.data_to_send()
+        if out and self.transport is not None and not self._closed:
+            self.transport.write(out)
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _arm(self, seconds: float | None = None) -> None:
+        if self._closed:
+            return
+        phase = self.session.phase
+        if seconds is None:
+            if phase is Phase.IDLE or phase is Phase.CLOSED:
+                self._disarm()
+                return
+            seconds = self.timeouts.data_block if self._paused else self.timeouts.for_phase(phase)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_later(seconds, self._on_timeout)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        self._timed_out = self.session.phase
+        if self.transport is not None:
+            self.transport.abort()  # connection_lost() follows and fails what is in flight
+
+    def _failure_reply(self, r: Reply) -> Reply:
+        if self._timed_out is not None and r is NO_RESPONSE:
+            return reply(451, "4.4.2", f"Timeout waiting for the {self._timed_out.value} reply")
+        return r
+
+    def _timeout_result(self, ev: TransactionResult) -> TransactionResult:
+        return TransactionResult(
+            self._failure_reply(ev.mail),
+            [self._failure_reply(r) for r in ev.rcpts],
+            self._failure_reply(ev.data) if ev.data is not None else None,
+        )
+
+
+async def open_connection(
+    host: str,
+    ip: str,
+    port: int,
+    *,
+    helo_name: str,
+    timeouts: Timeouts,
+    tls: str = "opportunistic",
+    tls_context: ssl.SSLContext | None = None,
+    source_address: str | None = None,
+    auth: tuple[str, str] | None = None,
+    use_pipelining: bool = True,
+    use_chunking: bool = True,
+) -> SmtpConnection:
+    """Connect to ``ip``:``port`` (MX ``host``) and get to a state ready for transactions.
+
+    ``tls``: "none" never STARTTLS; "opportunistic" when offered; "required": no STARTTLS or a
+    failed handshake raises ConnectError 451 4.7.5. ``auth`` (username, password): AUTH after
+    TLS, or in clear only to a loopback address. Raises ConnectError for every failure (connect
+    refused/timeout, 4xx/5xx greeting, 421, EHLO refused, TLS, AUTH); the caller tries the next
+    address. ``ConnectError.tls_failed`` marks a failed opportunistic handshake.
+    """
+    loop = asyncio.get_running_loop()
+    session = ClientSession(helo_name, use_pipelining=use_pipelining, use_chunking=use_chunking)
+    conn = SmtpConnection(session, timeouts, host, ip)
+    local = (source_address, 0) if source_address else None
+    try:
+        await asyncio.wait_for(
+            loop.create_connection(lambda: conn, ip, port, local_addr=local), timeouts.connect
+        )
+    except TimeoutError:
+        conn.abort()
+        raise ConnectError(
+            reply(451, "4.4.1", f"Connect to {host}[{ip}]:{port} timed out")
+        ) from None
+    except OSError as e:
+        text = e.strerror or str(e)
+        raise ConnectError(reply(451, "4.4.1", f"Connect to {host}[{ip}]:{port}: {text}")) from None
+    try:
+        ev = await conn.next_event()
+        if isinstance(ev, Ready) and tls != "none" and ev.capabilities.starttls:
+            session.starttls()
+            conn._flush()
+            conn._arm()
+            ev = await conn.next_event()
+            if isinstance(ev, StartTLS):
+                ctx = tls_context or _default_context()
+                sni = host if host and not _is_ip(host) else None
+                await conn.start_tls(ctx, sni)
+                ev = await conn.next_event()
+            elif isinstance(ev, Failed) and tls == "opportunistic" and ev.reply.code != 421:
+                # a refused STARTTLS (454): retry this host in clear, as Postfix does
+                conn.abort()
+                raise ConnectError(ev.reply, tls_failed=True)
+        if isinstance(ev, Failed):
+            raise ConnectError(ev.reply)
+        if not isinstance(ev, Ready):
+            raise ConnectError(reply(451, "4.4.2", f"Unexpected session event {ev!r}"))
+        if tls == "required" and not conn.tls:
+            raise ConnectError(TLS_NOT_OFFERED)
+        if auth is not None and ev.capabilities.auth:
+            if not conn.tls and not is_loopback(ip):
+                raise ConnectError(AUTH_NOT_SECURE)
+            await conn.authenticate(*auth)
+    except ConnectError as e:
+        if e.tls_failed and tls == "required":
+            e.tls_failed = False
+        conn.close(quit=True)
+        raise
+    except BaseException:
+        conn.abort()
+        raise
+    return conn
+
+
+_ctx_cache: dict[bool, ssl.SSLContext] = {}
+
+
+def _default_context() -> ssl.SSLContext:
+    ctx = _ctx_cache.get(False)
+    if ctx is None:
+        ctx = _ctx_cache[False] = client_context(False)
+    return ctx
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,373 @@
+"""The SMTP listener: an asyncio.Protocol adapter around the sans-IO server session, plus
+the policy the session asks about (relay rules, local users, AUTH credentials, limits).
+
+The adapter moves bytes and answers events; the protocol lives in
+fastmta/protocol/server.py. A message is answered 250 only after the spool has made it
+durable (Spool.store returns after the group commit's fdatasync).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import ssl
+import time
+from collections.abc import Callable
+
+from . import auth, headers
+from .config import Config, Listener
+from .policy import RelayPolicy
+from .protocol import replies as R
+from .protocol import server as S
+from .protocol.errors import domain_of
+from .protocol.replies import Reply, reply
+from .spool import Spool, SpoolError
+from .spool.records import Envelope, Recipient, StoredMessage, new_queue_id
+
+log = logging.getLogger("fastmta.smtpd")
+
+SPOOL_FAILED = reply(452, "4.3.1", "Insufficient system storage")  # RFC 3463 4.3.1
+TOO_MANY_CONNECTIONS = reply(421, "4.7.0", "Too many connections, try again later")
+TOO_MANY_FROM_YOU = reply(421, "4.7.0", "Too many connections from your address")
+AUTH_FAILED = reply(535, "5.7.8", "Authentication credentials invalid")  # RFC 4954 6
+AUTH_TOO_MANY = reply(421, "4.7.0", "Too many failed authentication attempts")
+
+
+class Listening:
+    """What the connections of one listener share in one worker process: the session
+    configuration, the policy, the counters behind the connection limits, the spool."""
+
+    def __init__(
+        self,
+        config: Config,
+        listener: Listener,
+        spool: Spool,
+        *,
+        submit: Callable[[StoredMessage], None],
+        users: auth.Users | None = None,
+        local_check: Callable[[str], tuple[int, str, str] | None] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.config = config
+        self.listener = listener
+        self.spool = spool
+        self.submit = submit
+        self.users = users
+        self.local_check = local_check
+        self.ssl_context = ssl_context
+        lim = config.limits
+        tls_mode = listener.tls
+        self.session_config = S.SessionConfig(
+            hostname=config.server.hostname,
+            max_message_size=lim.max_message_size,
+            max_recipients=lim.max_recipients,
+            max_line_length=lim.max_line_length,
+            max_command_line=lim.max_command_line,
+            max_auth_line=lim.max_auth_line,
+            max_errors=lim.max_errors,
+            bare_newline=listener.bare_newline,
+            tls_available=tls_mode == "starttls" and ssl_context is not None,
+            tls_active=tls_mode == "implicit",
+            auth_mechanisms=auth.MECHANISMS if users is not None else (),
+            auth=listener.auth if users is not None else "never",
+            auth_required=listener.role == "submission",
+        )
+        self.policy = RelayPolicy(config.policy.mynetworks, config.policy.local_domains)
+        self.connections: set[SmtpConnection] = set()
+        self.per_ip: collections.Counter[str] = collections.Counter()
+        self.accepting = True
+        self.messages = 0  # accepted, for logs and tests
+
+    def __call__(self) -> SmtpConnection:
+        return SmtpConnection(self)
+
+    async def drain(self, timeout: float) -> None:
+        """Stop: idle sessions get 421 now; sessions inside a transaction may finish it
+        (bounded by ``timeout``), then get 421."""
+        self.accepting = False
+        for conn in list(self.connections):
+            conn.drain()
+        deadline = time.monotonic() + timeout
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.abort()
+
+
+class SmtpConnection(asyncio.Protocol):
+    """One client connection. ``data_received`` feeds the session and answers its events."""
+
+    def __init__(self, ctx: Listening) -> None:
+        self.ctx = ctx
+        self.session = S.ServerSession(ctx.session_config)
+        self.transport: asyncio.Transport | None = None
+        self.peer_ip = "?"
+        self.busy = False  # an event is being answered asynchronously (spool, AUTH)
+        self.draining = False
+        self.auth_failures = 0
+        self._sasl: auth.Sasl | None = None
+        self._last = time.monotonic()
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._counted = False
+
+    # ------------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = peer[0] if peer else "?"
+        if self.peer_ip.startswith("::ffff:"):
+            self.peer_ip = self.peer_ip[7:]
+        ctx = self.ctx
+        lim = ctx.config.limits
+        if not ctx.accepting:
+            self._refuse(R.SHUTTING_DOWN)
+            return
+        if len(ctx.connections) >= lim.max_connections:
+            self._refuse(TOO_MANY_CONNECTIONS)
+            return
+        if ctx.per_ip[self.peer_ip] >= lim.max_connections_per_ip:
+            self._refuse(TOO_MANY_FROM_YOU)
+            return
+        ctx.connections.add(self)
+        ctx.per_ip[self.peer_ip] += 1
+        self._counted = True
+        self.session.greet()
+        self._flush()
+        self._arm_timer()
+
+    def data_received(self, data: bytes) -> None:
+        self._last = time.monotonic()
+        self.session.receive(data)
+        self._process()
+
+    def eof_received(self) -> bool | None:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._counted:
+            self._counted = False
+            ctx = self.ctx
+            ctx.connections.discard(self)
+            ctx.per_ip[self.peer_ip] -= 1
+            if ctx.per_ip[self.peer_ip] <= 0:
+                del ctx.per_ip[self.peer_ip]
+        # A message being stored when the client vanished stays stored (the spool finishes
+        # the write); only the reply is lost and the client retries: at-least-once.
+        self.transport = None
+
+    # ------------------------------------------------------------------ events
+
+    def _process(self) -> None:
+        """Answer events until the session needs more input or an async answer."""
+        s = self.session
+        while not self.busy and self.transport is not None:
+            ev = s.next_event()
+            if ev is None:
+                break
+            if isinstance(ev, S.RcptEvent):
+                self._on_rcpt(ev)
+            elif isinstance(ev, S.MailEvent):
+                s.accept()
+            elif isinstance(ev, S.MessageEvent):
+                self._start(self._store(ev))
+            elif isinstance(ev, S.StartTLSEvent):
+                self._start(self._starttls())
+            elif isinstance(ev, S.AuthEvent):
+                self._sasl = auth.start(ev.mechanism, ev.initial)
+                self._on_sasl(self._sasl.initial)
+            elif isinstance(ev, S.AuthResponseEvent):
+                assert self._sasl is not None
+                self._on_sasl(self._sasl.step(ev.line))
+            elif isinstance(ev, S.CloseEvent):
+                self._flush()
+                self._close()
+                return
+        self._flush()
+        if self.draining and not self.busy and s.state in (S.State.READY, S.State.CONNECTED):
+            s.shutdown()
+            self._flush()
+            self._close()
+
+    def _on_rcpt(self, ev: S.RcptEvent) -> None:
+        ctx = self.ctx
+        address = ev.rcpt.address
+        domain = domain_of(address)
+        denied = ctx.policy.rcpt_allowed(self.peer_ip, self.session.user is not None, domain)
+        if denied is not None:
+            self.session.reject(reply(*denied))
+            return
+        if ctx.local_check is not None and domain and ctx.policy.is_local(domain):
+            unknown = ctx.local_check(address)
+            if unknown is not None:
+                self.session.reject(reply(*unknown))
+                return
+        self.session.accept()
+
+    def _on_sasl(self, result: auth.SaslResult) -> None:
+        if isinstance(result, auth.SaslChallenge):
+            self.session.challenge(result.data)
+        elif isinstance(result, auth.SaslError):
+            self.session.reject(reply(result.code, result.enhanced, result.text))
+        else:
+            self._start(self._verify(result))
+
+    def _start(self, coro) -> None:
+        """Answer the current event asynchronously; input waits (bounded buffers)."""
+        self.busy = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+        self._task = asyncio.ensure_future(coro)
+        self._task.add_done_callback(self._resume)
+
+    def _resume(self, task: asyncio.Task[None]) -> None:
+        self.busy = False
+        if not task.cancelled() and task.exception() is not None:
+            log.error("session task failed", exc_info=task.exception())
+            self._close()
+            return
+        if self.transport is None:
+            return
+        self.transport.resume_reading()
+        self._process()
+
+    async def _store(self, ev: S.MessageEvent) -> None:
+        ctx = self.ctx
+        s = self.session
+        queue_id = new_queue_id()
+        mail = ev.mail
+        env = Envelope(
+            id=queue_id,
+            sender=mail.address,
+            recipients=[Recipient(r.address, notify=r.notify, orcpt=r.orcpt) for r in ev.rcpts],
+            arrival=time.time(),
+            body=mail.body,
+            smtputf8=mail.smtputf8,
+            ret=mail.ret,
+            envid=mail.envid,
+            client=f"[{self.peer_ip}] {s.helo or ''}".rstrip(),
+            auth=s.user,
+        )
+        trace = headers.received(
+            helo=s.helo,
+            client_ip=self.peer_ip,
+            hostname=ctx.config.server.hostname,
+            protocol=headers.protocol_name(s.esmtp, s.tls, s.user is not None),
+            queue_id=queue_id,
+            recipient=ev.rcpts[0].address if len(ev.rcpts) == 1 else None,
+        )
+        parts = [trace]
+        if ctx.listener.role == "submission":
+            parts.append(headers.submission_fields(ev.chunks, ctx.config.server.hostname, queue_id))
+        parts += ev.chunks
+        try:
+            stored = await ctx.spool.store(env, parts)
+        except SpoolError as e:
+            log.error("%s: spool write failed, answered 452: %s", queue_id, e)
+            s.reject(SPOOL_FAILED)
+            return
+        ctx.messages += 1
+        log.debug(
+            "%s: from=<%s> nrcpt=%d size=%d client=%s",
+            queue_id,
+            env.sender,
+            len(env.recipients),
+            env.size,
+            env.client,
+        )
+        s.accept(reply(250, "2.0.0", f"Ok: queued as {queue_id}"))
+        ctx.submit(stored)
+
+    async def _starttls(self) -> None:
+        self._flush()  # the 220 goes out in clear first (RFC 3207 4)
+        transport = self.transport
+        ctx = self.ctx
+        if transport is None or ctx.ssl_context is None:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            new = await asyncio.wait_for(
+                loop.start_tls(transport, self, ctx.ssl_context, server_side=True),
+                ctx.config.limits.command_timeout,
+            )
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as e:
+            log.info("TLS handshake with [%s] failed: %s", self.peer_ip, e)
+            transport.abort()
+            self.transport = None
+            return
+        if new is None:
+            self.transport = None
+            return
+        self.transport = new  # type: ignore[assignment]
+        self.session.tls_started()
+
+    async def _verify(self, creds: auth.SaslDone) -> None:
+        users = self.ctx.users
+        assert users is not None
+        loop = asyncio.get_running_loop()
+        ok = await loop.run_in_executor(None, users.verify, creds.username, creds.password)
+        if ok:
+            self.session.auth_success(creds.username)
+            return
+        self.auth_failures += 1
+        lim = self.ctx.config.limits
+        log.warning("AUTH failed for %r from [%s]", creds.username, self.peer_ip)
+        await asyncio.sleep(auth.failure_delay(lim.auth_failure_delay, self.auth_failures))
+        if self.auth_failures >= lim.max_auth_failures:
+            self.session.reject(AUTH_TOO_MANY)
+        else:
+            self.session.reject(AUTH_FAILED)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _flush(self) -> None:
+        out = self.session.data_to_send()
+        if out and self.transport is not None:
+            self.transport.write(out)
+        self._last = time.monotonic()
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _refuse(self, r: Reply) -> None:
+        assert self.transport is not None
+        self.transport.write(r.to_bytes())
+        self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def drain(self) -> None:
+        """Finish the transaction in progress, then 421 (or at once when idle)."""
+        self.draining = True
+        if not self.busy and self.session.state in (S.State.READY, S.State.CONNECTED):
+            self.session.shutdown()
+            self._flush()
+            self._close()
+
+    def _arm_timer(self) -> None:
+        lim = self.ctx.config.limits
+        timeout = lim.data_timeout if self.session.state is S.State.DATA else lim.command_timeout
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_at(self._last + timeout, self._on_timer)
+
+    def _on_timer(self) -> None:
+        """RFC 5321 4.5.3.2.7: a server waits at least 5 minutes for the next command."""
+        if self.transport is None:
+            return
+        lim = self.ctx.config.limits
+        timeout = lim.data_timeout if self.session.state is S.State.DATA else lim.command_timeout
+        if self.busy or time.monotonic() - self._last < timeout:
+            self._arm_timer()
+            return
+        log.info("timeout from [%s] in state %s", self.peer_ip, self.session.state.value)
+        self.session.timeout()
+        self._flush()
+        self._close()
