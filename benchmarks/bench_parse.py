@@ -24,7 +24,9 @@ def _pipelined(n: int = 1000) -> bytes:
     lines: list[bytes] = []
     k = 0
     while len(lines) < n:
-        lines.append(b"MAIL FROM:<bounces+%d@mailer.example.com> SIZE=%d BODY=8BITMIME" % (k, 9000 + k))
+        lines.append(
+            b"MAIL FROM:<bounces+%d@mailer.example.com> SIZE=%d BODY=8BITMIME" % (k, 9000 + k)
+        )
         for r in range(8):
             lines.append(b"RCPT TO:<customer.%d.%d@example-%d.org>" % (k, r, r))
         lines.append(b"DATA" if k % 4 else b"RSET")

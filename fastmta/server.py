@@ -107,7 +107,7 @@ class SmtpConnection(asyncio.Protocol):
         self.draining = False
         self.auth_failures = 0
         self._sasl: auth.Sasl | None = None
-        self._last = time.monotonic()
+        self._last = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._counted = False
@@ -115,8 +115,7 @@ class SmtpConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if peer else "?"
         if self.peer_ip.startswith("::ffff:"):
@@ -140,7 +139,7 @@ class SmtpConnection(asyncio.Protocol):
         self._arm_timer()
 
     def data_received(self, data: bytes) -> None:
-        self._last = time.monotonic()
+        self._last = self._now()
         self.session.receive(data)
         self._process()
 
@@ -329,7 +328,7 @@ class SmtpConnection(asyncio.Protocol):
         out = self.session.data_to_send()
         if out and self.transport is not None:
             self.transport.write(out)
-        self._last = time.monotonic()
+        self._last = self._now()
 
     def _close(self) -> None:
         if self.transport is not None:
@@ -352,6 +351,10 @@ class SmtpConnection(asyncio.Protocol):
             self._flush()
             self._close()
 
+    @staticmethod
+    def _now() -> float:
+        return asyncio.get_running_loop().time()
+
     def _arm_timer(self) -> None:
         lim = self.ctx.config.limits
         timeout = lim.data_timeout if self.session.state is S.State.DATA else lim.command_timeout
@@ -364,7 +367,7 @@ class SmtpConnection(asyncio.Protocol):
             return
         lim = self.ctx.config.limits
         timeout = lim.data_timeout if self.session.state is S.State.DATA else lim.command_timeout
-        if self.busy or time.monotonic() - self._last < timeout:
+        if self.busy or self._now() - self._last < timeout:
             self._arm_timer()
             return
         log.info("timeout from [%s] in state %s", self.peer_ip, self.session.state.value)

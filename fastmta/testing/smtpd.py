@@ -105,7 +105,7 @@ class ThreadedSmtpd:
         return fut.result(10)
 
     def stop(self) -> None:
-        if self._loop is not None and self._thread is not None:
+        if self._loop is not None and self._thread is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
 
