@@ -65,7 +65,12 @@ class Peer:
 
 
 def talk(peer: Peer, lines: bytes) -> list[bytes]:
-    out = peer.feed(lines)
+    """Send lines; a leading EHLO goes alone first, as a client waits for its reply."""
+    out = b""
+    if lines.startswith(b"EHLO c\r\n") and len(lines) > 8:
+        out = peer.feed(lines[:8])
+        lines = lines[8:]
+    out += peer.feed(lines)
     return out.splitlines()
 
 
@@ -139,6 +144,14 @@ def test_helo_client_must_not_pipeline():
     assert talk(p, b"HELO c\r\n") == [b"250 mx.test"]
     out = talk(p, b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\n")
     assert out == [b"554 5.5.0 Error: SMTP protocol synchronization"] and p.closed
+
+
+def test_commands_pipelined_behind_ehlo_are_refused():
+    for verb in (b"HELO", b"EHLO"):
+        p = Peer()
+        p.greeting()
+        out = p.feed(verb + b" c\r\nMAIL FROM:<a@b.test>\r\n").splitlines()
+        assert out == [b"554 5.5.0 Error: SMTP protocol synchronization"] and p.closed
 
 
 def test_input_before_greeting_is_refused():
@@ -307,17 +320,19 @@ def test_non_smtp_client_is_dropped():
 
 def test_every_split_gives_the_same_conversation():
     stream = (
-        b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n",
+        b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n",
         b"Subject: x\r\n\r\nhello\r\n.\r\nQUIT\r\n",
     )
     whole = Peer()
     whole.greeting()
+    whole.feed(b"EHLO c\r\n")
     want = whole.feed(stream[0]) + whole.feed(stream[1])
     for part in range(2):
         data = stream[part]
         for k in range(1, len(data)):
             p = Peer()
             p.greeting()
+            p.feed(b"EHLO c\r\n")
             got = p.feed(stream[0]) if part == 1 else b""
             pieces = [data[:k], data[k:]]
             for piece in pieces:

@@ -363,6 +363,10 @@ class ServerSession:
         if not name:
             self._error(reply(501, "5.5.4", f"Syntax: {'EHLO' if esmtp else 'HELO'} hostname"))
             return None
+        if self._pipelined_illegally():
+            # RFC 2920 3.1: EHLO/HELO must be the last command of a group
+            self._sync_error("command pipelined after HELO/EHLO")
+            return self._ready.pop(0)
         self.helo = name.decode("utf-8", "replace")
         self.esmtp = esmtp
         self._reset_transaction()

@@ -618,6 +618,11 @@ def main(argv: list[str] | None = None) -> int:
                 done.set_result(None)
 
     sink._on_message = on_message
+    # signal handlers first: a caller may signal as soon as it reads "listening on"
+    with contextlib.suppress(NotImplementedError, AttributeError):
+        loop.add_signal_handler(signal.SIGUSR1, report)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: done.done() or done.set_result(None))
     for host, port in listens:
         bound = loop.run_until_complete(sink._bind(loop, host, port))
         if not args.quiet:
@@ -629,10 +634,6 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.progress:
         loop.call_later(1.0, tick)
-    with contextlib.suppress(NotImplementedError, AttributeError):
-        loop.add_signal_handler(signal.SIGUSR1, report)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: done.done() or done.set_result(None))
     try:
         loop.run_until_complete(done)
     finally:
