@@ -615,7 +615,7 @@ def parse_mail(arg) -> MailFrom:
                 if not (_CLS[s[k]] & K_DIGIT):
                     raise _err(ERR_PARAM, "SIZE")
                 num = num * 10 + (s[k] - 48)
-            size = num if vn <= 20 else int(_value_bytes(s, &p))
+            size = num if vn <= 18 else int(_value_bytes(s, &p))
         elif p.kid == P_BODY:
             if p.vs >= 0 and _eq_upper(s + p.vs, vn, "7BIT"):
                 body = "7BIT"

@@ -57,8 +57,10 @@ class Worker:
         self._stop = asyncio.Event()
         self._adopter: asyncio.Task[None] | None = None
         self.delivery_log: DeliveryLog | None = None
+        self.control = None  # fastmta.control.ControlServer (fastmta queue ...)
 
     async def start(self) -> None:
+        from .control import ControlServer
         from .delivery.engine import DeliveryEngine
         from .server import Listening
 
@@ -97,6 +99,9 @@ class Worker:
             self.listenings.append(ctx)
             self.servers.append(server)
         self._adopter = asyncio.ensure_future(self._adopt_loop())
+        root = config.server.spool_dir
+        self.control = ControlServer(root, self.index, self.count, self.engine, self.spool)
+        await self.control.start()
         if recovered:
             log.info("worker %d: recovered %d message(s) from the spool", self.index, len(recovered))
 
@@ -142,6 +147,8 @@ class Worker:
         await self._stop.wait()
 
     async def stop(self) -> None:
+        if self.control is not None:
+            await self.control.stop()
         for server in self.servers:
             server.close()
         for ctx in self.listenings:

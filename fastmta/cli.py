@@ -168,32 +168,59 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--check", metavar="FILE", help="validate FILE")
 
-    # Placeholders in the CLI wiring only: fastmta.queuecmd and fastmta.bench come later.
+    # Placeholder in the CLI wiring only: fastmta.bench comes later.
     q = sub.add_parser(
         "queue",
-        help="inspect and manage the spool (list, show, hold, release, flush, delete)",
-        description="Inspect and manage queued messages.",
+        help="inspect and manage the spool (list, show, hold, release, flush, delete, stats)",
+        description="Inspect and manage queued messages. list and show also work with the "
+        "server stopped (the spool is read, never changed); the other actions ask the running "
+        "workers. Exit status: 0 ok, 1 some queue ids not found, 2 usage or configuration "
+        "error, 69 the server is not running.",
     )
     q.add_argument("--config", metavar="FILE", help="configuration file")
     q.add_argument("--spool", metavar="DIR", help="spool directory")
+    where = argparse.ArgumentParser(add_help=False)  # also accepted after the action
+    where.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="config file")
+    where.add_argument("--spool", metavar="DIR", default=argparse.SUPPRESS, help="spool directory")
     qs = q.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
-    qs.add_parser("list", help="list queued messages (id, age, size, sender, recipients)")
+    ql = qs.add_parser(
+        "list", parents=[where], help="list queued messages (id, arrival, size, state, envelope)"
+    )
+    ql.add_argument("--json", action="store_true", help="one JSON object per message")
+    qp = qs.add_parser("show", parents=[where], help="print a message's envelope and headers")
+    qp.add_argument("ids", nargs="+", metavar="QUEUE_ID")
     for name, text in (
-        ("show", "print a message's envelope and content"),
-        ("hold", "stop delivering these messages until released"),
-        ("release", "deliver held messages again"),
-        ("flush", "retry these messages now (all deferred mail if no id is given)"),
+        ("hold", "stop delivering these messages until released (kept across restarts)"),
+        ("release", "deliver held messages again, now"),
         ("delete", "remove messages from the queue without a bounce"),
     ):
-        qp = qs.add_parser(name, help=text)
+        qp = qs.add_parser(name, parents=[where], help=text)
         qp.add_argument("ids", nargs="*", metavar="QUEUE_ID")
+        qp.add_argument("--all", action="store_true", help="every queued message")
+    qp = qs.add_parser(
+        "flush",
+        parents=[where],
+        help="retry these messages now (all deferred mail if no id is given)",
+    )
+    qp.add_argument("ids", nargs="*", metavar="QUEUE_ID")
+    qp = qs.add_parser("stats", parents=[where], help="delivery counters of each worker")
+    qp.add_argument("--json", action="store_true", help="one JSON object per worker")
 
     b = sub.add_parser(
         "bench",
-        help="benchmark fastmta against a local sink (and Postfix, when installed)",
-        description="End-to-end benchmark on loopback; options are passed to fastmta.bench.",
+        help="benchmark fastmta against Postfix on loopback (ingest, end-to-end)",
+        description="Run benchmarks/bench_ingest.py and/or bench_e2e.py from a source checkout: "
+        "smtp-source -> MTA (-> smtp-sink), fastmta against a private Postfix instance "
+        "(installed when absent). Prints a table and updates benchmarks/RESULTS.md.",
     )
-    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="options for the benchmark")
+    b.add_argument(
+        "which", nargs="?", choices=["e2e", "ingest", "all"], default="all",
+        help="which benchmark (default: all)",
+    )  # fmt: skip
+    b.add_argument("--smoke", action="store_true", help="tiny counts, every case, < 60 s")
+    b.add_argument("--workers", metavar="N,N", default="2,1", help="fastmta worker counts")
+    b.add_argument("--no-postfix", action="store_true", help="measure fastmta only")
+    b.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     return p
 
 

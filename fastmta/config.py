@@ -294,7 +294,7 @@ def parse_hostport(s: str, default_port: int) -> tuple[str, int]:
     """Split "host:port", "[::1]:25", "[10.0.0.1]:2525", "host", "::1" into (host, port).
 
     Brackets are removed from the host. A bare IPv6 address without brackets takes the default
-    port. Raises ValueError on an empty host or a port outside 0..65535.
+    port. Raises ValueError on an empty host or a port outside 1..65535.
     """
     text = s.strip()
     port_text = ""
@@ -320,8 +320,8 @@ def parse_hostport(s: str, default_port: int) -> tuple[str, int]:
         if not port_text.isdigit():
             raise ValueError(f"bad port {port_text!r} in {s!r}")
         port = int(port_text)
-    if not 0 <= port <= 65535:  # 0: any free port (tests, embedding)
-        raise ValueError(f"port must be 0..65535, got {port} in {s!r}")
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port must be 1..65535, got {port} in {s!r}")
     return host, port
 
 

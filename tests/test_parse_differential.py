@@ -304,62 +304,25 @@ path = st.one_of(
     ),
     st.sampled_from([b"<>", b"<", b"a@b", b"<a@b", b"<@>"]),
 )
-param = st.tuples(
+_VALUES = {
+    b"SIZE": [b"0", b"1000", b"1" * 18, b"9" * 19, b"9" * 20, b"1" * 21, b"1x", b""],
+    b"BODY": [b"7bit", b"8BITMIME", b"BINARYMIME", b"8bit"],
+    b"RET": [b"FULL", b"hdrs", b"x"],
+    b"ENVID": [b"e" * 100, b"e" * 101, b"a+2Bb", b"a+2", b"+zz", b"x=y", b"\xc3\xa9"],
+    b"AUTH": [b"<>", b"a+2Bb", b"x@y", b"<", b"+4"],
+    b"NOTIFY": [b"NEVER", b"success,delay", b"SUCCESS,SUCCESS", b"failure,", b"never,delay"],
+    b"ORCPT": [b"rfc822;a+40b", b"utf-8;\xc3\xa9", b"UTF-8;a", b";x", b"rfc822", b"a_b;x"],
+    b"SMTPUTF8": [b"x"],
+    b"X-FOO": [b"1"],
+}
+keyword = st.sampled_from(list(_VALUES) + [b"size", b"notify", b"-X", b"", b"BAD!", b"x_y"])
+param = st.one_of(
+    keyword,
     st.sampled_from(
-        [
-            b"SIZE",
-            b"size",
-            b"BODY",
-            b"SMTPUTF8",
-            b"RET",
-            b"ENVID",
-            b"AUTH",
-            b"NOTIFY",
-            b"ORCPT",
-            b"X-FOO",
-            b"-X",
-            b"",
-            b"BAD!",
-        ]
+        [k + b"=" + v for k, vs in _VALUES.items() for v in vs]
+        + [b"size=10", b"Body=7BIT", b"orcpt=rfc822;x", b"X-FOO=", b"=x", b"A=\x7f"]
     ),
-    st.one_of(
-        st.none(),
-        st.sampled_from(
-            [
-                b"",
-                b"1000",
-                b"0",
-                b"12345678901234567890",
-                b"123456789012345678901",
-                b"1x",
-                b"7bit",
-                b"8BITMIME",
-                b"BINARYMIME",
-                b"full",
-                b"HDRS",
-                b"<>",
-                b"a+2Bb",
-                b"a+2",
-                b"+zz",
-                b"x=y",
-                b"NEVER",
-                b"success,delay",
-                b"SUCCESS,SUCCESS",
-                b"failure,",
-                b"rfc822;a+40b",
-                b"utf-8;\xc3\xa9",
-                b"UTF-8;a",
-                b";x",
-                b"rfc 822;x",
-                b"\xc3\xa9",
-                b"e" * 100,
-                b"e" * 101,
-                b"1" * 18,
-                b"9" * 19,
-            ]
-        ),
-    ),
-).map(lambda t: t[0] if t[1] is None else t[0] + b"=" + t[1])
+)
 params = st.lists(st.tuples(st.sampled_from([b" ", b"  ", b""]), param), max_size=4).map(
     lambda ps: b"".join(sp + p for sp, p in ps)
 )
@@ -407,6 +370,19 @@ reply_stream = st.lists(
 ).map(b"".join)
 
 
+reply_line = st.tuples(
+    st.sampled_from([b"250", b"220", b"451", b"550", b"354", b"199", b"260", b"25", b"2x0"]),
+    st.sampled_from([b" ", b"-", b"", b"x"]),
+    st.sampled_from(
+        [b"", b"2.0.0 ", b"2.1.5 ", b"4.7.0 ", b"5.1.1 ", b"2.0.0", b"2.123.456 ", b"2.0.1234 "]
+        + [b"2.1234.5 ", b"2.0. ", b"2..0 ", b"22.0.0 ", b"2.0.0x "]
+    ),
+    st.sampled_from([b"", b"Ok", b"PIPELINING", b"\xc3\xa9t\xc3\xa9", b"\xff", b"a\rb"]),
+    st.sampled_from([b"\r\n", b"\r\n", b"\n", b""]),
+).map(b"".join)
+structured_replies = st.lists(reply_line, max_size=12).map(b"".join)
+
+
 def run_replies(mod, chunks, max_line, max_lines):
     r = mod.ReplyReader(max_line=max_line, max_lines=max_lines)
     trace = []
@@ -429,3 +405,79 @@ def run_replies(mod, chunks, max_line, max_lines):
 )
 def test_reply_reader(data, cut, max_line, max_lines):
     assert_same(run_replies, split(data, cut), max_line, max_lines)
+
+
+@FAST
+@given(structured_replies, cuts, st.sampled_from([10, 30, 2048]), st.sampled_from([2, 128]))
+def test_reply_reader_structured(data, cut, max_line, max_lines):
+    assert_same(run_replies, split(data, cut), max_line, max_lines)
+
+
+EDGE_ARGS = [
+    b"FROM:<a@b> ENVID=" + b"e" * 100,
+    b"FROM:<a@b> ENVID=" + b"e" * 101,
+    b"FROM:<a@b> SIZE=" + b"9" * 18,
+    b"FROM:<a@b> SIZE=" + b"9" * 19,
+    b"FROM:<a@b> SIZE=" + b"9" * 20,
+    b"FROM:<a@b> SIZE=" + b"9" * 21,
+    b"FROM:<" + b"l" * 64 + b"@b>",
+    b"FROM:<" + b"l" * 65 + b"@b>",
+    b"FROM:<a@" + b"d" * 63 + (b".d" + b"d" * 62) * 3 + b"dd>",
+    b"FROM:<a@" + b"d" * 63 + (b".d" + b"d" * 62) * 3 + b"ddd>",
+    b"TO:<" + b"l" * 64 + b"@" + b"d" * 63 + (b".d" + b"d" * 62) * 3 + b">",
+    b"TO:<" + b"l" * 64 + b"@" + b"d" * 63 + (b".d" + b"d" * 62) * 3 + b"d>",
+    b"FROM:<a@b> SIZE=1 size=2",
+    b"FROM:<a@b> X=1 x=2",
+    b"FROM:<a@b> X=1 Y=2",
+    b"FROM:<a@b> SIZE=x X=1 BAD!",
+    b"TO:<postmaster>",
+    b"TO:<POSTMASTER> NOTIFY=never",
+    b"FROM:<postmaster>",
+    b"FRO",
+    b"TO",
+    b"FROM:",
+    b"FROM:<\xc3\xa9@b>",
+    b"FROM:<\xc3\xa9@b> SMTPUTF8",
+    b"FROM:<\xff@b> SMTPUTF8",
+    b"TO:<\xc3\xa9@b> ORCPT=utf-8;\xc3\xa9",
+    b'FROM:<"a b\\"c"@b>',
+    b"TO:<@a,@b:c@d>",
+    b"TO:<@[IPv6:::1]:c@d>",
+    b"TO:<a@[x:>]>",
+    b"TO:<a@-b.c>",
+    b"TO:<a@b.-c>",
+    b"TO:<a@b-.c>",
+    b"TO:<a@b->",
+    b"TO:<a@b--c.d>",
+    b"TO:<a@b..c>",
+    b"TO:<.a@b>",
+    b"TO:<a.@b>",
+    b"TO:<a..b@c>",
+]
+
+
+@pytest.mark.parametrize("smtputf8", [False, True])
+def test_mail_rcpt_edges(smtputf8):
+    for arg in EDGE_ARGS:
+        assert_same(run_args, arg, smtputf8)
+
+
+EDGE_REPLIES = [
+    b"250 2.0.1234 x\r\n",
+    b"250 2.1234.0 x\r\n",
+    b"250 2.123.123 x\r\n",
+    b"250 2.0.0\r\n",
+    b"250 3.0.0 x\r\n",
+    b"250-2.0.0 a\r\n250-b\r\n250 2.0.0 c\r\n",
+    b"250-a\r\n251 b\r\n",
+    b"250\r\n",
+    b"25\r\n",
+    b"250x\r\n",
+]
+
+
+def test_reply_edges():
+    for data in EDGE_REPLIES:
+        for max_line in (4, 12, 2048):
+            for max_lines in (1, 2, 128):
+                assert_same(run_replies, [data], max_line, max_lines)

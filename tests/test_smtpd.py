@@ -124,7 +124,7 @@ def test_starttls_auth_and_relay(smtpd, tls_files):
         {
             "tls": {"cert_file": cert, "key_file": key},
             "policy": {"users_file": users, "mynetworks": ["127.0.0.2/32"]},
-            "listener": [{"address": "127.0.0.1:0", "role": "relay", "tls": "starttls"}],
+            "listener": [{"address": "127.0.0.1:2525", "role": "relay", "tls": "starttls"}],
         }
     )
     with smtplib.SMTP("127.0.0.1", d.port) as c:
@@ -151,7 +151,7 @@ def test_auth_login_mechanism(smtpd, tls_files):
         {
             "tls": {"cert_file": cert, "key_file": key},
             "policy": {"users_file": users},
-            "listener": [{"address": "127.0.0.1:0", "tls": "starttls"}],
+            "listener": [{"address": "127.0.0.1:2525", "tls": "starttls"}],
         }
     )
     with smtplib.SMTP("127.0.0.1", d.port) as c:
@@ -168,7 +168,7 @@ def test_submission_requires_auth_and_adds_missing_fields(smtpd, tls_files):
         {
             "tls": {"cert_file": cert, "key_file": key},
             "policy": {"users_file": users},
-            "listener": [{"address": "127.0.0.1:0", "role": "submission", "tls": "implicit"}],
+            "listener": [{"address": "127.0.0.1:2525", "role": "submission", "tls": "implicit"}],
         }
     )
     with smtplib.SMTP_SSL("127.0.0.1", d.port, context=client_tls()) as c:
@@ -191,7 +191,7 @@ def test_failed_auth_slows_down_and_disconnects(smtpd, tls_files):
             "tls": {"cert_file": cert, "key_file": key},
             "policy": {"users_file": users},
             "limits": {"auth_failure_delay": 0.2, "max_auth_failures": 3},
-            "listener": [{"address": "127.0.0.1:0", "tls": "implicit"}],
+            "listener": [{"address": "127.0.0.1:2525", "tls": "implicit"}],
         }
     )
     with smtplib.SMTP_SSL("127.0.0.1", d.port, context=client_tls()) as c:
@@ -231,7 +231,7 @@ SMUGGLING = [b"\n.\n", b"\n.\r\n", b"\r.\r", b"\r\n.\r", b"\r.\r\n", b"\r\n\x00.
 @pytest.mark.parametrize("seq", SMUGGLING, ids=[repr(s) for s in SMUGGLING])
 @pytest.mark.parametrize("mode", ["reject", "normalize"])
 def test_smuggling_over_the_wire(smtpd, seq, mode):
-    d = smtpd({"listener": [{"address": "127.0.0.1:0", "bare_newline": mode}]})
+    d = smtpd({"listener": [{"address": "127.0.0.1:2525", "bare_newline": mode}]})
     s = socket.create_connection(("127.0.0.1", d.port))
     s.settimeout(3)
     s.recv(1000)
@@ -374,7 +374,7 @@ def test_swaks_starttls_auth(smtpd, tls_files):
         {
             "tls": {"cert_file": cert, "key_file": key},
             "policy": {"users_file": users},
-            "listener": [{"address": "127.0.0.1:0", "role": "submission", "tls": "starttls"}],
+            "listener": [{"address": "127.0.0.1:2525", "role": "submission", "tls": "starttls"}],
         }
     )
     p = subprocess.run(

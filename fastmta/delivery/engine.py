@@ -71,6 +71,7 @@ class EngineStats(msgspec.Struct):
     reused: int = 0
     in_memory: int = 0
     queued: int = 0
+    held: int = 0  # messages on hold (fastmta queue hold), not counted in queued
 
 
 class _Active:
@@ -152,6 +153,7 @@ class DeliveryEngine:
         self._hold = config.server.hold_delivery
         self._stats = EngineStats()
         self._active: dict[str, _Active] = {}
+        self._held: dict[str, StoredMessage] = {}  # on hold, out of the scheduler
         self._warned: set[str] = set()  # delay DSN sent (in memory: at most twice per restart)
         self._dest_cache: dict[tuple[str, bool], Destination] = {}
         self._resolving: dict[tuple[str, bool], list[Job]] = {}
@@ -181,6 +183,7 @@ class DeliveryEngine:
         s.reused = self.pool.stats.reused
         s.in_memory = self.scheduler.active
         s.queued = len(self.scheduler)
+        s.held = len(self._held)
         return s
 
     async def start(self, recovered: list[StoredMessage]) -> None:
@@ -199,6 +202,60 @@ class DeliveryEngine:
         """Retry every deferred message now (``fastmta queue flush``)."""
         self.scheduler.flush()
         self._kick()
+
+    # --- operator commands (fastmta/control.py); each returns False for an unknown queue id ---
+    def messages(self) -> list[StoredMessage]:
+        """A snapshot of the messages this engine holds: waiting, ready, in delivery, held."""
+        s, live = self.scheduler, self.spool.get
+        active = [a.sm for a in self._active.values()]
+        every = [*s.waiting.values(), *s.backlog, *active, *self._held.values()]
+        return [sm for sm in every if live(sm.envelope.id) is not None]  # not deleted
+
+    def flush_message(self, queue_id: str) -> bool:
+        """Retry this message now if it waits for a retry timer (held ones stay held)."""
+        sm = self.scheduler.remove(queue_id)
+        if sm is not None:
+            sm.envelope.next_attempt = 0.0
+            self.scheduler.add(sm)
+            self._kick()
+        return self.spool.get(queue_id) is not None
+
+    async def hold_message(self, queue_id: str) -> bool:
+        """Stop delivering this message until released; recorded in the spool (survives a
+        restart). An attempt in flight finishes; the next one is not made."""
+        sm = self.spool.get(queue_id)
+        if sm is None:
+            return False
+        if not sm.envelope.held:
+            sm.envelope.held = True
+            await self.spool.update(sm.envelope)
+        if self.scheduler.remove(queue_id) is not None:
+            self._held[queue_id] = sm  # else _activate parks it when it comes due
+        return True
+
+    async def release_message(self, queue_id: str) -> bool:
+        """Undo hold: a held message is due again now. A message not held is left alone."""
+        sm = self.spool.get(queue_id)
+        if sm is None:
+            return False
+        if sm.envelope.held:
+            sm.envelope.held = False
+            sm.envelope.next_attempt = 0.0
+            await self.spool.update(sm.envelope)
+            if self._held.pop(queue_id, None) or self.scheduler.remove(queue_id):
+                self.scheduler.add(sm)
+                self._kick()
+        return True
+
+    async def delete_message(self, queue_id: str) -> bool:
+        """Remove the message from the spool without a DSN (like ``postsuper -d``)."""
+        if self.spool.get(queue_id) is None:
+            return False
+        await self.spool.done(queue_id)
+        self.scheduler.remove(queue_id)
+        self._held.pop(queue_id, None)
+        self._warned.discard(queue_id)
+        return True
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Let transactions in flight finish (at most ``timeout`` s), QUIT pooled
@@ -271,6 +328,11 @@ class DeliveryEngine:
 
     def _activate(self, sm: StoredMessage) -> None:
         env = sm.envelope
+        if env.held or self.spool.get(env.id) is None:  # held, or deleted, by an operator
+            self.scheduler.finished(sm)
+            if env.held and self.spool.get(env.id) is not None:
+                self._held[env.id] = sm
+            return
         try:
             data = self.spool.read(sm)
         except SpoolError as e:

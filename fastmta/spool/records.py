@@ -58,6 +58,7 @@ class Envelope(msgspec.Struct, omit_defaults=True):
     client: str | None = None  # "[1.2.3.4]" + helo, for logs
     auth: str | None = None  # authenticated user, if any
     is_bounce: bool = False  # a DSN we generated: never bounce a bounce
+    held: bool = False  # on hold (`fastmta queue hold`): not delivered until released
 
 
 class RecipientUpdate(msgspec.Struct, omit_defaults=True):
@@ -73,6 +74,7 @@ class RecipientUpdate(msgspec.Struct, omit_defaults=True):
     attempts: int = 0
     next_attempt: float = 0.0
     version: int = 1
+    held: bool = False  # Envelope.held (older records lack it: they were never held)
 
     @classmethod
     def of(cls, env: Envelope) -> RecipientUpdate:
@@ -84,6 +86,7 @@ class RecipientUpdate(msgspec.Struct, omit_defaults=True):
             [r.last_reply for r in rc],
             env.attempts,
             env.next_attempt,
+            held=env.held,
         )
 
     def apply(self, env: Envelope) -> None:
@@ -94,6 +97,7 @@ class RecipientUpdate(msgspec.Struct, omit_defaults=True):
             r.last_reply = reply
         env.attempts = self.attempts
         env.next_attempt = self.next_attempt
+        env.held = self.held
 
 
 class Done(msgspec.Struct, omit_defaults=True):

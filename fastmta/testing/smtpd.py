@@ -86,7 +86,7 @@ class ThreadedSmtpd:
         )
         if self.setup:
             self.setup(self.ctx)
-        host = lst.address.rsplit(":", 1)[0].strip("[]")
+        host = lst.address.rsplit(":", 1)[0].strip("[]")  # the port is always a free one
         self.server = await asyncio.get_running_loop().create_server(
             self.ctx, host, 0, ssl=ssl_ctx if lst.tls == "implicit" else None
         )

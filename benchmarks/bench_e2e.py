@@ -1,0 +1,314 @@
+"""End-to-end benchmark: load tool -> MTA on loopback -> sink, fastmta against Postfix.
+
+Wall time runs from the start of the load tool until the sink(s) counted every message.
+Durability is on for both MTAs (each fsyncs a message before its 250). Cases:
+
+``1k``      20,000 x 1 KiB, smtp-source (20 sessions, one message per connection)
+``50k``     5,000 x 50 KiB, smtp-source
+``10rcpt``  2,000 x 1 KiB, 10 recipients in 10 domains d1.test..d10.test, each domain its own
+            smtp-sink on 127.0.0.11..20 (one port). fastmta finds them by MX lookups through
+            the package's test DNS server; Postfix through transport_maps (it cannot use a DNS
+            server on a custom port). smtp-source puts all its recipients in one domain, so the
+            load comes from harness.py's own generator, the same for both MTAs; its speed is
+            measured against smtp-sink next to smtp-source's.
+
+The sink is Postfix's smtp-sink everywhere (faster than the package's sink); per-domain counts
+come from one smtp-sink per domain. Run ``python benchmarks/bench_e2e.py [--smoke]``; the table
+goes to stdout and into benchmarks/RESULTS.md (section "e2e").
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import harness as h  # noqa: E402
+from postfix import PostfixInstance, ensure_postfix  # noqa: E402
+
+DOMAINS = [f"d{i}.test" for i in range(1, 11)]
+SINK_IPS = [f"127.0.0.{10 + i}" for i in range(1, 11)]
+RUN_TIMEOUT = 600.0  # seconds one MTA run may take (Postfix 20,000 x 1 KiB: about 70 s)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    title: str
+    count: int
+    size: int
+    domains: int  # 0 = one recipient to@y.test through one sink (smtp-source)
+
+
+FULL = [
+    Case("1k", "20,000 x 1 KiB", 20_000, 1024, 0),
+    Case("50k", "5,000 x 50 KiB", 5_000, 50 * 1024, 0),
+    Case("10rcpt", "2,000 x 1 KiB, 10 rcpts / 10 domains", 2_000, 1024, 10),
+]
+SMOKE = [
+    Case("1k", "200 x 1 KiB", 200, 1024, 0),
+    Case("50k", "100 x 50 KiB", 100, 50 * 1024, 0),
+    Case("10rcpt", "50 x 1 KiB, 10 rcpts / 10 domains", 50, 1024, 10),
+]
+
+
+@dataclass
+class Row:
+    case: Case
+    who: str  # "fastmta w=2", "postfix", "ceiling smtp-source", ...
+    ok: bool
+    wall: float = 0.0
+    messages: int = 0  # messages (transactions at the sinks / message count)
+    mta_cpu: float = 0.0
+    load_cpu: float = 0.0
+    peak_rss: int = 0
+    peak_pss: int = 0
+    note: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.case.count / self.wall if self.ok and self.wall > 0 else 0.0
+
+    @property
+    def cpu_per_1000(self) -> float:
+        return self.mta_cpu / self.case.count * 1000 if self.ok else 0.0
+
+
+def _load_cmd(case: Case, port: int, tool: str) -> list[str]:
+    if tool == "smtp-source":
+        return h.smtp_source(port, case.count, case.size, rcpts=case.domains or 1)
+    return h.loadgen_cmd(port, case.count, case.size, DOMAINS[: case.domains] or ["y.test"])
+
+
+def _tool(case: Case) -> str:
+    return "loadgen" if case.domains else "smtp-source"
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+def ceiling(case: Case, tool: str) -> Row:
+    """The load tool straight into one smtp-sink: the tools' own ceiling."""
+    procs = h.Procs()
+    try:
+        port = h.free_port()
+        sink = h.start_smtp_sink(procs, "127.0.0.1", port, case.count)
+        h.wait_listening(port, 1, proc=sink.proc)
+        t0 = time.perf_counter()
+        load = procs.start(_load_cmd(case, port, tool))
+        ex = h.wait_exits([load], RUN_TIMEOUT).get(load.pid)
+        end = h.wait_sinks([sink], 10)
+        if ex is None or end is None:
+            return Row(case, f"ceiling {tool}", False, note=f"timeout, sink has {sink.count}")
+        return Row(case, f"ceiling {tool}", ex.code == 0, end - t0, sink.count, 0, ex.cpu)
+    finally:
+        procs.stop_all()
+
+
+def _sinks(procs: h.Procs, case: Case) -> tuple[list[h.SmtpSink], int]:
+    port = h.free_port()
+    ips = SINK_IPS[: case.domains] if case.domains else ["127.0.0.1"]
+    sinks = [h.start_smtp_sink(procs, ip, port, case.count) for ip in ips]
+    for s in sinks:
+        h.wait_listening(port, len(sinks), proc=s.proc)
+    return sinks, port
+
+
+def _measure(procs, case, mta_pid, port, who, sinks) -> Row:
+    meter = h.TreeMeter(mta_pid)
+    meter.start()
+    t0 = time.perf_counter()
+    load = procs.start(_load_cmd(case, port, _tool(case)))
+    ex = h.wait_exits([load], RUN_TIMEOUT).get(load.pid)
+    left = max(10.0, RUN_TIMEOUT - (time.perf_counter() - t0))
+    end = h.wait_sinks(sinks, left) if ex is not None else None
+    meter.stop()
+    got = sum(s.count for s in sinks)
+    want = case.count * max(1, len(sinks))
+    if ex is None or end is None:
+        return Row(case, who, False, messages=got, note=f"timeout: sinks have {got}/{want}")
+    row = Row(
+        case, who, ex.code == 0 and got >= want, end - t0, got, meter.cpu, ex.cpu,
+        meter.peak_rss, meter.peak_pss,
+    )  # fmt: skip
+    if ex.code != 0:
+        row.note = f"load tool exit {ex.code}"
+    elif got > want:
+        row.note = f"{got - want} duplicate(s) at the sinks"
+    return row
+
+
+def run_fastmta(case: Case, workers: int) -> Row:
+    procs = h.Procs()
+    base = tempfile.mkdtemp(prefix=f"fastmta-e2e-{case.name}-")
+    who = f"fastmta w={workers}"
+    try:
+        sinks, sink_port = _sinks(procs, case)
+        nameservers: list[str] = []
+        relayhost = f"[127.0.0.1]:{sink_port}"
+        if case.domains:
+            zone = []
+            for d, ip in zip(DOMAINS[: case.domains], SINK_IPS, strict=False):
+                zone += [f"{d} 3600 MX 10 mx.{d}", f"mx.{d} 3600 A {ip}"]
+            _, dns_port = h.start_dns(procs, base, zone)
+            nameservers, relayhost = [f"127.0.0.1:{dns_port}"], ""
+        port = h.free_port()
+        cfg = h.fastmta_config(
+            base, port, workers=workers, hold=False, relayhost=relayhost,
+            delivery_port=sink_port, nameservers=nameservers,
+        )  # fmt: skip
+        mta = h.start_fastmta(procs, base, cfg, port, workers)
+        h.say(f"  {who}: running {case.title}")
+        return _measure(procs, case, mta.pid, port, who, sinks)
+    except Exception as e:  # noqa: BLE001 - one failed run must not lose the others
+        return Row(case, who, False, note=f"error: {e}")
+    finally:
+        procs.stop_all()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def run_postfix(case: Case) -> Row:
+    procs = h.Procs()
+    base = tempfile.mkdtemp(prefix=f"postfix-e2e-{case.name}-")
+    pf = None
+    try:
+        sinks, sink_port = _sinks(procs, case)
+        port = h.free_port()
+        if case.domains:
+            transport = {
+                d: f"smtp:[{ip}]:{sink_port}"
+                for d, ip in zip(DOMAINS[: case.domains], SINK_IPS, strict=False)
+            }
+            pf = PostfixInstance(base, port, mode="relay", transport=transport)
+        else:
+            pf = PostfixInstance(base, port, mode="relay", relayhost=f"[127.0.0.1]:{sink_port}")
+        pf.start()
+        h.wait_listening(port, 1, timeout=30)
+        h.say(f"  postfix: running {case.title}")
+        row = _measure(procs, case, pf.master_pid(), port, "postfix", sinks)
+        if not row.ok:
+            row.note += " | " + pf.log_tail(3).replace("\n", " ")[:300]
+        return row
+    except Exception as e:  # noqa: BLE001
+        return Row(case, "postfix", False, note=f"error: {e}")
+    finally:
+        if pf is not None:
+            pf.stop()
+        procs.stop_all()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- the whole run
+
+
+def run(
+    smoke: bool, workers: Sequence[int] = (2, 1), with_postfix: bool = True,
+    cases: Sequence[str] | None = None,
+) -> list[Row]:  # fmt: skip
+    """Every case: the tools' ceiling, fastmta per worker count, Postfix. Returns the rows."""
+    rows: list[Row] = []
+    pause = 0.5 if smoke else 5.0
+    for case in SMOKE if smoke else FULL:
+        if cases and case.name not in cases:
+            continue
+        h.say(f"e2e {case.name}: {case.title}")
+        tools = ["smtp-source", "loadgen"] if case.domains else ["smtp-source"]
+        for tool in tools:
+            rows.append(ceiling(case, tool))
+            h.say(f"  ceiling {tool} -> smtp-sink: {rows[-1].rate:,.0f} msg/s {rows[-1].note}")
+        for w in workers:
+            rows.append(run_fastmta(case, w))
+            h.say(f"  -> {_line(rows[-1])}")
+            h.settle(pause)
+        if with_postfix:
+            rows.append(run_postfix(case))
+            h.say(f"  -> {_line(rows[-1])}")
+            h.settle(pause * 2)
+    return rows
+
+
+def _line(r: Row) -> str:
+    if not r.ok:
+        return f"{r.who}: FAILED {r.note}"
+    return (
+        f"{r.who}: {r.messages} at the sink(s) in {r.wall:.2f} s = {r.rate:,.0f} msg/s, "
+        f"{r.cpu_per_1000:.2f} CPU s/1000, peak RSS {r.peak_rss / 2**20:.0f} MiB"
+    )
+
+
+def table(rows: Sequence[Row]) -> str:
+    """The markdown result table, with ratios against Postfix and the tools' ceiling."""
+    out = []
+    header = [
+        "case", "MTA / tool", "msg/s", "wall s", "MTA CPU s / 1000 msgs", "peak RSS MiB (PSS)",
+        "load tool CPU s", "vs Postfix msg/s", "vs Postfix CPU/msg", "% of ceiling", "note",
+    ]  # fmt: skip
+    for name in dict.fromkeys(r.case.name for r in rows):
+        group = [r for r in rows if r.case.name == name]
+        pf = next((r for r in group if r.who == "postfix" and r.ok), None)
+        ceil = max((r.rate for r in group if r.who.startswith("ceiling")), default=0.0)
+        lines = []
+        for r in group:
+            is_mta = not r.who.startswith("ceiling")
+            vs = f"{r.rate / pf.rate:.1f}x" if pf and is_mta and r.ok else ""
+            cpu_vs = (
+                f"{pf.cpu_per_1000 / r.cpu_per_1000:.1f}x less"
+                if pf and is_mta and r.ok and r.cpu_per_1000 > 0
+                else ""
+            )
+            pct = f"{100 * r.rate / ceil:.0f}%" if ceil and is_mta and r.ok else ""
+            mem = f"{r.peak_rss / 2**20:.0f} ({r.peak_pss / 2**20:.0f})" if is_mta and r.ok else ""
+            lines.append([
+                r.case.title, r.who, f"{r.rate:,.0f}" if r.ok else "FAILED",
+                f"{r.wall:.2f}" if r.ok else "", f"{r.cpu_per_1000:.2f}" if is_mta and r.ok else "",
+                mem, f"{r.load_cpu:.2f}", vs, cpu_vs, pct, r.note.replace("|", "/")[:120],
+            ])  # fmt: skip
+        out += lines
+    return h.md_table(header, out)
+
+
+def report(rows: Sequence[Row], smoke: bool) -> str:
+    sink = "Postfix smtp-sink (one per domain in the 10-recipient case)"
+    text = (
+        f"## End-to-end: load tool -> MTA -> sink{' (SMOKE counts)' if smoke else ''}\n\n"
+        f"{h.machine_md()}\n- sink: {sink}\n"
+        "- load: smtp-source -s 20 (one message per connection); 10-recipient case: "
+        "harness.py loadgen (20 sessions, one transaction per connection, MAIL/RCPT/DATA "
+        "pipelined), same for both MTAs\n"
+        "- durability: fsync before 250 in both; fastmta delivery.tls = none, Postfix "
+        "smtp_tls_security_level = none\n"
+        "- CPU: MTA process tree (utime+stime, reaped children included), from load start "
+        "until the sinks had every message; RSS summed over the tree, sampled every 50 ms\n\n"
+        f"{table(rows)}\n"
+    )
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bench_e2e.py", description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny counts (also FASTMTA_BENCH_SMOKE=1)")
+    ap.add_argument("--workers", default="2,1", help="fastmta worker counts to run (2,1)")
+    ap.add_argument("--no-postfix", action="store_true", help="skip Postfix")
+    ap.add_argument("--case", action="append", choices=[c.name for c in FULL])
+    ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    args = ap.parse_args(argv)
+    smoke = args.smoke or h.smoke_requested([])
+    with_postfix = not args.no_postfix and ensure_postfix(h.say)
+    workers = [int(w) for w in args.workers.split(",") if w]
+    rows = run(smoke, workers, with_postfix, args.case)
+    text = report(rows, smoke)
+    print("\n" + text, flush=True)
+    if not args.no_write and not smoke:
+        h.write_section("e2e", text)
+    return 0 if all(r.ok for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

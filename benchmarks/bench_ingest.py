@@ -1,0 +1,249 @@
+"""Ingest benchmark: smtp-source into an MTA that holds every message, fastmta against Postfix.
+
+fastmta runs with ``server.hold_delivery = true``; Postfix puts each message on hold
+(``check_recipient_access static:HOLD``). Both fsync a message before answering 250 (Postfix's
+cleanup(8) does by default). The load is ``smtp-source -s 20 -m N -l SIZE`` (one message per
+connection), the same flags for both. Wall time runs from the start of smtp-source to its exit;
+the messages that arrived are then counted (fastmta: its spool shards, read with the spool's own
+recovery scan after the server stopped; Postfix: the files in its hold queue).
+
+The tools' ceiling is smtp-source -> smtp-sink in the same run; when fastmta gets close to it,
+the output says so and fastmta's CPU per message is the number to look at.
+
+Run ``python benchmarks/bench_ingest.py [--smoke]``; the table goes to stdout and into
+benchmarks/RESULTS.md (section "ingest").
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import harness as h  # noqa: E402
+from postfix import PostfixInstance, ensure_postfix  # noqa: E402
+
+RUN_TIMEOUT = 600.0  # seconds one MTA run may take
+CEILING_NEAR = 0.9  # fastmta at >= 90% of the tool's ceiling: the tool is the limit
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    title: str
+    count: int
+    size: int
+
+
+FULL = [Case("1k", "20,000 x 1 KiB", 20_000, 1024), Case("50k", "5,000 x 50 KiB", 5_000, 51_200)]
+SMOKE = [Case("1k", "200 x 1 KiB", 200, 1024), Case("50k", "100 x 50 KiB", 100, 51_200)]
+
+
+@dataclass
+class Row:
+    case: Case
+    who: str
+    ok: bool
+    wall: float = 0.0
+    arrived: int = 0
+    mta_cpu: float = 0.0
+    load_cpu: float = 0.0
+    peak_rss: int = 0
+    peak_pss: int = 0
+    note: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.case.count / self.wall if self.ok and self.wall > 0 else 0.0
+
+    @property
+    def cpu_per_1000(self) -> float:
+        return self.mta_cpu / self.case.count * 1000 if self.ok else 0.0
+
+
+def _load(case: Case, port: int) -> list[str]:
+    return h.smtp_source(port, case.count, case.size)
+
+
+def ceiling(case: Case) -> Row:
+    procs = h.Procs()
+    try:
+        port = h.free_port()
+        sink = h.start_smtp_sink(procs, "127.0.0.1", port, case.count)
+        h.wait_listening(port, 1, proc=sink.proc)
+        res = h.run_load(procs, _load(case, port), RUN_TIMEOUT)
+        h.wait_sinks([sink], 10)
+        ok = res.code == 0 and sink.count >= case.count
+        return Row(case, "ceiling smtp-source -> smtp-sink", ok, res.wall, sink.count, 0, res.cpu)
+    except Exception as e:  # noqa: BLE001 - one failed run must not lose the others
+        return Row(case, "ceiling smtp-source -> smtp-sink", False, note=f"error: {e}")
+    finally:
+        procs.stop_all()
+
+
+def _measure(procs: h.Procs, case: Case, root: int, port: int) -> tuple[h.LoadResult, h.TreeMeter]:
+    meter = h.TreeMeter(root)
+    meter.start()
+    try:
+        res = h.run_load(procs, _load(case, port), RUN_TIMEOUT)
+    finally:
+        meter.stop()
+    return res, meter
+
+
+def run_fastmta(case: Case, workers: int) -> Row:
+    procs = h.Procs()
+    base = tempfile.mkdtemp(prefix=f"fastmta-ingest-{case.name}-")
+    who = f"fastmta w={workers}"
+    try:
+        port = h.free_port()
+        cfg = h.fastmta_config(base, port, workers=workers, hold=True)
+        mta = h.start_fastmta(procs, base, cfg, port, workers)
+        h.say(f"  {who}: running {case.title}")
+        res, meter = _measure(procs, case, mta.pid, port)
+        h.stop_fastmta(procs, mta)
+        arrived = h.count_fastmta_spool(os.path.join(base, "spool"))
+        row = Row(
+            case, who, res.code == 0 and arrived == case.count, res.wall, arrived, meter.cpu,
+            res.cpu, meter.peak_rss, meter.peak_pss,
+        )  # fmt: skip
+        if not row.ok:
+            row.note = f"smtp-source exit {res.code}, {arrived}/{case.count} in the spool"
+        return row
+    except Exception as e:  # noqa: BLE001
+        return Row(case, who, False, note=f"error: {e}")
+    finally:
+        procs.stop_all()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def run_postfix(case: Case) -> Row:
+    procs = h.Procs()
+    base = tempfile.mkdtemp(prefix=f"postfix-ingest-{case.name}-")
+    pf = None
+    try:
+        port = h.free_port()
+        pf = PostfixInstance(base, port, mode="hold")
+        pf.start()
+        h.wait_listening(port, 1, timeout=30)
+        h.say(f"  postfix: running {case.title}")
+        res, meter = _measure(procs, case, pf.master_pid(), port)
+        arrived = pf.count_queue("hold")
+        row = Row(
+            case, "postfix", res.code == 0 and arrived == case.count, res.wall, arrived,
+            meter.cpu, res.cpu, meter.peak_rss, meter.peak_pss,
+        )  # fmt: skip
+        if not row.ok:
+            row.note = f"smtp-source exit {res.code}, {arrived}/{case.count} held | "
+            row.note += pf.log_tail(2).replace("\n", " ")[:200]
+        return row
+    except Exception as e:  # noqa: BLE001
+        return Row(case, "postfix", False, note=f"error: {e}")
+    finally:
+        if pf is not None:
+            pf.stop()
+        procs.stop_all()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def run(smoke: bool, workers: Sequence[int] = (2, 1), with_postfix: bool = True) -> list[Row]:
+    rows: list[Row] = []
+    pause = 0.5 if smoke else 5.0
+    for case in SMOKE if smoke else FULL:
+        h.say(f"ingest {case.name}: {case.title}")
+        rows.append(ceiling(case))
+        h.say(f"  -> {_line(rows[-1])}")
+        ceil = rows[-1].rate
+        for w in workers:
+            rows.append(run_fastmta(case, w))
+            r = rows[-1]
+            h.say(f"  -> {_line(r)}")
+            if ceil and r.ok and r.rate >= CEILING_NEAR * ceil:
+                r.note = (r.note + " load tool ceiling reached: compare CPU per message").strip()
+                h.say(f"  !! {r.who} is at {100 * r.rate / ceil:.0f}% of smtp-source's ceiling")
+            h.settle(pause)
+        if with_postfix:
+            rows.append(run_postfix(case))
+            h.say(f"  -> {_line(rows[-1])}")
+            h.settle(pause * 2)
+    return rows
+
+
+def _line(r: Row) -> str:
+    if not r.ok:
+        return f"{r.who}: FAILED {r.note}"
+    return (
+        f"{r.who}: {r.arrived} arrived in {r.wall:.2f} s = {r.rate:,.0f} msg/s, "
+        f"MTA CPU {r.mta_cpu:.2f} s ({r.cpu_per_1000:.2f} s/1000), load tool CPU {r.load_cpu:.2f} s"
+    )
+
+
+def table(rows: Sequence[Row]) -> str:
+    header = [
+        "case", "MTA / tool", "msg/s", "wall s", "arrived", "MTA CPU s", "MTA CPU s / 1000",
+        "peak RSS MiB (PSS)", "smtp-source CPU s", "vs Postfix msg/s", "vs Postfix CPU/msg",
+        "% of ceiling", "note",
+    ]  # fmt: skip
+    out = []
+    for name in dict.fromkeys(r.case.name for r in rows):
+        group = [r for r in rows if r.case.name == name]
+        pf = next((r for r in group if r.who == "postfix" and r.ok), None)
+        ceil = next((r.rate for r in group if r.who.startswith("ceiling") and r.ok), 0.0)
+        for r in group:
+            mta = not r.who.startswith("ceiling") and r.ok
+            out.append([
+                r.case.title, r.who, f"{r.rate:,.0f}" if r.ok else "FAILED",
+                f"{r.wall:.2f}" if r.ok else "", r.arrived,
+                f"{r.mta_cpu:.2f}" if mta else "", f"{r.cpu_per_1000:.2f}" if mta else "",
+                f"{r.peak_rss / 2**20:.0f} ({r.peak_pss / 2**20:.0f})" if mta else "",
+                f"{r.load_cpu:.2f}",
+                f"{r.rate / pf.rate:.1f}x" if pf and mta else "",
+                f"{pf.cpu_per_1000 / r.cpu_per_1000:.1f}x less"
+                if pf and mta and r.cpu_per_1000 else "",
+                f"{100 * r.rate / ceil:.0f}%" if ceil and mta else "",
+                r.note.replace("|", "/")[:160],
+            ])  # fmt: skip
+    return h.md_table(header, out)
+
+
+def report(rows: Sequence[Row], smoke: bool) -> str:
+    return (
+        f"## Ingest: smtp-source -> MTA, delivery held{' (SMOKE counts)' if smoke else ''}\n\n"
+        f"{h.machine_md()}\n"
+        "- load: smtp-source -s 20 -m N -l SIZE (one message per connection), same flags for all\n"
+        "- fastmta: server.hold_delivery = true; Postfix: check_recipient_access static:HOLD; "
+        "both fsync before 250\n"
+        "- wall: smtp-source start to exit; arrived: fastmta spool shards (recovery scan after "
+        "stop), Postfix hold/ queue files\n"
+        "- CPU: MTA process tree (utime+stime, reaped children included) during the load\n\n"
+        f"{table(rows)}\n"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bench_ingest.py", description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny counts (also FASTMTA_BENCH_SMOKE=1)")
+    ap.add_argument("--workers", default="2,1", help="fastmta worker counts to run (2,1)")
+    ap.add_argument("--no-postfix", action="store_true", help="skip Postfix")
+    ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    args = ap.parse_args(argv)
+    smoke = args.smoke or h.smoke_requested([])
+    with_postfix = not args.no_postfix and ensure_postfix(h.say)
+    workers = [int(w) for w in args.workers.split(",") if w]
+    rows = run(smoke, workers, with_postfix)
+    text = report(rows, smoke)
+    print("\n" + text, flush=True)
+    if not args.no_write and not smoke:
+        h.write_section("ingest", text)
+    return 0 if all(r.ok for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

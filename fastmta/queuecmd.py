@@ -1,0 +1,490 @@
+"""``fastmta queue ACTION``: look at and manage the queue (Postfix postqueue/postsuper, kcli).
+
+    list [--json]            one line per queued message, then "-- N messages, SIZE, H held"
+    show ID...               envelope and header section
+    hold ID... | --all       stop delivering (recorded in the spool: survives a restart)
+    release ID... | --all    deliver again, now
+    delete ID... | --all     remove without a bounce (postsuper -d)
+    flush [ID...]            retry now (every deferred message if no id is given)
+    stats [--json]           delivery counters per worker
+
+With the server running, every action asks the workers over their control sockets
+(fastmta/control.py). With it stopped, ``list`` and ``show`` read the spool directly, read
+only: segment files are scanned as recovery does (fastmta/spool/segment.py), but no shard lock
+is taken, no torn tail cut off, nothing written. The other actions need the server.
+
+Exit status: 0 ok; 1 some queue ids not found (or a worker did not answer); 2 usage or
+configuration error; 69 (EX_UNAVAILABLE, sysexits.h) the server is not running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import msgspec
+
+from fastmta.config import ConfigError, load_config
+from fastmta.control import (
+    ControlError,
+    Line,
+    NotRunning,
+    Request,
+    ask,
+    control_dir,
+    header_section,
+    worker_sockets,
+)
+from fastmta.spool.inject import ADOPTING, INCOMING, SUFFIX
+from fastmta.spool.records import (
+    DONE_DECODER,
+    ENVELOPE_DECODER,
+    UPDATE_DECODER,
+    Envelope,
+    RcptState,
+)
+from fastmta.spool.segment import (
+    HEADER_SIZE,
+    RecordType,
+    list_segments,
+    scan,
+    segment_name,
+    split_message,
+)
+
+__all__ = ["Found", "main", "read_spool"]
+
+EX_OK, EX_NOT_FOUND, EX_USAGE, EX_UNAVAILABLE = 0, 1, 2, 69
+PROGRESS_EVERY = 10_000  # messages between progress lines on stderr (big queues)
+LIST_TIMEOUT = 60.0  # seconds a worker may stay silent while it answers
+CHANGE_TIMEOUT = 600.0  # hold/release/delete --all of a million messages take a while
+HEADER_LIMIT = 256 << 10  # bytes of a message read by `show` to find its header section
+
+_STATES = {int(s): s.name.lower() for s in RcptState}
+_FINAL = (int(RcptState.DELIVERED), int(RcptState.BOUNCED))
+
+
+def _err(msg: str) -> None:
+    print(f"fastmta: {msg}", file=sys.stderr, flush=True)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``fastmta queue <args.queue_command>``; returns the exit status."""
+    try:
+        overrides = {"server": {"spool_dir": args.spool}} if args.spool else None
+        config = load_config(args.config, overrides)
+    except FileNotFoundError:
+        _err(f"config file not found: {args.config}")
+        return EX_USAGE
+    except (ConfigError, IsADirectoryError) as e:
+        _err(str(e))
+        return EX_USAGE
+    root = config.server.spool_dir
+    action = args.queue_command
+    if action in ("hold", "release", "delete") and bool(args.ids) == bool(args.all):
+        _err(f"queue {action}: give queue ids or --all (not both)")
+        return EX_USAGE
+    if action in ("list", "show") and not os.path.isdir(root):
+        _err(f"queue {action}: no spool at {root} (check --spool or server.spool_dir)")
+        return EX_USAGE
+    try:
+        return _ACTIONS[action](args, root)
+    except BrokenPipeError:  # `fastmta queue list | head`
+        sys.stderr.close()
+        return EX_OK
+
+
+# ------------------------------------------------------------------------- reading the spool
+
+
+class Found(NamedTuple):
+    """A message found in the spool files: its envelope and where its wire bytes are."""
+
+    env: Envelope
+    path: str
+    offset: int
+    length: int
+
+
+def _replay(directory: str) -> dict[str, Found]:
+    """The live messages of one shard: MESSAGE / UPDATE / DONE records replayed in order, as
+    fastmta.spool.recover does, but read only (a torn tail is skipped, never truncated)."""
+    live: dict[str, Found] = {}
+    for n in list_segments(directory):
+        path = os.path.join(directory, segment_name(n))
+        try:
+            with open(path, "rb") as f:
+                buf = f.read()
+        except FileNotFoundError:  # deleted since listed (only if a server runs meanwhile)
+            continue
+        records, _ = scan(buf)
+        for off, rtype, payload in records:
+            try:
+                if rtype == RecordType.MESSAGE:
+                    env_bytes, at = split_message(payload)
+                    env = ENVELOPE_DECODER.decode(env_bytes)
+                    if env.id not in live:  # a duplicate (adoption crash): the first counts
+                        live[env.id] = Found(env, path, off + HEADER_SIZE + at, len(payload) - at)
+                elif rtype == RecordType.UPDATE:
+                    upd = UPDATE_DECODER.decode(payload)
+                    found = live.get(upd.id)
+                    if found is not None:
+                        upd.apply(found.env)
+                elif rtype == RecordType.DONE:
+                    live.pop(DONE_DECODER.decode(payload).id, None)
+            except ValueError:  # msgspec.DecodeError too: recovery skips (and logs) these
+                continue
+        del records, buf
+    return live
+
+
+def _injected(directory: str) -> dict[str, Found]:
+    """Messages in ``incoming/`` or ``adopting/`` files (one MESSAGE record each)."""
+    out: dict[str, Found] = {}
+    try:
+        names = sorted(os.listdir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return out
+    for name in names:
+        if name.startswith(".") or not name.endswith(SUFFIX):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            with open(path, "rb") as f:
+                buf = f.read()
+            records, _ = scan(buf)
+            if len(records) != 1 or records[0][1] != RecordType.MESSAGE:
+                continue
+            env_bytes, at = split_message(records[0][2])
+            env = ENVELOPE_DECODER.decode(env_bytes)
+        except (FileNotFoundError, ValueError):  # adopted meanwhile, or damaged
+            continue
+        out[env.id] = Found(env, path, HEADER_SIZE + at, len(records[0][2]) - at)
+    return out
+
+
+def _shards(root: str) -> list[str]:
+    names = [n for n in os.listdir(root) if n.startswith("shard-") and n[6:].isdigit()]
+    return [os.path.join(root, n) for n in sorted(names, key=lambda n: int(n[6:]))]
+
+
+def read_spool(root: str) -> Iterator[Found]:
+    """Every queued message under the spool root ``root``, read only, shard by shard (one
+    shard's index in memory at a time), then injected mail not yet taken in."""
+    for shard in _shards(root):
+        live = _replay(shard)
+        for qid, found in _injected(os.path.join(shard, ADOPTING)).items():
+            live.setdefault(qid, found)  # claimed; maybe stored already (then not twice)
+        yield from live.values()
+        del live
+    yield from _injected(os.path.join(root, INCOMING)).values()
+
+
+def _read_headers(found: Found) -> str:
+    with open(found.path, "rb") as f:
+        data = os.pread(f.fileno(), min(found.length, HEADER_LIMIT), found.offset)
+    return header_section(data, HEADER_LIMIT)
+
+
+# ------------------------------------------------------------------------- asking the workers
+
+
+class _Workers:
+    """Sends one request to every worker's control socket and gathers the answers."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.sockets = worker_sockets(root)
+        self.down: list[int] = []  # workers that did not answer
+        self.answered = 0
+
+    def ask(self, request: Request, timeout: float = LIST_TIMEOUT) -> Iterator[tuple[int, Line]]:
+        """(worker index, line) of every answer line; records workers that are down."""
+        self.down, self.answered = [], 0
+        for index, path in self.sockets:
+            try:
+                lines = ask(path, request, timeout=timeout)
+                first = next(lines)
+            except NotRunning:
+                self.down.append(index)
+                continue
+            except (ControlError, TimeoutError, OSError) as e:
+                _err(f"worker {index}: {e}")
+                self.down.append(index)
+                continue
+            self.answered += 1
+            yield index, first
+            try:
+                for line in lines:
+                    yield index, line
+            except (ControlError, TimeoutError, OSError) as e:
+                _err(f"worker {index}: answer cut short: {e}")
+                self.down.append(index)
+
+    def warn_down(self) -> None:
+        if self.answered and self.down:
+            which = ", ".join(str(i) for i in sorted(self.down))
+            _err(f"worker(s) {which} did not answer: their messages are not included")
+
+    def not_running(self, action: str) -> int:
+        _err(
+            f"queue {action}: the server is not running (no worker answers on "
+            f"{control_dir(self.root)}); start `fastmta serve` first"
+        )
+        return EX_UNAVAILABLE
+
+
+# ------------------------------------------------------------------------- formatting
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def _status(env: Envelope, now: float) -> str:
+    if env.held:
+        return "held"
+    if env.next_attempt <= now:
+        return "next: now"
+    return f"next: {_when(env.next_attempt)}"
+
+
+def format_line(env: Envelope, now: float) -> str:
+    """One ``queue list`` line: id, arrival, size, status, sender -> the recipients still to
+    deliver with their state and last reply (final ones counted)."""
+    parts = []
+    final = 0
+    for r in env.recipients:
+        if r.state in _FINAL:
+            final += 1
+            continue
+        text = f"<{r.address}> {_STATES.get(r.state, str(r.state))}"
+        parts.append(f"{text} ({r.last_reply})" if r.last_reply else text)
+    if final:
+        parts.append(f"+{final} done")
+    return (
+        f"{env.id}  {_when(env.arrival)}  {env.size:>9}  {_status(env, now):<25}  "
+        f"<{env.sender}> -> {', '.join(parts)}"
+    )
+
+
+def _as_json(env: Envelope) -> dict[str, object]:
+    return {
+        "id": env.id,
+        "arrival": env.arrival,
+        "size": env.size,
+        "sender": env.sender,
+        "recipients": [
+            {
+                "address": r.address,
+                "state": _STATES.get(r.state, str(r.state)),
+                "last_reply": r.last_reply,
+            }
+            for r in env.recipients
+        ],
+        "attempts": env.attempts,
+        "next_attempt": env.next_attempt,
+        "held": env.held,
+    }
+
+
+# ------------------------------------------------------------------------- actions
+
+
+def cmd_list(args: argparse.Namespace, root: str) -> int:
+    workers = _Workers(root)
+    incoming = _injected(os.path.join(root, INCOMING))  # not yet taken in by a worker
+    source: Iterator[Envelope] = (
+        line.env for _, line in workers.ask(Request("list")) if line.env is not None
+    )
+    first = next(source, None)
+    if first is not None or workers.answered:
+        live = True
+        source = _chain(first, source)
+    else:  # nobody answers: read the spool files
+        live = False
+        source = (found.env for found in read_spool(root))
+        incoming = {}  # read_spool includes them
+    out = sys.stdout
+    encode = msgspec.json.encode
+    now = time.time()
+    count = size = held = 0
+    for env in _chain_incoming(source, incoming):
+        out.write((encode(_as_json(env)).decode() if args.json else format_line(env, now)) + "\n")
+        count += 1
+        size += env.size
+        held += env.held
+        if count % PROGRESS_EVERY == 0:
+            out.flush()
+            _err(f"queue list: {count} messages so far")
+    if live:
+        workers.warn_down()
+    out.flush()
+    word = "message" if count == 1 else "messages"
+    summary = f"-- {count} {word}, {_size(size)}, {held} held"
+    print(summary, file=sys.stderr if args.json else sys.stdout)
+    return EX_OK
+
+
+def _chain(first: Envelope | None, rest: Iterator[Envelope]) -> Iterator[Envelope]:
+    if first is not None:
+        yield first
+    yield from rest
+
+
+def _chain_incoming(source: Iterator[Envelope], incoming: dict[str, Found]) -> Iterator[Envelope]:
+    """``source``, then the injected messages it did not include (taken in meanwhile)."""
+    for env in source:
+        incoming.pop(env.id, None)
+        yield env
+    for found in incoming.values():
+        yield found.env
+
+
+def cmd_show(args: argparse.Namespace, root: str) -> int:
+    wanted = list(dict.fromkeys(args.ids))
+    shown: dict[str, tuple[Envelope, str]] = {}
+    workers = _Workers(root)
+    for _, line in workers.ask(Request("show", ids=wanted)):
+        if line.env is not None:
+            shown[line.env.id] = (line.env, line.headers)
+    missing = [qid for qid in wanted if qid not in shown]
+    if missing:  # the server is stopped, or the message is still in incoming/
+        source = read_spool(root) if not workers.answered else _incoming_only(root)
+        for found in source:
+            if found.env.id in missing:
+                shown[found.env.id] = (found.env, _read_headers(found))
+    first = True
+    for qid in wanted:
+        if qid in shown:
+            if not first:
+                print()
+            first = False
+            env, headers = shown[qid]
+            sys.stdout.write(_describe(env) + "\n" + headers)
+    workers.warn_down()
+    for qid in wanted:
+        if qid not in shown:
+            _err(f"queue show: {qid}: no such message")
+    return EX_OK if len(shown) == len(wanted) else EX_NOT_FOUND
+
+
+def _incoming_only(root: str) -> Iterator[Found]:
+    yield from _injected(os.path.join(root, INCOMING)).values()
+    for shard in _shards(root):
+        yield from _injected(os.path.join(shard, ADOPTING)).values()
+
+
+def _describe(env: Envelope) -> str:
+    rows = [
+        ("queue id", env.id),
+        ("arrival", f"{_when(env.arrival)} ({env.arrival:.3f})"),
+        ("size", f"{env.size} bytes"),
+        ("sender", f"<{env.sender}>"),
+    ]
+    for r in env.recipients:
+        state = _STATES.get(r.state, str(r.state))
+        reply = f": {r.last_reply}" if r.last_reply else ""
+        rows.append(("recipient", f"<{r.address}> {state}{reply}"))
+    rows.append(("attempts", str(env.attempts)))
+    rows.append(("next attempt", _when(env.next_attempt) if env.next_attempt else "now"))
+    rows.append(("held", "yes" if env.held else "no"))
+    for key, value in (
+        ("client", env.client),
+        ("auth", env.auth),
+        ("body", env.body),
+        ("smtputf8", "yes" if env.smtputf8 else None),
+        ("ret", env.ret),
+        ("envid", env.envid),
+        ("bounce", "yes (a DSN)" if env.is_bounce else None),
+    ):
+        if value:
+            rows.append((key, value))
+    return "".join(f"{key + ':':<14}{value}\n" for key, value in rows)
+
+
+def cmd_change(args: argparse.Namespace, root: str) -> int:
+    """hold, release, delete: by id or --all; flush: by id or everything."""
+    action = args.queue_command
+    request = Request(action, ids=list(dict.fromkeys(args.ids)), all=getattr(args, "all", False))
+    workers = _Workers(root)
+    found: set[str] = set()
+    count = 0
+    failed = False
+    timeout = CHANGE_TIMEOUT if request.all or len(request.ids) > 1000 else LIST_TIMEOUT
+    for _, line in workers.ask(request, timeout):
+        if line.end:
+            found.update(line.found)
+            count += line.count
+    if not workers.answered:
+        return workers.not_running(action)
+    if workers.down:
+        failed = True
+        which = ", ".join(str(i) for i in sorted(workers.down))
+        _err(f"queue {action}: worker(s) {which} did not answer; their messages are unchanged")
+    done = {"hold": "held", "release": "released", "delete": "deleted", "flush": "flushed"}
+    if action == "flush" and not request.ids:
+        print(f"flush: {workers.answered} worker(s) retry every deferred message now")
+        return EX_NOT_FOUND if failed else EX_OK
+    print(f"{done[action]}: {count} message{'' if count == 1 else 's'}")
+    for qid in request.ids:
+        if qid not in found:
+            _err(f"queue {action}: {qid}: no such message")
+            failed = True
+    return EX_NOT_FOUND if failed else EX_OK
+
+
+_STAT_COLUMNS = (
+    "spool", "queued", "held", "in_memory", "delivered", "deferred", "bounced", "attempts",
+    "dsns", "connections_opened", "reused",
+)  # fmt: skip
+
+
+def cmd_stats(args: argparse.Namespace, root: str) -> int:
+    workers = _Workers(root)
+    rows: list[tuple[int, dict[str, float]]] = []
+    for index, line in workers.ask(Request("stats")):
+        if line.end:
+            rows.append((index, line.stats))
+    if not workers.answered:
+        return workers.not_running("stats")
+    if args.json:
+        for index, stats in rows:
+            print(msgspec.json.encode({"worker": index, **stats}).decode())
+    else:
+        header = ["worker", "pid", *_STAT_COLUMNS]
+        table = [[str(i), str(int(s.get("pid", 0))), *(_num(s.get(c, 0)) for c in _STAT_COLUMNS)]
+                 for i, s in rows]  # fmt: skip
+        total = ["total", "", *(_num(sum(s.get(c, 0) for _, s in rows)) for c in _STAT_COLUMNS)]
+        widths = [max(len(r[k]) for r in (header, *table, total)) for k in range(len(header))]
+        for r in (header, *table, total):
+            print("  ".join(cell.rjust(w) for cell, w in zip(r, widths, strict=True)))
+    workers.warn_down()
+    return EX_NOT_FOUND if workers.down else EX_OK
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:.3f}"
+
+
+_ACTIONS = {
+    "list": cmd_list,
+    "show": cmd_show,
+    "hold": cmd_change,
+    "release": cmd_change,
+    "delete": cmd_change,
+    "flush": cmd_change,
+    "stats": cmd_stats,
+}
