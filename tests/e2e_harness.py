@@ -310,7 +310,9 @@ class ServerProcess:
     def __enter__(self) -> ServerProcess:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is not None:  # shown by pytest with the failure
+            sys.stderr.write(f"--- fastmta serve output ---\n{self.output()}\n")
         self.stop()
 
 

@@ -406,7 +406,7 @@ def test_stopped_list_replays_updates_and_done_and_reports_progress(tmp):
     assert r.returncode == 0, r.stderr
     assert "queue list: 10000 messages so far" in r.stderr
     lines = r.stdout.splitlines()
-    assert lines[-1] == f"-- {n - 3} messages, {n - 3} bytes, 1 held"
+    assert lines[-1] == f"-- {n - 3} messages, 10.0 kB, 1 held"
     ids = [ln.split()[0] for ln in lines[:-1]]
     assert len(ids) == len(set(ids)) == n - 3 and f"{1:024x}" not in ids
     held = next(ln for ln in lines if ln.startswith(f"{5:024x}"))

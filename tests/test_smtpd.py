@@ -384,3 +384,17 @@ def test_swaks_starttls_auth(smtpd, tls_files):
     )
     assert p.returncode == 0, p.stdout + p.stderr
     assert d.submitted and d.submitted[0].envelope.auth == "alice"
+
+
+@pytest.mark.skipif(shutil.which("smtp-source") is None, reason="Postfix's smtp-source not installed")
+def test_smtp_source_load(smtpd):
+    """Postfix's load generator: 20 sessions, 400 messages; every one is spooled once."""
+    d = smtpd()
+    p = subprocess.run(
+        ["smtp-source", "-s", "20", "-m", "400", "-l", "1024", "-f", "a@b.test", "-t", "c@d.test",
+         f"127.0.0.1:{d.port}"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert p.returncode == 0, p.stderr
+    assert len(d.submitted) == 400
+    assert len({m.envelope.id for m in d.submitted}) == 400

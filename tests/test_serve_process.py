@@ -1,0 +1,142 @@
+"""`fastmta serve` as a process: workers sharing the port, a dead worker restarted, SIGHUP
+rolling the workers over with the new config, SIGTERM stopping cleanly, clear start errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def wait_until(cond, timeout=10.0, step=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(step)
+    return False
+
+
+def greeting(port: int) -> bytes:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            return s.recv(200)
+    except OSError:
+        return b""
+
+
+@pytest.fixture
+def serve(tmp_path):
+    procs = []
+
+    def start(config_text: str, *extra: str) -> tuple[subprocess.Popen, str]:
+        cfg = tmp_path / "fastmta.toml"
+        cfg.write_text(config_text)
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        p = subprocess.Popen(
+            [sys.executable, "-m", "fastmta.cli", "serve", "--config", str(cfg), *extra],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        procs.append(p)
+        return p, str(cfg)
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            for c in children(p.pid):
+                try:
+                    os.kill(c, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            p.kill()
+            p.wait(10)
+
+
+def config(port: int, tmp_path, workers: int = 2, hostname: str = "one.test") -> str:
+    return f"""
+[server]
+hostname = "{hostname}"
+workers = {workers}
+spool_dir = "{tmp_path}/spool"
+hold_delivery = true
+
+[[listener]]
+address = "127.0.0.1:{port}"
+"""
+
+
+def test_workers_restart_reload_and_stop(serve, tmp_path):
+    port = free_port()
+    p, cfg = serve(config(port, tmp_path))
+    assert wait_until(lambda: greeting(port).startswith(b"220 one.test"))
+    assert wait_until(lambda: len(children(p.pid)) == 2)
+    workers = children(p.pid)
+
+    # a worker dies: the supervisor starts another; the port never stops answering
+    time.sleep(CRASH_SAFE)
+    os.kill(workers[0], signal.SIGKILL)
+    assert wait_until(lambda: len(children(p.pid)) == 2 and workers[0] not in children(p.pid))
+    assert greeting(port).startswith(b"220 ")
+
+    # SIGHUP: new config, workers replaced one by one
+    with open(cfg, "w") as f:
+        f.write(config(port, tmp_path, hostname="two.test"))
+    before = set(children(p.pid))
+    p.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: not (set(children(p.pid)) & before) and len(children(p.pid)) == 2, 20)
+    assert wait_until(lambda: greeting(port).startswith(b"220 two.test"))
+
+    # mail in, then SIGTERM: clean exit, the message is in the spool
+    with smtplib.SMTP("127.0.0.1", port) as c:
+        assert c.sendmail("a@b.test", ["c@d.test"], b"Subject: x\r\n\r\nbody\r\n") == {}
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(20) == 0
+    segs = [f for d, _, fs in os.walk(tmp_path / "spool") for f in fs if f.endswith(".seg")]
+    assert segs
+
+
+CRASH_SAFE = 5.5  # the supervisor treats a death within 5 s of start as a start-up failure
+
+
+def test_port_in_use_is_a_clear_error(serve, tmp_path):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    port = s.getsockname()[1]
+    try:
+        p, _ = serve(config(port, tmp_path, workers=1))
+        out, err = p.communicate(timeout=20)
+        assert p.returncode == 2
+        assert f"cannot listen on 127.0.0.1:{port}: address already in use" in err
+    finally:
+        s.close()
+
+
+def test_bad_config_exits_2(serve, tmp_path):
+    p, _ = serve("[limits]\nmax_recipients = 10\n")
+    out, err = p.communicate(timeout=20)
+    assert p.returncode == 2 and "limits.max_recipients" in err
