@@ -103,7 +103,9 @@ class Worker:
         self.control = ControlServer(root, self.index, self.count, self.engine, self.spool)
         await self.control.start()
         if recovered:
-            log.info("worker %d: recovered %d message(s) from the spool", self.index, len(recovered))
+            log.info(
+                "worker %d: recovered %d message(s) from the spool", self.index, len(recovered)
+            )
 
     async def _adopt_loop(self) -> None:
         """Mail injected by `fastmta send` lands in <spool>/incoming; take it in."""
@@ -337,9 +339,7 @@ class Supervisor:
 def _with_workers(config: Config, n: int) -> Config:
     import msgspec
 
-    return msgspec.structs.replace(
-        config, server=msgspec.structs.replace(config.server, workers=n)
-    )
+    return msgspec.structs.replace(config, server=msgspec.structs.replace(config.server, workers=n))
 
 
 def serve(config: Config, reload: Callable[[], Config] | None = None) -> int:

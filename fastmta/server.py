@@ -294,7 +294,7 @@ class SmtpConnection(asyncio.Protocol):
                 loop.start_tls(transport, self, ctx.ssl_context, server_side=True),
                 ctx.config.limits.command_timeout,
             )
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as e:
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as e:
             log.info("TLS handshake with [%s] failed: %s", self.peer_ip, e)
             transport.abort()
             self.transport = None

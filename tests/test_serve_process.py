@@ -59,7 +59,11 @@ def serve(tmp_path):
         env = dict(os.environ, PYTHONPATH=ROOT)
         p = subprocess.Popen(
             [sys.executable, "-m", "fastmta.cli", "serve", "--config", str(cfg), *extra],
-            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         procs.append(p)
         return p, str(cfg)

@@ -32,7 +32,12 @@ def smtpd(tmp_path, loop_kind):
     started = []
 
     def make(overrides=None, **kw):
-        d = ThreadedSmtpd(str(tmp_path / f"spool{len(started)}"), overrides, use_uvloop=loop_kind == "uvloop", **kw)
+        d = ThreadedSmtpd(
+            str(tmp_path / f"spool{len(started)}"),
+            overrides,
+            use_uvloop=loop_kind == "uvloop",
+            **kw,
+        )
         started.append(d.start())
         return d
 
@@ -61,9 +66,14 @@ def test_smtplib_message_is_spooled_with_received(smtpd):
         refused = c.sendmail("a@b.test", ["c@d.test", "e@f.test"], MSG)
         assert refused == {}
     d.stop()
-    (env, data), = reopen(d.spool_dir)
-    assert env.sender == "a@b.test" and [r.address for r in env.recipients] == ["c@d.test", "e@f.test"]
-    assert data.startswith(b"Received: from client.test ([127.0.0.1])\r\n\tby mx.test (fastmta) with ESMTP id ")
+    ((env, data),) = reopen(d.spool_dir)
+    assert env.sender == "a@b.test" and [r.address for r in env.recipients] == [
+        "c@d.test",
+        "e@f.test",
+    ]
+    assert data.startswith(
+        b"Received: from client.test ([127.0.0.1])\r\n\tby mx.test (fastmta) with ESMTP id "
+    )
     assert data.endswith(MSG.replace(b"\r\n.dot", b"\r\n..dot"))  # stored in wire form
     assert env.client == "[127.0.0.1] client.test"
 
@@ -138,10 +148,10 @@ def test_starttls_auth_and_relay(smtpd, tls_files):
         assert e.value.smtp_code == 535
         c.login("alice", "s3cret")
         assert c.sendmail("a@b.test", ["c@elsewhere.test"], MSG) == {}
-    (env, data), = [(m.envelope, None) for m in d.submitted]
+    ((env, data),) = [(m.envelope, None) for m in d.submitted]
     assert env.auth == "alice"
     d.stop()
-    (env, data), = reopen(d.spool_dir)
+    ((env, data),) = reopen(d.spool_dir)
     assert b"with ESMTPSA id" in data
 
 
@@ -179,7 +189,7 @@ def test_submission_requires_auth_and_adds_missing_fields(smtpd, tls_files):
         c.login("alice", "s3cret")
         c.sendmail("alice@b.test", ["c@d.test"], b"Subject: no id\r\n\r\nbody\r\n")
     d.stop()
-    (env, data), = reopen(d.spool_dir)
+    ((env, data),) = reopen(d.spool_dir)
     head = data.split(b"\r\n\r\n")[0]
     assert b"\r\nMessage-ID: <" in head and b"\r\nDate: " in head
 
@@ -242,7 +252,11 @@ def test_smuggling_over_the_wire(smtpd, seq, mode):
     time.sleep(0.1)
     out = s.recv(1000)
     assert out.endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n")
-    s.sendall(b"Subject: x\r\n\r\nbody" + seq + b"MAIL FROM:<evil@x.test>\r\nRCPT TO:<v@d.test>\r\nDATA\r\nsmuggled\r\n.\r\n")
+    s.sendall(
+        b"Subject: x\r\n\r\nbody"
+        + seq
+        + b"MAIL FROM:<evil@x.test>\r\nRCPT TO:<v@d.test>\r\nDATA\r\nsmuggled\r\n.\r\n"
+    )
     time.sleep(0.3)
     try:
         out = s.recv(4000)
@@ -262,7 +276,11 @@ def test_smuggling_over_the_wire(smtpd, seq, mode):
         # normalized: everything up to the real CRLF.CRLF is one message, smuggled text included
         assert out.startswith(b"250 ") and len(d.submitted) == 1
         stored = d.call(lambda: d.spool.read(d.submitted[0]))
-        assert b"MAIL FROM:<evil@x.test>" in stored and b"\r\n..\r\n" in stored or b"\r\n.\r\n" not in stored
+        assert (
+            b"MAIL FROM:<evil@x.test>" in stored
+            and b"\r\n..\r\n" in stored
+            or b"\r\n.\r\n" not in stored
+        )
 
 
 def test_pipelined_group_with_smuggling_in_reject_mode(smtpd):
@@ -275,7 +293,10 @@ def test_pipelined_group_with_smuggling_in_reject_mode(smtpd):
     s.recv(1000)
     s.sendall(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nRCPT TO:<e@d.test>\r\nDATA\r\n")
     time.sleep(0.1)
-    assert s.recv(1000) == b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
+    assert (
+        s.recv(1000)
+        == b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
+    )
     s.sendall(b"x\r\n.\r\n")
     time.sleep(0.1)
     assert s.recv(1000).startswith(b"250 2.0.0 Ok: queued as ")
@@ -358,9 +379,21 @@ def test_message_too_big(smtpd):
 def test_swaks_pipelining(smtpd):
     d = smtpd()
     p = subprocess.run(
-        ["swaks", "--server", f"127.0.0.1:{d.port}", "--from", "a@b.test", "--to", "c@d.test,e@d.test",
-         "--pipeline", "--header", "Subject: swaks"],
-        capture_output=True, text=True, timeout=30,
+        [
+            "swaks",
+            "--server",
+            f"127.0.0.1:{d.port}",
+            "--from",
+            "a@b.test",
+            "--to",
+            "c@d.test,e@d.test",
+            "--pipeline",
+            "--header",
+            "Subject: swaks",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert p.returncode == 0, p.stdout + p.stderr
     assert "queued as" in p.stdout
@@ -378,22 +411,54 @@ def test_swaks_starttls_auth(smtpd, tls_files):
         }
     )
     p = subprocess.run(
-        ["swaks", "--server", f"127.0.0.1:{d.port}", "--from", "alice@b.test", "--to", "c@d.test",
-         "--tls", "--auth", "PLAIN", "--auth-user", "alice", "--auth-password", "s3cret"],
-        capture_output=True, text=True, timeout=30,
+        [
+            "swaks",
+            "--server",
+            f"127.0.0.1:{d.port}",
+            "--from",
+            "alice@b.test",
+            "--to",
+            "c@d.test",
+            "--tls",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "alice",
+            "--auth-password",
+            "s3cret",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert p.returncode == 0, p.stdout + p.stderr
     assert d.submitted and d.submitted[0].envelope.auth == "alice"
 
 
-@pytest.mark.skipif(shutil.which("smtp-source") is None, reason="Postfix's smtp-source not installed")
+@pytest.mark.skipif(
+    shutil.which("smtp-source") is None, reason="Postfix's smtp-source not installed"
+)
 def test_smtp_source_load(smtpd):
     """Postfix's load generator: 20 sessions, 400 messages; every one is spooled once."""
     d = smtpd()
     p = subprocess.run(
-        ["smtp-source", "-s", "20", "-m", "400", "-l", "1024", "-f", "a@b.test", "-t", "c@d.test",
-         f"127.0.0.1:{d.port}"],
-        capture_output=True, text=True, timeout=60,
+        [
+            "smtp-source",
+            "-s",
+            "20",
+            "-m",
+            "400",
+            "-l",
+            "1024",
+            "-f",
+            "a@b.test",
+            "-t",
+            "c@d.test",
+            f"127.0.0.1:{d.port}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert p.returncode == 0, p.stderr
     assert len(d.submitted) == 400
