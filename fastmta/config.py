@@ -174,6 +174,7 @@ class LimitsConfig(msgspec.Struct, **_STRUCT):
     max_errors: int = 10
     auth_failure_delay: Duration = Duration(1)
     max_auth_failures: int = 3
+    greet_pause: Duration = Duration(0)  # 0 = greet at once
 
 
 class PolicyConfig(msgspec.Struct, **_STRUCT):

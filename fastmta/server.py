@@ -134,9 +134,18 @@ class SmtpConnection(asyncio.Protocol):
         ctx.connections.add(self)
         ctx.per_ip[self.peer_ip] += 1
         self._counted = True
-        self.session.greet()
-        self._flush()
+        self._last = self._now()
+        pause = lim.greet_pause
+        if pause > 0:
+            asyncio.get_running_loop().call_later(pause, self._greet)
+        else:
+            self._greet()
         self._arm_timer()
+
+    def _greet(self) -> None:
+        if self.transport is not None and not self.session.closed:
+            self.session.greet()
+            self._flush()
 
     def data_received(self, data: bytes) -> None:
         self._last = self._now()

@@ -303,9 +303,20 @@ def test_pipelined_group_with_smuggling_in_reject_mode(smtpd):
     s.close()
 
 
-def test_client_talking_first_is_refused(smtpd):
+def test_client_talking_before_the_greeting_is_refused(smtpd):
+    d = smtpd({"limits": {"greet_pause": 0.3}})
+    out = raw(d.port, b"EHLO early\r\n", wait=1.0, read_greeting=False)
+    assert out == b"554 5.5.0 Error: SMTP protocol synchronization\r\n"
+    # a patient client is greeted after the pause
+    s = socket.create_connection(("127.0.0.1", d.port))
+    s.settimeout(3)
+    t0 = time.monotonic()
+    assert s.recv(100).startswith(b"220 ") and time.monotonic() - t0 >= 0.25
+    s.close()
+
+
+def test_content_before_354_is_refused(smtpd):
     d = smtpd()
-    d.call(lambda: setattr(d.ctx, "greet_pause", 0))
     # content sent before 354 in the same packet as DATA
     out = raw(d.port, b"EHLO x\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\nx\r\n.\r\n")
     assert b"554 5.5.0 Error: SMTP protocol synchronization" in out
