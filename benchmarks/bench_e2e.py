@@ -205,6 +205,57 @@ def run_postfix(case: Case) -> Row:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def profile_fastmta(case: Case, workers: int = 2, rate: int = 200) -> str:
+    """Run ``case`` against fastmta under py-spy (all workers, --subprocesses, non-blocking);
+    return a markdown section: the run's numbers, time per category, the top 15 functions."""
+    spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.path.exists(spy):
+        return "py-spy is not installed (pip install py-spy): no profile\n"
+    procs = h.Procs()
+    base = tempfile.mkdtemp(prefix=f"fastmta-profile-{case.name}-")
+    raw = os.path.join(base, "profile.txt")
+    try:
+        sinks, sink_port = _sinks(procs, case)
+        port = h.free_port()
+        cfg = h.fastmta_config(
+            base, port, workers=workers, hold=False, relayhost=f"[127.0.0.1]:{sink_port}"
+        )
+        mta = h.start_fastmta(procs, base, cfg, port, workers)
+        cmd = [spy, "record", "--pid", str(mta.pid), "--subprocesses", "--nonblocking"]
+        cmd += ["--rate", str(rate), "--format", "raw", "--output", raw]
+        spyp = procs.start(cmd, log=os.path.join(base, "py-spy.out"))
+        time.sleep(2.0)  # py-spy finds the worker processes
+        h.say(f"  fastmta w={workers} under py-spy: running {case.title}")
+        row = _measure(procs, case, mta.pid, port, f"fastmta w={workers} (py-spy)", sinks)
+        h.say(f"  -> {_line(row)}")
+        spyp.send_signal(2)  # SIGINT: py-spy writes its output and exits
+        h.wait_exits([spyp], 60)
+        top, cats = h.profile_summary(raw)
+        if not top:
+            with open(os.path.join(base, "py-spy.out"), encoding="utf-8", errors="replace") as f:
+                return f"py-spy recorded nothing: {f.read()[-500:]}\n"
+        lines = [
+            f"## Profile: fastmta, e2e {case.title}, {workers} workers, py-spy {rate} Hz "
+            "(CPU samples only, all workers)\n",
+            f"Under the profiler: {_line(row)}.\n",
+            "Where the samples fall (a stack counts for the first of: spool writer thread, "
+            "delivery, ingest, spool loop side; else other):\n",
+            h.md_table(
+                ["part", "share of samples"],
+                [[k, f"{v:.1%}"] for k, v in sorted(cats.items(), key=lambda kv: -kv[1])],
+            ),
+            "\nTop 15 functions by self time:\n",
+            h.md_table(
+                ["#", "function (file)", "self share"],
+                [[i + 1, f"`{k}`", f"{v:.1%}"] for i, (k, v) in enumerate(top)],
+            ),
+        ]
+        return "\n".join(lines) + "\n"
+    finally:
+        procs.stop_all()
+        shutil.rmtree(base, ignore_errors=True)
+
+
 # ----------------------------------------------------------------------------- the whole run
 
 
@@ -298,8 +349,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-postfix", action="store_true", help="skip Postfix")
     ap.add_argument("--case", action="append", choices=[c.name for c in FULL])
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    ap.add_argument("--profile", action="store_true", help="only profile fastmta (1 KiB, py-spy)")
     args = ap.parse_args(argv)
     smoke = args.smoke or h.smoke_requested([])
+    if args.profile:
+        text = profile_fastmta((SMOKE if smoke else FULL)[0])
+        print("\n" + text, flush=True)
+        if not args.no_write and not smoke:
+            h.write_section("profile", text)
+        return 0
     with_postfix = not args.no_postfix and ensure_postfix(h.say)
     workers = [int(w) for w in args.workers.split(",") if w]
     rows = run(smoke, workers, with_postfix, args.case)

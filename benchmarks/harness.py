@@ -421,11 +421,9 @@ class SmtpSink:
                 tail = chunk[-256:]
                 continue
             tail = chunk[cut + 1 :]
-            m = None
-            for m in self._MESG.finditer(chunk, 0, cut):
-                pass
-            if m is not None:
-                self.count = int(m.group(1))
+            found = self._MESG.findall(chunk, 0, cut)
+            if found:
+                self.count = int(found[-1])
                 if self.reached is None and self.count >= self.expect:
                     self.reached = time.perf_counter()
                     self._event.set()
@@ -652,6 +650,58 @@ def start_dns(procs: Procs, base: str, records: Sequence[str]) -> tuple[subproce
     )
     wait_listening(port, 1, timeout=20, proc=p)
     return p, port
+
+
+# ---------------------------------------------------------------------------- profiling
+
+_LINE_NO = re.compile(r":\d+\)$")
+# Where a stack's time goes: the first matching frame file decides (checked in this order).
+_CATEGORIES = [
+    ("spool writer thread", ("spool/writer.py",)),
+    ("delivery", ("fastmta/delivery/", "protocol/client.py", "fastmta/queue/", "fastmta/dns/")),
+    ("ingest", ("fastmta/server.py", "protocol/server.py", "protocol/parse")),
+    ("spool (loop side)", ("fastmta/spool/",)),
+]
+
+
+def _frame_key(frame: str) -> str:
+    """'func (path/file.py:12)' -> 'func (file.py)' with the path shortened to the package."""
+    frame = _LINE_NO.sub(")", frame.strip())
+    for cut in ("/fastmta/", "/site-packages/", "/lib/python3"):
+        i = frame.find(cut)
+        if i >= 0:
+            j = frame.rfind("(", 0, i)
+            frame = frame[: j + 1] + frame[i + 1 :]
+            break
+    return frame
+
+
+def profile_summary(raw_path: str, top: int = 15) -> tuple[list[tuple[str, float]], dict]:
+    """From py-spy's raw (collapsed) output: the ``top`` functions by self time (share of all
+    samples), and the share of samples per category (ingest, delivery, spool, other)."""
+    self_time: dict[str, int] = {}
+    cats: dict[str, int] = {}
+    total = 0
+    with open(raw_path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if not count.isdigit():
+                continue
+            n = int(count)
+            total += n
+            frames = stack.split(";")
+            key = _frame_key(frames[-1])
+            self_time[key] = self_time.get(key, 0) + n
+            cat = "other (event loop, start-up, logging)"
+            for name, needles in _CATEGORIES:
+                if any(nd in fr for fr in frames for nd in needles):
+                    cat = name
+                    break
+            cats[cat] = cats.get(cat, 0) + n
+    if not total:
+        return [], {}
+    ranked = sorted(self_time.items(), key=lambda kv: -kv[1])[:top]
+    return [(k, v / total) for k, v in ranked], {k: v / total for k, v in cats.items()}
 
 
 # ---------------------------------------------------------------------------- reporting

@@ -52,6 +52,8 @@ def main(args: argparse.Namespace) -> int:
     status = 0
     for name in names:
         # Each benchmark is bounded by its own timeouts; 2 h is the outer bound of a full run.
-        r = subprocess.run([sys.executable, os.path.join(where, name), *opts], env=env, timeout=7200)
+        r = subprocess.run(
+            [sys.executable, os.path.join(where, name), *opts], env=env, timeout=7200
+        )
         status = status or (1 if r.returncode else 0)
     return status

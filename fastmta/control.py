@@ -74,7 +74,7 @@ class Line(msgspec.Struct, omit_defaults=True):
     headers: str = ""  # show: the message's header section
     found: list[str] = []  # ids this worker has (requests that named ids)
     count: int = 0  # list: lines sent; hold/release/delete: messages found
-    stats: dict[str, float] = {}
+    stats: dict[str, int | float] = {}
     worker: int = -1
 
 
@@ -284,7 +284,7 @@ class ControlServer:
         return Line(found=found, count=len(found))
 
     async def _stats(self, req: Request, writer: asyncio.StreamWriter) -> Line:
-        stats: dict[str, float] = msgspec.structs.asdict(self.engine.stats)
+        stats: dict[str, int | float] = msgspec.structs.asdict(self.engine.stats)
         stats["spool"] = len(self.spool)
         stats["pid"] = os.getpid()
         return Line(stats=stats)

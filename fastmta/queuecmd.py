@@ -454,7 +454,7 @@ _STAT_COLUMNS = (
 
 def cmd_stats(args: argparse.Namespace, root: str) -> int:
     workers = _Workers(root)
-    rows: list[tuple[int, dict[str, float]]] = []
+    rows: list[tuple[int, dict[str, int | float]]] = []
     for index, line in workers.ask(Request("stats")):
         if line.end:
             rows.append((index, line.stats))

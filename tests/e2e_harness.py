@@ -140,7 +140,13 @@ class ServerProcess:
         self.tmp = os.path.join(os.fspath(tmp), name)
         os.makedirs(self.tmp, exist_ok=True)
         self.host = "127.0.0.1"
-        self.port = free_port()
+        # Hold the port (bound, SO_REUSEPORT, not listening) for this object's life: the
+        # server's workers can still bind it (same user, SO_REUSEPORT), but another process's
+        # "bind port 0" cannot pick it while the server is stopped or restarting.
+        self._reservation = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        self._reservation.bind((self.host, 0))
+        self.port = self._reservation.getsockname()[1]
         self.spool_dir = os.path.join(self.tmp, "spool")
         self.log_file = os.path.join(self.tmp, "fastmta.log")
         self.delivery_log = os.path.join(self.tmp, "delivery.log")
@@ -313,7 +319,17 @@ class ServerProcess:
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         if exc_type is not None:  # shown by pytest with the failure
             sys.stderr.write(f"--- fastmta serve output ---\n{self.output()}\n")
-        self.stop()
+        try:
+            self.stop()
+        finally:
+            self._reservation.close()
+
+    def close(self) -> None:
+        """For ``finally:`` blocks: kill whatever still runs and give the port back."""
+        try:
+            self.kill()
+        finally:
+            self._reservation.close()
 
 
 def read_spool(root: str) -> dict[str, tuple[Envelope, bytes]]:

@@ -176,7 +176,7 @@ def test_restart_and_crash_in_delivery_backlog(tmp_path):
             for mid, (qid, _) in want.items():
                 assert per_msg[mid] == set(sent[qid][1])
     finally:
-        srv.kill()
+        srv.close()
 
 
 def test_550_bounces_to_the_sender_domain(tmp_path, dns):

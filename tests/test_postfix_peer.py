@@ -10,14 +10,16 @@ PID, the Postfix instance with ``postfix -c <its config dir> stop``.
 from __future__ import annotations
 
 import os
+import pathlib
 import pwd
 import shutil
 import signal
+import socket
 import subprocess
+import tempfile
 import time
 
 import pytest
-
 from e2e_harness import ServerProcess, free_port, send, until
 
 SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
@@ -43,16 +45,25 @@ def _postfix_user() -> pwd.struct_passwd:
         pytest.skip("no 'postfix' user")
 
 
-def content(tag: str) -> bytes:
+@pytest.fixture
+def public_tmp():
+    """A directory the postfix user can reach: pytest's tmp_path sits under 0700 directories,
+    and smtp-sink and Postfix's delivery agents write as user postfix."""
+    path = tempfile.mkdtemp(prefix="fastmta-pf-")
+    os.chmod(path, 0o755)
+    yield pathlib.Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def content(tag: bytes) -> bytes:
     return (
         b"From: alice@sender.test\r\nTo: bob@pf.test\r\nMessage-ID: <%s@client.test>\r\n"
-        b"Subject: to postfix %s\r\n\r\nHello Postfix.\r\n.leading dot\r\n" % (tag, tag)
+        b"Subject: to postfix %s\r\nDate: Mon, 01 Jan 2024 00:00:00 +0000\r\n"
+        b"\r\nHello Postfix.\r\n.leading dot\r\n" % (tag, tag)
     )
 
 
 def _wait_listening(port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    import socket
-
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -71,15 +82,16 @@ def _wait_listening(port: int, timeout: float, proc: subprocess.Popen | None = N
 # ------------------------------------------------------------------------------ smtp-sink
 
 
-def test_smtp_sink_receives_relayed_message(tmp_path):
+def test_smtp_sink_receives_relayed_message(tmp_path, public_tmp):
     _need(SMTP_SINK)
     user = _postfix_user()
-    dump = tmp_path / "dump"
+    dump = public_tmp / "dump"
     dump.mkdir()
     os.chown(dump, user.pw_uid, user.pw_gid)  # smtp-sink drops to -u postfix before writing
     port = free_port()
     argv = [SMTP_SINK, "-u", "postfix", "-d", f"{dump}/%Y%m%d%H%M%S.", f"127.0.0.1:{port}", "10"]
-    sink = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = open(public_tmp / "smtp-sink.out", "wb")  # noqa: SIM115 - closed in finally
+    sink = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
     try:
         _wait_listening(port, 10, sink)
         srv = ServerProcess(tmp_path, {"delivery": {"relayhost": f"[127.0.0.1]:{port}"}})
@@ -106,8 +118,9 @@ def test_smtp_sink_receives_relayed_message(tmp_path):
         assert len(files) == 1
         text = files[0]
         # smtp-sink writes the envelope as X- headers before the content
-        assert b"X-Mail-From: alice@sender.test" in text, text[:400]
-        assert b"X-Rcpt-To: bob@pf.test" in text
+        assert b"X-Helo-Args: mta.test\n" in text, text[:400]
+        assert b"X-Mail-Args: <alice@sender.test>" in text
+        assert b"X-Rcpt-Args: <bob@pf.test>" in text
         assert b"Received: from " in text and qid.encode() in text
         assert body.replace(b"\r\n", b"\n") in text.replace(b"\r\n", b"\n")
         assert srv.read_spool() == {}
@@ -118,6 +131,7 @@ def test_smtp_sink_receives_relayed_message(tmp_path):
         except subprocess.TimeoutExpired:
             sink.kill()
             sink.wait(5)
+        out.close()
 
 
 # ------------------------------------------------------------------------------ Postfix
@@ -164,7 +178,7 @@ class PrivatePostfix:
         self.started = False
         user = _postfix_user()
         for d in (self.etc, self.queue, self.data, self.vmail):
-            os.makedirs(d, exist_ok=True)
+            os.makedirs(d, mode=0o755, exist_ok=True)
         os.chown(self.data, user.pw_uid, user.pw_gid)
         os.chown(self.vmail, user.pw_uid, user.pw_gid)
         main = {
@@ -262,9 +276,9 @@ def _postconf_default(name: str) -> str:
     return done.stdout.decode().strip()
 
 
-def test_private_postfix_accepts_mail_from_fastmta(tmp_path):
+def test_private_postfix_accepts_mail_from_fastmta(tmp_path, public_tmp):
     _need(POSTFIX, POSTCONF)
-    pf = PrivatePostfix(str(tmp_path / "pf"))
+    pf = PrivatePostfix(str(public_tmp / "pf"))
     try:
         pf.start()
         srv = ServerProcess(tmp_path, {"delivery": {"relayhost": f"[127.0.0.1]:{pf.port}"}})
@@ -282,7 +296,10 @@ def test_private_postfix_accepts_mail_from_fastmta(tmp_path):
             assert lf.startswith(b"Return-Path: <alice@sender.test>\n"), lf[:300]
             assert b"Delivered-To: bob@pf.test\n" in lf
             # Postfix's Received: (naming our EHLO) sits above ours (naming the queue id)
-            assert lf.index(b"(mta.test [127.0.0.1])") < lf.index(qids[tag].encode())
+            theirs = lf.index(b"Received: from mta.test (")
+            assert b"by mx.pf.test (Postfix)" in lf[theirs : theirs + 200]
+            ours = lf.index(b"by mta.test (fastmta) with ESMTP id " + qids[tag].encode())
+            assert theirs < ours
             assert lf.endswith(body.replace(b"\r\n", b"\n")), lf
         log = pf.log()
         assert "status=sent" in log and "delivered to maildir" in log, log
