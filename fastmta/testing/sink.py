@@ -623,19 +623,24 @@ def main(argv: list[str] | None = None) -> int:
         loop.add_signal_handler(signal.SIGUSR1, report)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: done.done() or done.set_result(None))
-    for host, port in listens:
-        bound = loop.run_until_complete(sink._bind(loop, host, port))
-        if not args.quiet:
-            line(f"listening on {host}:{bound}")
 
     def tick() -> None:
         report()
         loop.call_later(1.0, tick)
 
-    if args.progress:
-        loop.call_later(1.0, tick)
+    async def serve() -> None:
+        # bind and announce from inside the running loop: uvloop drops a signal that
+        # arrives while its loop is stopped between run_until_complete calls
+        for host, port in listens:
+            bound = await sink._bind(loop, host, port)
+            if not args.quiet:
+                line(f"listening on {host}:{bound}")
+        if args.progress:
+            loop.call_later(1.0, tick)
+        await done
+
     try:
-        loop.run_until_complete(done)
+        loop.run_until_complete(serve())
     finally:
         report()
         loop.run_until_complete(sink._teardown(grace=2.0))
