@@ -1,7 +1,7 @@
 """The ``fastmta`` command: serve, send (sendmail-style injection), passwd, config, queue, bench.
 
 Exit codes follow sysexits.h where sendmail users expect them: 64 EX_USAGE (bad address, no
-recipient), 65 EX_DATAERR (message too big), 69 EX_UNAVAILABLE (subcommand not built yet),
+recipient), 65 EX_DATAERR (message too big), 69 EX_UNAVAILABLE (queue: server not running),
 75 EX_TEMPFAIL (spool write failed); configuration errors exit 2 like argparse usage errors.
 """
 
@@ -23,14 +23,13 @@ __all__ = [
     "add_missing_headers",
     "build_parser",
     "check_address",
-    "dot_stuff",
     "main",
     "prepare_message",
     "split_lines",
 ]
 
 VERSION = "0.1.0"
-EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_TEMPFAIL = 64, 65, 69, 75
+EX_USAGE, EX_DATAERR, EX_TEMPFAIL = 64, 65, 75
 EX_CONFIG = 2
 
 _DESCRIPTION = """\
@@ -249,14 +248,7 @@ def _load(path: str | None, overrides: dict[str, Any] | None = None) -> Config:
 def _lazy_main(module: str, command: str, args: argparse.Namespace) -> int:
     import importlib
 
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name != module:
-            raise
-        _err(f"{command}: not available yet")
-        return EX_UNAVAILABLE
-    return int(mod.main(args) or 0)
+    return int(importlib.import_module(module).main(args) or 0)
 
 
 # --------------------------------------------------------------------------- serve
@@ -278,13 +270,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.relay:
         overrides["delivery"] = {"relayhost": args.relay}
     config = _load(args.config, overrides)
-    try:
-        from fastmta.app import serve
-    except ModuleNotFoundError as e:
-        if e.name != "fastmta.app":
-            raise
-        _err("serve: not available yet")
-        return EX_UNAVAILABLE
+    from fastmta.app import serve
+
     return int(serve(config, reload=lambda: load_config(args.config, overrides)) or 0)
 
 
@@ -344,12 +331,6 @@ def split_lines(data: bytes) -> list[bytes]:
     if lines and lines[-1] == b"":
         lines.pop()
     return lines
-
-
-def dot_stuff(lines: list[bytes]) -> bytes:
-    """Wire form of ``lines``: each line + CRLF, a leading "." doubled (RFC 5321 4.5.2), no final
-    ".\\r\\n". (The lead may swap this for fastmta.protocol.parse.dot_stuff.)"""
-    return b"".join((b"." + ln if ln[:1] == b"." else ln) + b"\r\n" for ln in lines)
 
 
 def _header_fields(lines: list[bytes]) -> tuple[list[list[bytes]], list[bytes], bool]:
@@ -429,7 +410,9 @@ def prepare_message(
     out = [ln for f in fields for ln in f]
     out.append(b"")  # the header/body separator (RFC 5322 2.1)
     out.extend(body)
-    return dot_stuff(out), found
+    from fastmta.protocol.parse import dot_stuff
+
+    return dot_stuff(b"".join(ln + b"\n" for ln in out), terminate=False), found
 
 
 def cmd_send(args: argparse.Namespace) -> int:

@@ -14,7 +14,8 @@ import sys
 import pytest
 
 from fastmta.auth import Users
-from fastmta.cli import check_address, dot_stuff, prepare_message, split_lines
+from fastmta.cli import check_address, prepare_message, split_lines
+from fastmta.protocol.parse import dot_stuff
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,16 +91,6 @@ def test_serve_config_errors_exit_2(tmp_path):
     assert b'listener[0].role: expected "relay" or "submission", got "mx"' in r.stderr
 
 
-@pytest.mark.parametrize(
-    "module, argv", [("fastmta.queuecmd", ["queue", "list"]), ("fastmta.bench", ["bench"])]
-)
-def test_placeholders_not_available_yet(module, argv):
-    if importlib.util.find_spec(module) is not None:
-        pytest.skip(f"{module} exists now")
-    r = run(*argv)
-    assert r.returncode == 69 and b"not available yet" in r.stderr
-
-
 # --------------------------------------------------------------------------- passwd
 
 
@@ -137,8 +128,8 @@ def test_split_lines_and_dot_stuff():
     assert split_lines(b"a\nb\r\nc\rd") == [b"a", b"b", b"c", b"d"]
     assert split_lines(b"a\n\n") == [b"a", b""]
     assert split_lines(b"") == []
-    assert dot_stuff([b".", b"..x", b"a.b", b""]) == b"..\r\n...x\r\na.b\r\n\r\n"
-    assert dot_stuff([]) == b""
+    assert dot_stuff(b".\n..x\na.b\n\n", terminate=False) == b"..\r\n...x\r\na.b\r\n\r\n"
+    assert dot_stuff(b"", terminate=False) == b""
 
 
 def test_prepare_message_adds_headers_and_stuffs():
