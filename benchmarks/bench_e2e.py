@@ -205,9 +205,10 @@ def run_postfix(case: Case) -> Row:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def profile_fastmta(case: Case, workers: int = 2, rate: int = 200) -> str:
-    """Run ``case`` against fastmta under py-spy (all workers, --subprocesses, non-blocking);
-    return a markdown section: the run's numbers, time per category, the top 15 functions."""
+def profile_fastmta(case: Case, workers: int = 2, rate: int = 200, native: bool = False) -> str:
+    """Run ``case`` against fastmta under py-spy (all workers, --subprocesses, non-blocking, or
+    with ``native`` C frames too, which pauses the process per sample); return a markdown
+    section: the run's numbers, time per category, the top 15 functions."""
     spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     if not os.path.exists(spy):
         return "py-spy is not installed (pip install py-spy): no profile\n"
@@ -221,7 +222,8 @@ def profile_fastmta(case: Case, workers: int = 2, rate: int = 200) -> str:
             base, port, workers=workers, hold=False, relayhost=f"[127.0.0.1]:{sink_port}"
         )
         mta = h.start_fastmta(procs, base, cfg, port, workers)
-        cmd = [spy, "record", "--pid", str(mta.pid), "--subprocesses", "--nonblocking"]
+        cmd = [spy, "record", "--pid", str(mta.pid), "--subprocesses"]
+        cmd.append("--native" if native else "--nonblocking")
         cmd += ["--rate", str(rate), "--format", "raw", "--output", raw]
         spyp = procs.start(cmd, log=os.path.join(base, "py-spy.out"))
         time.sleep(2.0)  # py-spy finds the worker processes
@@ -230,13 +232,13 @@ def profile_fastmta(case: Case, workers: int = 2, rate: int = 200) -> str:
         h.say(f"  -> {_line(row)}")
         spyp.send_signal(2)  # SIGINT: py-spy writes its output and exits
         h.wait_exits([spyp], 60)
-        top, cats = h.profile_summary(raw)
+        top, cats, top_py = h.profile_summary(raw)
         if not top:
             with open(os.path.join(base, "py-spy.out"), encoding="utf-8", errors="replace") as f:
                 return f"py-spy recorded nothing: {f.read()[-500:]}\n"
         lines = [
-            f"## Profile: fastmta, e2e {case.title}, {workers} workers, py-spy {rate} Hz "
-            "(CPU samples only, all workers)\n",
+            f"### fastmta, e2e {case.title}, {workers} workers, py-spy {rate} Hz"
+            f"{' --native' if native else ''} (CPU samples only, all workers)\n",
             f"Under the profiler: {_line(row)}.\n",
             "Where the samples fall (a stack counts for the first of: spool writer thread, "
             "delivery, ingest, spool loop side; else other):\n",
@@ -250,6 +252,14 @@ def profile_fastmta(case: Case, workers: int = 2, rate: int = 200) -> str:
                 [[i + 1, f"`{k}`", f"{v:.1%}"] for i, (k, v) in enumerate(top)],
             ),
         ]
+        if native:
+            lines += [
+                "\nThe same samples by nearest Python caller (-> the C function it was in):\n",
+                h.md_table(
+                    ["#", "Python function (file) -> native leaf", "share"],
+                    [[i + 1, f"`{k}`", f"{v:.1%}"] for i, (k, v) in enumerate(top_py)],
+                ),
+            ]
         return "\n".join(lines) + "\n"
     finally:
         procs.stop_all()
@@ -294,6 +304,40 @@ def _line(r: Row) -> str:
     )
 
 
+def _ceiling(group: Sequence[Row]) -> float:
+    """The ceiling of the load tool the MTAs got in this case (0 if it was not measured)."""
+    want = f"ceiling {_tool(group[0].case)}"
+    return next((r.rate for r in group if r.who == want and r.ok), 0.0)
+
+
+def goals(rows: Sequence[Row]) -> str:
+    """The goal per case: >= 10x Postfix's msg/s, or >= 60% of the tools' ceiling where 10x
+    Postfix is above it; and less CPU per message than Postfix."""
+    out = []
+    for name in dict.fromkeys(r.case.name for r in rows):
+        group = [r for r in rows if r.case.name == name]
+        pf = next((r for r in group if r.who == "postfix" and r.ok), None)
+        ceil = _ceiling(group)
+        runs = [r for r in group if r.who.startswith("fastmta") and r.ok]
+        if not pf or not runs:
+            continue
+        best = max(runs, key=lambda r: r.rate)
+        target = 10 * pf.rate
+        if ceil and target > ceil:
+            target, why = 0.6 * ceil, "60% of the tools' ceiling (10x Postfix is above it)"
+        else:
+            why = "10x Postfix"
+        met = "met" if best.rate >= target else "NOT met"
+        cpu = "less" if best.cpu_per_1000 < pf.cpu_per_1000 else "NOT less"
+        out.append(
+            f"- {group[0].case.title}: goal {why} = {target:,.0f} msg/s: {met} "
+            f"({best.who} {best.rate:,.0f} msg/s = {best.rate / pf.rate:.1f}x Postfix); "
+            f"CPU per message {cpu} than Postfix ({best.cpu_per_1000:.2f} vs "
+            f"{pf.cpu_per_1000:.2f} s/1000)"
+        )
+    return "\n".join(out)
+
+
 def table(rows: Sequence[Row]) -> str:
     """The markdown result table, with ratios against Postfix and the tools' ceiling."""
     out = []
@@ -304,7 +348,7 @@ def table(rows: Sequence[Row]) -> str:
     for name in dict.fromkeys(r.case.name for r in rows):
         group = [r for r in rows if r.case.name == name]
         pf = next((r for r in group if r.who == "postfix" and r.ok), None)
-        ceil = max((r.rate for r in group if r.who.startswith("ceiling")), default=0.0)
+        ceil = _ceiling(group)
         lines = []
         for r in group:
             is_mta = not r.who.startswith("ceiling")
@@ -337,7 +381,8 @@ def report(rows: Sequence[Row], smoke: bool) -> str:
         "smtp_tls_security_level = none\n"
         "- CPU: MTA process tree (utime+stime, reaped children included), from load start "
         "until the sinks had every message; RSS summed over the tree, sampled every 50 ms\n\n"
-        f"{table(rows)}\n"
+        f"{table(rows)}\n\nGoals:\n\n{goals(rows)}\n\n"
+        f"Worker count (fastmta):\n\n{h.workers_verdict(rows)}\n"
     )
     return text
 
@@ -350,13 +395,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--case", action="append", choices=[c.name for c in FULL])
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     ap.add_argument("--profile", action="store_true", help="only profile fastmta (1 KiB, py-spy)")
+    ap.add_argument("--native", action="store_true", help="with --profile: C frames too")
     args = ap.parse_args(argv)
     smoke = args.smoke or h.smoke_requested([])
     if args.profile:
-        text = profile_fastmta((SMOKE if smoke else FULL)[0])
+        text = profile_fastmta((SMOKE if smoke else FULL)[0], native=args.native)
         print("\n" + text, flush=True)
         if not args.no_write and not smoke:
-            h.write_section("profile", text)
+            h.write_section("profile-native" if args.native else "profile", text)
         return 0
     with_postfix = not args.no_postfix and ensure_postfix(h.say)
     workers = [int(w) for w in args.workers.split(",") if w]

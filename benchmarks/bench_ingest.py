@@ -222,7 +222,7 @@ def report(rows: Sequence[Row], smoke: bool) -> str:
         "- wall: smtp-source start to exit; arrived: fastmta spool shards (recovery scan after "
         "stop), Postfix hold/ queue files\n"
         "- CPU: MTA process tree (utime+stime, reaped children included) during the load\n\n"
-        f"{table(rows)}\n"
+        f"{table(rows)}\n\nWorker count (fastmta):\n\n{h.workers_verdict(rows)}\n"
     )
 
 

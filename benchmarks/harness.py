@@ -676,10 +676,25 @@ def _frame_key(frame: str) -> str:
     return frame
 
 
-def profile_summary(raw_path: str, top: int = 15) -> tuple[list[tuple[str, float]], dict]:
+def _nearest_python(frames: list[str]) -> str:
+    """The innermost frame that is Python code, with the native leaf it was in (py-spy
+    --native puts C frames such as ``write (libc.so.6)`` below the Python caller)."""
+    leaf = _frame_key(frames[-1])
+    for fr in reversed(frames):
+        if ".py:" in fr or ".py)" in fr:
+            key = _frame_key(fr)
+            return key if key == leaf else f"{key} -> {leaf}"
+    return leaf
+
+
+def profile_summary(
+    raw_path: str, top: int = 15
+) -> tuple[list[tuple[str, float]], dict, list[tuple[str, float]]]:
     """From py-spy's raw (collapsed) output: the ``top`` functions by self time (share of all
-    samples), and the share of samples per category (ingest, delivery, spool, other)."""
+    samples), the share of samples per category (ingest, delivery, spool, other), and the top
+    by nearest Python caller (differs from the first only with native frames)."""
     self_time: dict[str, int] = {}
+    by_py: dict[str, int] = {}
     cats: dict[str, int] = {}
     total = 0
     with open(raw_path, encoding="utf-8", errors="replace") as f:
@@ -692,6 +707,8 @@ def profile_summary(raw_path: str, top: int = 15) -> tuple[list[tuple[str, float
             frames = stack.split(";")
             key = _frame_key(frames[-1])
             self_time[key] = self_time.get(key, 0) + n
+            pkey = _nearest_python(frames)
+            by_py[pkey] = by_py.get(pkey, 0) + n
             cat = "other (event loop, start-up, logging)"
             for name, needles in _CATEGORIES:
                 if any(nd in fr for fr in frames for nd in needles):
@@ -699,9 +716,14 @@ def profile_summary(raw_path: str, top: int = 15) -> tuple[list[tuple[str, float
                     break
             cats[cat] = cats.get(cat, 0) + n
     if not total:
-        return [], {}
+        return [], {}, []
     ranked = sorted(self_time.items(), key=lambda kv: -kv[1])[:top]
-    return [(k, v / total) for k, v in ranked], {k: v / total for k, v in cats.items()}
+    ranked_py = sorted(by_py.items(), key=lambda kv: -kv[1])[:top]
+    return (
+        [(k, v / total) for k, v in ranked],
+        {k: v / total for k, v in cats.items()},
+        [(k, v / total) for k, v in ranked_py],
+    )
 
 
 # ---------------------------------------------------------------------------- reporting
@@ -730,6 +752,18 @@ def machine_info() -> dict[str, str]:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pf = "absent"
+    try:
+        with open("/proc/loadavg", encoding="ascii") as f:
+            load = " / ".join(f.read().split()[:3])
+    except OSError:
+        load = "?"
+    pressure = "?"
+    try:
+        with open("/proc/pressure/cpu", encoding="ascii") as f:
+            some = f.readline().split()
+            pressure = ", ".join(x.replace("=", " ") + "%" for x in some[2:4])
+    except (OSError, IndexError):
+        pass
     return {
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "cpu": cpu,
@@ -739,6 +773,8 @@ def machine_info() -> dict[str, str]:
         "python": platform.python_version(),
         "fastmta parser": parser_kind(),
         "postfix": pf or "absent",
+        "load average 1/5/15 min at the end (other work shares this machine)": load,
+        "CPU pressure (PSI some: time runnable tasks waited for a CPU)": pressure,
     }
 
 
@@ -769,6 +805,22 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(out)
+
+
+def workers_verdict(rows: Sequence) -> str:
+    """One line per case: which fastmta worker count was faster (rows have .case, .who, .rate,
+    .ok, .cpu_per_1000)."""
+    out = []
+    for name in dict.fromkeys(r.case.name for r in rows):
+        runs = [r for r in rows if r.case.name == name and r.who.startswith("fastmta w=") and r.ok]
+        if len(runs) < 2:
+            continue
+        best = max(runs, key=lambda r: r.rate)
+        others = ", ".join(
+            f"{r.who}: {r.rate:,.0f} msg/s, {r.cpu_per_1000:.2f} CPU s/1000" for r in runs
+        )
+        out.append(f"- {runs[0].case.title}: fastest {best.who} ({others})")
+    return "\n".join(out) or "- only one worker count was run"
 
 
 def settle(seconds: float) -> None:

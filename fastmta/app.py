@@ -236,13 +236,18 @@ def _worker_process(config: Config, index: int, count: int) -> int:
 
 
 def _check_listen(config: Config) -> str | None:
-    """Bind each address once (and let go) so a taken port is a clear error at once."""
+    """Bind each address once (and let go) so a taken port is a clear error at once.
+
+    SO_REUSEADDR, not SO_REUSEPORT: with SO_REUSEPORT the bind would succeed next to another
+    running server of the same user (a second `fastmta serve` on the same port), which would
+    then silently get a share of the connections into its own spool. SO_REUSEADDR still
+    allows TIME_WAIT leftovers of a previous run, and fails on any listening socket."""
     for listener in config.listener:
         host, port = parse_hostport(listener.address, 25)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         s = socket.socket(family, socket.SOCK_STREAM)
         try:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((host, port))
         except OSError as e:
             why = "address already in use" if e.errno == errno.EADDRINUSE else e.strerror

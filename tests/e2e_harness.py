@@ -140,10 +140,11 @@ class ServerProcess:
         self.tmp = os.path.join(os.fspath(tmp), name)
         os.makedirs(self.tmp, exist_ok=True)
         self.host = "127.0.0.1"
-        # Hold the port (bound, SO_REUSEPORT, not listening) for this object's life: the
-        # server's workers can still bind it (same user, SO_REUSEPORT), but another process's
-        # "bind port 0" cannot pick it while the server is stopped or restarting.
+        # Hold the port (bound, not listening) for this object's life: the server's start-up
+        # check (SO_REUSEADDR) and its workers (SO_REUSEPORT, same user) can still bind it, but
+        # another process's "bind port 0" cannot pick it while the server is stopped.
         self._reservation = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         self._reservation.bind((self.host, 0))
         self.port = self._reservation.getsockname()[1]

@@ -9,10 +9,19 @@ The sink must receive exactly what the client sent, preceded by our Received: fi
 from __future__ import annotations
 
 import re
+import subprocess
 import time
 
 import pytest
-from e2e_harness import ServerProcess, free_port, send, strip_received, until
+from e2e_harness import (
+    ServerProcess,
+    child_env,
+    fastmta_command,
+    free_port,
+    send,
+    strip_received,
+    until,
+)
 
 from fastmta.protocol.replies import reply
 from fastmta.spool import RcptState
@@ -108,7 +117,8 @@ def test_restart_and_crash_in_delivery_backlog(tmp_path):
     start again: every message arrives at least once, and the spool ends empty."""
     n = 30
     port = free_port()
-    overrides = {"server": {"workers": 2}, "delivery": {"relayhost": f"[127.0.0.1]:{port}"}}
+    relay = {"relayhost": f"[127.0.0.1]:{port}", "max_connections_per_site": 2}
+    overrides = {"server": {"workers": 2}, "delivery": relay}
     srv = ServerProcess(tmp_path, overrides)
     sent: dict[str, tuple[bytes, list[str]]] = {}
     try:
@@ -132,7 +142,7 @@ def test_restart_and_crash_in_delivery_backlog(tmp_path):
             assert env.attempts >= 1
             assert all(r.state == RcptState.DEFERRED for r in env.recipients)
 
-        with Sink("127.0.0.1", port, Behaviour(delay=0.03)) as sink:
+        with Sink("127.0.0.1", port, Behaviour(delay=0.05)) as sink:
             # 2. the sink is up but slow; crash while the backlog drains
             srv.start()
             assert sink.wait_for(n // 4, 15), srv.output()
@@ -221,3 +231,24 @@ def test_550_bounces_to_the_sender_domain(tmp_path, dns):
             assert outcomes()[(qid, "good@rcpt.test")] == "delivered"
         assert srv.read_spool() == {}
         assert home.count == 1 and dest.count == 1
+
+
+def test_second_server_on_the_same_port_refuses_to_start(tmp_path):
+    """Workers listen with SO_REUSEPORT; a second `fastmta serve` (same user, other spool) on
+    the same port must not join them and take a share of the connections into its spool."""
+    with ServerProcess(tmp_path, {"server": {"hold_delivery": True}}, name="first") as first:
+        second = ServerProcess(tmp_path, name="second")
+        second.port = first.port
+        second.configure({"server": {"hold_delivery": True}})
+        done = subprocess.run(
+            fastmta_command("serve", "--config", second.config_path),
+            capture_output=True,
+            env=child_env(),
+            timeout=20,
+        )
+        second.close()
+        assert done.returncode == 2, done.stderr
+        assert b"address already in use" in done.stderr
+        for _ in range(10):
+            send(first.host, first.port, "alice@sender.test", ["bob@dest.test"], content(4))
+    assert len(first.read_spool()) == 10
