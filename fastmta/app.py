@@ -31,6 +31,11 @@ log = logging.getLogger("fastmta")
 ADOPT_INTERVAL = 1.0  # seconds between looks into <spool>/incoming (fastmta send)
 STOP_TIMEOUT = 30.0  # seconds a stopping worker gives in-flight transactions
 CRASH_WINDOW = 5.0  # a worker dying this soon after start is a start-up failure
+# The spool's writer thread needs the GIL twice per group commit (to pick up the batch, and
+# to wake the loop after fdatasync); with CPython's default 5 ms switch interval a busy loop
+# makes every SMTP session wait up to 10 ms for its 250. Measured with smtp-source (20
+# sessions, 1 KiB, 1 worker): 0.005 -> ~3,400 msg/s, 0.0002 -> ~4,200 msg/s.
+SWITCH_INTERVAL = 0.0002
 
 
 def shard_dir(spool_root: str, index: int) -> str:
@@ -216,6 +221,7 @@ def _remove_tree(path: str) -> None:
 def _worker_process(config: Config, index: int, count: int) -> int:
     """Body of a worker process (after fork)."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor handles reloads
+    sys.setswitchinterval(SWITCH_INTERVAL)
 
     async def main() -> int:
         worker = Worker(config, index, count)
