@@ -152,26 +152,34 @@ def run_postfix(case: Case) -> Row:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def run(smoke: bool, workers: Sequence[int] = (2, 1), with_postfix: bool = True) -> list[Row]:
+def run(
+    smoke: bool, workers: Sequence[int] = (2, 1), with_postfix: bool = True, repeat: int = 1
+) -> list[Row]:
+    """Every case: the ceiling, fastmta per worker count, Postfix; ``repeat`` interleaved
+    rounds, the best of each kept."""
     rows: list[Row] = []
     pause = 0.5 if smoke else 5.0
     for case in SMOKE if smoke else FULL:
-        h.say(f"ingest {case.name}: {case.title}")
-        rows.append(ceiling(case))
-        h.say(f"  -> {_line(rows[-1])}")
-        ceil = rows[-1].rate
-        for w in workers:
-            rows.append(run_fastmta(case, w))
-            r = rows[-1]
-            h.say(f"  -> {_line(r)}")
-            if ceil and r.ok and r.rate >= CEILING_NEAR * ceil:
+        for rnd in range(1, repeat + 1):
+            h.say(f"ingest {case.name}: {case.title}" + (f" (round {rnd}/{repeat})" * (repeat > 1)))
+            rows.append(ceiling(case))
+            h.say(f"  -> {_line(rows[-1])}")
+            for w in workers:
+                rows.append(run_fastmta(case, w))
+                h.say(f"  -> {_line(rows[-1])}")
+                h.settle(pause)
+            if with_postfix:
+                rows.append(run_postfix(case))
+                h.say(f"  -> {_line(rows[-1])}")
+                h.settle(pause * 2)
+    rows = h.best_of(rows)
+    for case in SMOKE if smoke else FULL:
+        group = [r for r in rows if r.case.name == case.name]
+        ceil = next((r.rate for r in group if r.who.startswith("ceiling") and r.ok), 0.0)
+        for r in group:
+            if ceil and r.ok and r.who.startswith("fastmta") and r.rate >= CEILING_NEAR * ceil:
                 r.note = (r.note + " load tool ceiling reached: compare CPU per message").strip()
                 h.say(f"  !! {r.who} is at {100 * r.rate / ceil:.0f}% of smtp-source's ceiling")
-            h.settle(pause)
-        if with_postfix:
-            rows.append(run_postfix(case))
-            h.say(f"  -> {_line(rows[-1])}")
-            h.settle(pause * 2)
     return rows
 
 
@@ -232,11 +240,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--workers", default="2,1", help="fastmta worker counts to run (2,1)")
     ap.add_argument("--no-postfix", action="store_true", help="skip Postfix")
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds per case; the best is kept")
     args = ap.parse_args(argv)
     smoke = args.smoke or h.smoke_requested([])
     with_postfix = not args.no_postfix and ensure_postfix(h.say)
     workers = [int(w) for w in args.workers.split(",") if w]
-    rows = run(smoke, workers, with_postfix)
+    rows = run(smoke, workers, with_postfix, max(1, args.repeat))
     text = report(rows, smoke)
     print("\n" + text, flush=True)
     if not args.no_write and not smoke:

@@ -229,6 +229,29 @@ def _mem_of(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
+def thread_cpu(root: int) -> dict[str, float]:
+    """CPU seconds so far per kind of thread in the tree under ``root``: "event loop" (the
+    main thread of each process) and "other threads" (spool writer, executor), by /proc task."""
+    out = {"event loop (main threads)": 0.0, "other threads (spool writer, executor)": 0.0}
+    for pid in tree(root):
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(b")") + 2 :].split()
+            cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK
+            main = "event loop (main threads)"
+            key = main if tid == str(pid) else "other threads (spool writer, executor)"
+            out[key] += cpu
+    return out
+
+
 class TreeMeter:
     """CPU and peak memory of the process tree under ``root`` (an MTA) between start and stop.
 
@@ -805,6 +828,23 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(out)
+
+
+def best_of(rows: Sequence) -> list:
+    """Keep, for each (case, who), the successful row with the highest rate (else the first),
+    in first-seen order; ``runs`` tells how many were made. Rows: .case, .who, .ok, .rate."""
+    groups: dict[tuple[str, str], list] = {}
+    for r in rows:
+        groups.setdefault((r.case.name, r.who), []).append(r)
+    out = []
+    for runs in groups.values():
+        ok = [r for r in runs if r.ok]
+        best = max(ok, key=lambda r: r.rate) if ok else runs[0]
+        if len(runs) > 1:
+            rates = ", ".join(f"{r.rate:,.0f}" if r.ok else "failed" for r in runs)
+            best.note = (f"best of {len(runs)} ({rates}) " + best.note).strip()
+        out.append(best)
+    return out
 
 
 def workers_verdict(rows: Sequence) -> str:

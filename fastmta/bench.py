@@ -47,6 +47,8 @@ def main(args: argparse.Namespace) -> int:
         opts.append("--no-postfix")
     if getattr(args, "no_write", False):
         opts.append("--no-write")
+    if getattr(args, "repeat", 1) and args.repeat > 1:
+        opts += ["--repeat", str(args.repeat)]
     env = dict(os.environ)
     env["PATH"] = env.get("PATH", "") + os.pathsep + "/usr/sbin"
     status = 0

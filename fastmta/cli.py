@@ -220,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", metavar="N,N", default="2,1", help="fastmta worker counts")
     b.add_argument("--no-postfix", action="store_true", help="measure fastmta only")
     b.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    b.add_argument("--repeat", metavar="N", type=int, default=1, help="rounds; the best is kept")
     return p
 
 
