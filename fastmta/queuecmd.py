@@ -41,16 +41,14 @@ from fastmta.control import (
 )
 from fastmta.spool.inject import ADOPTING, INCOMING, SUFFIX
 from fastmta.spool.records import (
-    DONE_DECODER,
     ENVELOPE_DECODER,
-    UPDATE_DECODER,
     Envelope,
     RcptState,
 )
+from fastmta.spool.recover import recover
 from fastmta.spool.segment import (
     HEADER_SIZE,
     RecordType,
-    list_segments,
     scan,
     segment_name,
     split_message,
@@ -111,35 +109,13 @@ class Found(NamedTuple):
 
 
 def _replay(directory: str) -> dict[str, Found]:
-    """The live messages of one shard: MESSAGE / UPDATE / DONE records replayed in order, as
-    fastmta.spool.recover does, but read only (a torn tail is skipped, never truncated)."""
-    live: dict[str, Found] = {}
-    for n in list_segments(directory):
-        path = os.path.join(directory, segment_name(n))
-        try:
-            with open(path, "rb") as f:
-                buf = f.read()
-        except FileNotFoundError:  # deleted since listed (only if a server runs meanwhile)
-            continue
-        records, _ = scan(buf)
-        for off, rtype, payload in records:
-            try:
-                if rtype == RecordType.MESSAGE:
-                    env_bytes, at = split_message(payload)
-                    env = ENVELOPE_DECODER.decode(env_bytes)
-                    if env.id not in live:  # a duplicate (adoption crash): the first counts
-                        live[env.id] = Found(env, path, off + HEADER_SIZE + at, len(payload) - at)
-                elif rtype == RecordType.UPDATE:
-                    upd = UPDATE_DECODER.decode(payload)
-                    found = live.get(upd.id)
-                    if found is not None:
-                        upd.apply(found.env)
-                elif rtype == RecordType.DONE:
-                    live.pop(DONE_DECODER.decode(payload).id, None)
-            except ValueError:  # msgspec.DecodeError too: recovery skips (and logs) these
-                continue
-        del records, buf
-    return live
+    """The live messages of one shard, read only (recover() with nothing changed on disk)."""
+    return {
+        qid: Found(
+            sm.envelope, os.path.join(directory, segment_name(sm.segment)), sm.offset, sm.length
+        )
+        for qid, sm in recover(directory, readonly=True).messages.items()
+    }
 
 
 def _injected(directory: str) -> dict[str, Found]:

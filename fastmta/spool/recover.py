@@ -40,13 +40,16 @@ class Recovered:
         self.skipped_records = 0
 
 
-def recover(directory: str, *, fsync: bool = True) -> Recovered:
+def recover(directory: str, *, fsync: bool = True, readonly: bool = False) -> Recovered:
     """Scan every segment in order and replay MESSAGE / UPDATE / DONE records.
 
     A torn tail (bad magic, length or crc) is truncated away on disk: those records were never
     acknowledged (the writer fdatasyncs before acknowledging), so no acknowledged message is
     lost and the torn one is never delivered half. Unknown record types (from a newer fastmta)
     and records that do not decode are skipped and logged.
+
+    ``readonly`` (for `fastmta queue list` beside a running server): nothing on disk changes,
+    a torn tail is only skipped, and a segment deleted since it was listed is ignored.
     """
     res = Recovered()
     index = res.messages
@@ -54,10 +57,15 @@ def recover(directory: str, *, fsync: bool = True) -> Recovered:
     numbers = list_segments(directory)
     for n in numbers:
         path = os.path.join(directory, segment_name(n))
-        with open(path, "rb") as f:
-            buf = f.read()
+        try:
+            with open(path, "rb") as f:
+                buf = f.read()
+        except FileNotFoundError:
+            if not readonly:
+                raise
+            continue
         records, good = scan(buf)
-        if good < len(buf):
+        if good < len(buf) and not readonly:
             log.warning(
                 "segment %s: torn tail of %d bytes at %d cut off", path, len(buf) - good, good
             )
