@@ -269,6 +269,7 @@ class Supervisor:
         self.reload_config = reload
         self.children: dict[int, tuple[int, float]] = {}  # pid -> (index, started)
         self.stopping = False
+        self.failed = False  # a worker could not start: exit 1
         self._hup = False
 
     def spawn(self, index: int) -> None:
@@ -313,7 +314,7 @@ class Supervisor:
                 continue
             log.error("worker %d died (exit %d); restarting it", index, code)
             self.spawn(index)
-        return 1 if getattr(self, "failed", False) else 0
+        return 1 if self.failed else 0
 
     def _on_stop(self, signum, frame) -> None:
         self.stopping = True
