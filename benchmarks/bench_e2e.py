@@ -59,26 +59,7 @@ SMOKE = [
 ]
 
 
-@dataclass
-class Row:
-    case: Case
-    who: str  # "fastmta w=2", "postfix", "ceiling smtp-source", ...
-    ok: bool
-    wall: float = 0.0
-    messages: int = 0  # messages (transactions at the sinks / message count)
-    mta_cpu: float = 0.0
-    load_cpu: float = 0.0
-    peak_rss: int = 0
-    peak_pss: int = 0
-    note: str = ""
-
-    @property
-    def rate(self) -> float:
-        return self.case.count / self.wall if self.ok and self.wall > 0 else 0.0
-
-    @property
-    def cpu_per_1000(self) -> float:
-        return self.mta_cpu / self.case.count * 1000 if self.ok else 0.0
+Row = h.Row
 
 
 def _load_cmd(case: Case, port: int, tool: str) -> list[str]:
@@ -133,7 +114,7 @@ def _measure(procs, case, mta_pid, port, who, sinks) -> Row:
     got = sum(s.count for s in sinks)
     want = case.count * max(1, len(sinks))
     if ex is None or end is None:
-        return Row(case, who, False, messages=got, note=f"timeout: sinks have {got}/{want}")
+        return Row(case, who, False, arrived=got, note=f"timeout: sinks have {got}/{want}")
     row = Row(
         case, who, ex.code == 0 and got >= want, end - t0, got, meter.cpu, ex.cpu,
         meter.peak_rss, meter.peak_pss,
@@ -311,7 +292,7 @@ def _line(r: Row) -> str:
     if not r.ok:
         return f"{r.who}: FAILED {r.note}"
     return (
-        f"{r.who}: {r.messages} at the sink(s) in {r.wall:.2f} s = {r.rate:,.0f} msg/s, "
+        f"{r.who}: {r.arrived} at the sink(s) in {r.wall:.2f} s = {r.rate:,.0f} msg/s, "
         f"{r.cpu_per_1000:.2f} CPU s/1000, peak RSS {r.peak_rss / 2**20:.0f} MiB"
     )
 

@@ -45,26 +45,7 @@ FULL = [Case("1k", "20,000 x 1 KiB", 20_000, 1024), Case("50k", "5,000 x 50 KiB"
 SMOKE = [Case("1k", "200 x 1 KiB", 200, 1024), Case("50k", "100 x 50 KiB", 100, 51_200)]
 
 
-@dataclass
-class Row:
-    case: Case
-    who: str
-    ok: bool
-    wall: float = 0.0
-    arrived: int = 0
-    mta_cpu: float = 0.0
-    load_cpu: float = 0.0
-    peak_rss: int = 0
-    peak_pss: int = 0
-    note: str = ""
-
-    @property
-    def rate(self) -> float:
-        return self.case.count / self.wall if self.ok and self.wall > 0 else 0.0
-
-    @property
-    def cpu_per_1000(self) -> float:
-        return self.mta_cpu / self.case.count * 1000 if self.ok else 0.0
+Row = h.Row
 
 
 def _load(case: Case, port: int) -> list[str]:

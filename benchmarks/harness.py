@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -43,6 +44,30 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 STOP_TIMEOUT = 30.0  # seconds a process gets after SIGTERM before SIGKILL
 SAMPLE_INTERVAL = 0.05  # seconds between memory samples
+
+
+@dataclass
+class Row:
+    """One measured run of a case: an MTA under load, or the load tools' own ceiling."""
+
+    case: Any  # the benchmark's Case (only .count is used here)
+    who: str  # "fastmta w=2", "postfix", "ceiling smtp-source", ...
+    ok: bool
+    wall: float = 0.0
+    arrived: int = 0  # messages (transactions at the sinks, or found in the queue)
+    mta_cpu: float = 0.0
+    load_cpu: float = 0.0
+    peak_rss: int = 0
+    peak_pss: int = 0
+    note: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.case.count / self.wall if self.ok and self.wall > 0 else 0.0
+
+    @property
+    def cpu_per_1000(self) -> float:
+        return self.mta_cpu / self.case.count * 1000 if self.ok else 0.0
 
 
 def smoke_requested(argv: Sequence[str] | None = None) -> bool:
@@ -370,7 +395,7 @@ def count_fastmta_spool(spool_dir: str) -> int:
     for name in sorted(os.listdir(spool_dir)):
         path = os.path.join(spool_dir, name)
         if name.startswith("shard-") and os.path.isdir(path):
-            n += len(recover(path, fsync=False).messages)
+            n += len(recover(path, readonly=True).messages)
     return n
 
 
