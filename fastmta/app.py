@@ -55,7 +55,11 @@ class Worker:
         self.index = index
         self.count = count
         root = config.server.spool_dir
-        self.spool = Spool(shard_dir(root, index), incoming=incoming_dir(root))
+        self.spool = Spool(
+            shard_dir(root, index),
+            incoming=incoming_dir(root),
+            commit_delay=config.server.commit_delay,
+        )
         self.engine = None
         self.listenings: list = []
         self.servers: list[asyncio.base_events.Server] = []

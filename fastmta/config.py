@@ -133,6 +133,7 @@ class ServerConfig(msgspec.Struct, **_STRUCT):
     workers: int = 0  # 0 -> os.cpu_count()
     spool_dir: str = ""  # "" -> $FASTMTA_SPOOL, $XDG_STATE_HOME/fastmta/spool, ./fastmta-spool
     hold_delivery: bool = False
+    commit_delay: Duration = Duration(0.001)  # group-commit wait under load (0 = sync at once)
     log_level: str = "info"
     log_file: str = ""  # "" -> stderr
     delivery_log: str = ""  # "" -> <spool_dir>/delivery.log
@@ -500,6 +501,8 @@ def validate(config: Config) -> None:
     """
     s = config.server
     _at_least("server.workers", s.workers, 0)
+    if not 0 <= s.commit_delay <= 0.1:
+        raise _fail("server.commit_delay", f"must be between 0 and 100ms, got {s.commit_delay:g}s")
     _choice("server.log_level", s.log_level.lower(), _LOG_LEVELS)
 
     if not config.listener:

@@ -214,6 +214,10 @@ def test_overrides_are_validated_like_the_file(tmp_path):
         ),
         ("[limits]\nmax_recipientz = 1000", "config error: limits.max_recipientz: unknown key"),
         ("[limitz]\nmax_recipients = 1000", "config error: limitz: unknown key"),
+        (
+            '[server]\ncommit_delay = "1s"',
+            "config error: server.commit_delay: must be between 0 and 100ms, got 1s",
+        ),
         ('[[listener]]\nadress = "x"', "config error: listener[0].adress: unknown key"),
         (
             '[limits]\nmax_recipients = "many"',

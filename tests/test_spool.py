@@ -186,6 +186,30 @@ def test_group_commit_far_fewer_fsyncs_than_messages(tmp_path, run):
     run(main())
 
 
+def test_commit_delay_lets_a_trickle_of_stores_share_fsyncs(tmp_path, run):
+    """Stores arriving one by one, 1 ms apart (sessions finishing DATA at different times):
+    without a commit delay nearly each gets its own fdatasync; with one they share."""
+
+    async def trickle(directory, delay):
+        sp = Spool(directory, commit_delay=delay)
+        await sp.open()
+        pending = []
+        for i in range(100):
+            pending.append(asyncio.ensure_future(sp.store(make_env(1), body(i))))
+            await asyncio.sleep(0.001)
+        await asyncio.gather(*pending)
+        fsyncs = sp.stats.fsyncs
+        await sp.close()
+        return fsyncs
+
+    async def main():
+        eager = await trickle(tmp_path / "eager", 0.0)
+        delayed = await trickle(tmp_path / "delayed", 0.005)
+        assert delayed * 2 < eager, (delayed, eager)
+
+    run(main())
+
+
 def test_fsync_never_on_the_loop_thread(tmp_path, run, monkeypatch):
     import threading
 

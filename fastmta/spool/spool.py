@@ -47,6 +47,8 @@ class Spool:
     incoming         injection directory shared by the shards of one spool root
                      (default `<directory>/incoming`, i.e. the shard is the root)
     adopt_batch      max injected messages adopted per adopt_incoming() call (bounds memory)
+    commit_delay     under load, wait this long before a group commit so more records share
+                     one fdatasync (see writer.BUSY_WINDOW); 0 syncs at once
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class Spool:
         max_batch_bytes: int = 8 << 20,
         incoming: str | os.PathLike[str] | None = None,
         adopt_batch: int = 1000,
+        commit_delay: float = 0.0,
     ) -> None:
         self.directory = os.fspath(directory)
         self.incoming = os.fspath(incoming) if incoming is not None else None
@@ -67,6 +70,7 @@ class Spool:
         self._segment_size = segment_size
         self._max_batch = max_batch_bytes
         self._adopt_batch = adopt_batch
+        self._commit_delay = commit_delay
         self.stats = SpoolStats()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer: SegmentWriter | None = None
@@ -110,6 +114,7 @@ class Spool:
             fsync=self._fsync,
             segment_size=self._segment_size,
             max_batch_bytes=self._max_batch,
+            commit_delay=self._commit_delay,
         )
         self._writer.start()
         for n in sorted(self._segs):
