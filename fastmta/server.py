@@ -231,7 +231,7 @@ class SmtpConnection(asyncio.Protocol):
         self.busy = True
         if self.transport is not None:
             self.transport.pause_reading()
-        self._task = asyncio.ensure_future(coro)
+        self._task = self._loop.create_task(coro)
         self._task.add_done_callback(self._resume)
 
     def _resume(self, task: asyncio.Task[None]) -> None:

@@ -53,6 +53,26 @@ def test_connection_reuse_100_messages(tmp_path):
     asyncio.run(main())
 
 
+def test_idle_connection_reused_then_closed_after_idle_timeout(tmp_path):
+    async def main():
+        h = Harness(tmp_path, overrides={"delivery": {"idle_timeout": 0.3}})
+        async with h:
+            h.mx("example.test", (10, "mx1.example.test", "127.0.0.2"))
+            sink = h.sinks["127.0.0.2"]
+            await h.send("a@sender.test", ["u1@example.test"])
+            await h.until(lambda: sink.count == 1)
+            await asyncio.sleep(0.1)  # within idle_timeout: the warm connection is reused
+            await h.send("a@sender.test", ["u2@example.test"])
+            await h.until(lambda: sink.count == 2)
+            assert sink.connections == 1
+            await asyncio.sleep(0.6)  # past idle_timeout: QUIT, the next message reconnects
+            await h.send("a@sender.test", ["u3@example.test"])
+            await h.until(lambda: sink.count == 3)
+            assert sink.connections == 2
+
+    asyncio.run(main())
+
+
 def test_ten_domains_one_site(tmp_path):
     async def main():
         h = Harness(tmp_path, overrides={"delivery": {"max_connections_per_site": 1}})

@@ -85,6 +85,11 @@ class PoolStats(msgspec.Struct):
     connect_failures: int = 0
 
 
+def _idle_expired(fut: asyncio.Future[bool]) -> None:
+    if not fut.done():
+        fut.set_result(False)
+
+
 class SitePool:
     """Ready queue and workers of one site (see the module docstring)."""
 
@@ -94,7 +99,8 @@ class SitePool:
         self.limits = limits
         self.queue: deque[Job] = deque()
         self.workers: set[asyncio.Task[None]] = set()
-        self._idle: deque[asyncio.Future[None]] = deque()
+        self._idle: deque[asyncio.Future[bool]] = deque()
+        self._loop = asyncio.get_running_loop()
         self._starting = 0
         self.connected = 0  # workers holding a live connection
 
@@ -105,7 +111,7 @@ class SitePool:
         while self._idle:
             w = self._idle.popleft()
             if not w.done():
-                w.set_result(None)
+                w.set_result(True)
                 return
         if self.limits.can_open() and len(self.queue) > self._starting and not self.pool.closing:
             self._spawn()
@@ -113,7 +119,7 @@ class SitePool:
     def _spawn(self) -> None:
         self.limits.opened()
         self._starting += 1
-        task = asyncio.get_running_loop().create_task(self._worker())
+        task = self._loop.create_task(self._worker())
         self.workers.add(task)
         task.add_done_callback(self.workers.discard)
 
@@ -122,11 +128,17 @@ class SitePool:
         while not self.queue:
             if not connected or self.pool.closing:
                 return None
-            fut = asyncio.get_running_loop().create_future()
+            # A future and one timer, not asyncio.wait_for: this runs once per message when
+            # the site's queue drains as fast as it fills (wait_for wraps and looks up the loop).
+            loop = self._loop
+            fut = loop.create_future()
             self._idle.append(fut)
+            timer = loop.call_later(self.pool.idle_timeout, _idle_expired, fut)
             try:
-                await asyncio.wait_for(fut, self.pool.idle_timeout)
-            except TimeoutError:
+                woken = await fut
+            finally:
+                timer.cancel()
+            if not woken:
                 return None
         return self.queue.popleft()
 
@@ -302,7 +314,7 @@ class ConnectionPool:
             sp.queue.clear()
             for w in sp._idle:
                 if not w.done():
-                    w.set_result(None)
+                    w.set_result(False)
         tasks = [t for sp in self.sites.values() for t in sp.workers]
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=timeout)
