@@ -498,3 +498,15 @@ def test_client_connection_lost_mid_data():
     client.connection_lost()
     ev = client.next_event()
     assert isinstance(ev, TransactionResult) and ev.rcpts[0].is_transient()
+
+
+def test_pipelining_and_smtputf8_can_be_withheld():
+    p = Peer(S.SessionConfig(pipelining=False, smtputf8=False))
+    p.greeting()
+    out = talk(p, b"EHLO c\r\n")
+    assert b"250-PIPELINING" not in out and not any(b"SMTPUTF8" in x for x in out)
+    assert talk(p, "MAIL FROM:<jö@b.test> SMTPUTF8\r\n".encode()) == [
+        b"555 5.5.4 Error: SMTPUTF8 not supported"
+    ]
+    out = talk(p, b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\n")
+    assert out == [b"554 5.5.0 Error: SMTP protocol synchronization"] and p.closed

@@ -60,6 +60,8 @@ class SessionConfig(msgspec.Struct, kw_only=True):
     auth: str = "tls"  # offer AUTH: "tls" (only under TLS), "always", "never"
     auth_required: bool = False  # submission: AUTH before MAIL (RFC 6409 4.3)
     chunking: bool = True  # RFC 3030
+    pipelining: bool = True  # RFC 2920; False: not offered, and a client must wait per reply
+    smtputf8: bool = True  # RFC 6531; False: not offered, MAIL ... SMTPUTF8 gets 555
 
 
 # ------------------------------------------------------------------------------ events
@@ -346,7 +348,7 @@ class ServerSession:
             self._error(R.UNKNOWN_COMMAND)
             return None
         if (
-            not self.esmtp
+            not (self.esmtp and self.config.pipelining)
             and verb not in ("EHLO", "QUIT")
             and self.state is not State.CONNECTED
             and self._pipelined_illegally()
@@ -375,12 +377,15 @@ class ServerSession:
             self._send(reply(250, None, self.config.hostname))
             return None
         c = self.config
-        lines = [c.hostname, "PIPELINING", f"SIZE {c.max_message_size}"]
+        lines = [c.hostname] + (["PIPELINING"] if c.pipelining else [])
+        lines.append(f"SIZE {c.max_message_size}")
         if c.tls_available and not self.tls:
             lines.append("STARTTLS")
         if self._auth_offered():
             lines.append("AUTH " + " ".join(c.auth_mechanisms))
-        lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8"]
+        lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN"]
+        if c.smtputf8:
+            lines.append("SMTPUTF8")
         if c.chunking:
             lines.append("CHUNKING")
         self._send(Reply(250, None, tuple(lines)))
@@ -414,6 +419,9 @@ class ServerSession:
             mail = parse_mail(arg)
         except ParseError as e:
             self._parse_error(e)
+            return None
+        if mail.smtputf8 and not self.config.smtputf8:
+            self._error(R.NO_SMTPUTF8)
             return None
         if mail.size is not None and mail.size > self.config.max_message_size:
             self._error(R.SIZE_TOO_BIG)

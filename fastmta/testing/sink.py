@@ -75,7 +75,6 @@ def _default_loop_factory() -> asyncio.AbstractEventLoop:
 # 503 reply code" to every command except QUIT.
 _NO_SERVICE = reply(503, "5.5.1", "Error: no SMTP service here")
 # RFC 6531 3.4 / RFC 5321 4.1.1.11: a parameter the server did not offer.
-_NO_SMTPUTF8 = reply(555, "5.5.4", "Error: SMTPUTF8 not supported")
 _CALLBACK_FAILED = reply(451, "4.3.0", "Error: sink callback failed")
 _TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds; a test peer that never handshakes is dropped
 
@@ -139,20 +138,14 @@ def _unstuff(wire: bytes) -> bytes:
 
 class _SinkSession(ServerSession):
     """The project's session with the few knobs a test server needs and a real one does not:
-    a refusing greeting, no EHLO, and capabilities withheld. Everything else is inherited."""
+    a refusing greeting and no EHLO. Everything else is inherited (PIPELINING and SMTPUTF8
+    are withheld through SessionConfig)."""
 
     def __init__(self, config: SessionConfig, b: Behaviour) -> None:
         g = b.greeting
         super().__init__(config, greeting=g.text if g is not None and g.code == 220 else None)
         self._greeting_reply = g if g is not None and g.code != 220 else None
         self._ehlo_ok = b.ehlo
-        self._pipelining = b.pipelining
-        hide = set()
-        if not b.pipelining:
-            hide.add("PIPELINING")
-        if not b.smtputf8:
-            hide.add("SMTPUTF8")
-        self._hide = frozenset(hide)
         self._refused = False
 
     def greet(self) -> None:
@@ -167,11 +160,6 @@ class _SinkSession(ServerSession):
         else:
             self._refused = True
 
-    def _send(self, r: Reply) -> None:
-        if self._hide and r.code == 250 and len(r.lines) > 1:  # only EHLO answers this way
-            r = Reply(250, r.enhanced, tuple(x for x in r.lines if x.split()[0] not in self._hide))
-        super()._send(r)
-
     def _helo(self, arg: bytes, esmtp: bool) -> Event | None:
         if esmtp and not self._ehlo_ok:
             self._send(R.NOT_IMPLEMENTED)
@@ -179,21 +167,9 @@ class _SinkSession(ServerSession):
         return super()._helo(arg, esmtp)
 
     def _command(self, line: bytes) -> Event | None:
-        if self._refused or not self._pipelining:
-            verb = line.split(b" ", 1)[0].upper()
-            if self._refused and verb != b"QUIT":
-                self._error(_NO_SERVICE)
-                return None
-            if (
-                not self._pipelining
-                and self.esmtp
-                and verb not in (b"EHLO", b"QUIT")
-                and self._pipelined_illegally()
-            ):
-                # the same rule the session applies after HELO (RFC 2920 3.1: without
-                # PIPELINING the client waits for each reply)
-                self._sync_error(f"pipelined {verb.decode('ascii', 'replace')} without PIPELINING")
-                return self._ready.pop(0)
+        if self._refused and line.split(b" ", 1)[0].upper() != b"QUIT":
+            self._error(_NO_SERVICE)
+            return None
         return super()._command(line)
 
 
@@ -331,8 +307,6 @@ class _SinkProtocol(asyncio.Protocol):
                 s.reject(r)
         elif isinstance(ev, MailEvent):
             r = self._call(b.mail_reply, ev.mail.address) if b.mail_reply else None
-            if r is None and ev.mail.smtputf8 and not b.smtputf8:
-                r = _NO_SMTPUTF8
             if r is None or r.is_positive():
                 s.accept(r)
                 self.sink.transactions += 1
@@ -533,6 +507,8 @@ class Sink:
                 hostname="sink.localhost",
                 max_message_size=b.size,
                 chunking=b.chunking,
+                pipelining=b.pipelining,
+                smtputf8=b.smtputf8,
                 tls_available=b.starttls,
                 auth="never",
             )
