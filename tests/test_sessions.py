@@ -48,7 +48,10 @@ class Peer:
                 self.tls_started += 1
                 self.s.tls_started()
             elif isinstance(ev, S.AuthEvent):
-                self.s.challenge(b"")
+                if ev.initial:  # PLAIN with an initial response (RFC 4954 4)
+                    self.s.auth_success(base64.b64decode(ev.initial).split(b"\0")[1].decode())
+                else:
+                    self.s.challenge(b"")
             elif isinstance(ev, S.AuthResponseEvent):
                 if ev.line == b"*":
                     self.s.reject(reply(501, "5.7.0", "Authentication aborted"))
@@ -510,3 +513,47 @@ def test_pipelining_and_smtputf8_can_be_withheld():
     ]
     out = talk(p, b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\n")
     assert out == [b"554 5.5.0 Error: SMTP protocol synchronization"] and p.closed
+
+
+def test_client_auth_login_and_plain():
+    from fastmta.protocol.client import Authenticated
+
+    c = ClientSession("c.test")
+    c.receive(b"220 mx\r\n250-mx\r\n250 AUTH LOGIN\r\n")
+    c.data_to_send()
+    assert isinstance(c.next_event(), Ready)
+    c.authenticate("user", "pw")
+    assert c.data_to_send() == b"AUTH LOGIN\r\n"
+    c.receive(b"334 VXNlcm5hbWU6\r\n")
+    assert c.data_to_send() == base64.b64encode(b"user") + b"\r\n"
+    c.receive(b"334 UGFzc3dvcmQ6\r\n")
+    assert c.data_to_send() == base64.b64encode(b"pw") + b"\r\n"
+    c.receive(b"235 2.7.0 ok\r\n")
+    assert isinstance(c.next_event(), Authenticated)
+
+    c = ClientSession("c.test")
+    c.receive(b"220 mx\r\n250-mx\r\n250 AUTH PLAIN LOGIN\r\n")
+    c.data_to_send()
+    c.next_event()
+    c.authenticate("user", "pw")
+    assert c.data_to_send() == b"AUTH PLAIN " + base64.b64encode(b"\0user\0pw") + b"\r\n"
+    c.receive(b"535 5.7.8 bad credentials\r\n")
+    ev = c.next_event()
+    assert isinstance(ev, Failed) and ev.reply.code == 535
+
+
+def test_client_auth_against_server_session():
+    """PLAIN from the client session, checked by the server session (in memory)."""
+    from fastmta.protocol.client import Authenticated
+
+    peer = Peer(S.SessionConfig(auth="always"))
+    client = ClientSession("client.test")
+    seen = []
+
+    def on_event(ev):
+        seen.append(ev)
+        if isinstance(ev, Ready):
+            client.authenticate("alice", "pw")
+
+    converse(client, peer, peer.greeting(), on_event)
+    assert any(isinstance(e, Authenticated) for e in seen) and peer.s.user == "alice"

@@ -14,10 +14,8 @@ recipients get ``451 4.4.2`` (transient: retried later).
 from __future__ import annotations
 
 import asyncio
-import base64
 import ipaddress
 import ssl
-from collections import deque
 
 import msgspec
 
@@ -25,6 +23,7 @@ from fastmta.config import DeliveryConfig
 from fastmta.delivery.routing import is_loopback
 from fastmta.protocol.client import (
     NO_RESPONSE,
+    Authenticated,
     ClientEvent,
     ClientSession,
     Closed,
@@ -35,8 +34,6 @@ from fastmta.protocol.client import (
     StartTLS,
     TransactionResult,
 )
-from fastmta.protocol.errors import ParseError
-from fastmta.protocol.parse import ReplyReader
 from fastmta.protocol.replies import Reply, reply
 from fastmta.tls import client_context
 
@@ -110,8 +107,6 @@ class SmtpConnection(asyncio.Protocol):
         self._timed_out: Phase | None = None
         self._closed = False
         self._paused = False
-        self._aux: ReplyReader | None = None  # AUTH replies bypass the session
-        self._aux_replies: deque[Reply] = deque()
         self._made: asyncio.Future[None] = self._loop.create_future()
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
@@ -122,11 +117,8 @@ class SmtpConnection(asyncio.Protocol):
         self._arm()
 
     def data_received(self, data: bytes) -> None:
-        if self._aux is not None:
-            self._aux_feed(data)
-        else:
-            self.session.receive(data)
-            self._flush()
+        self.session.receive(data)
+        self._flush()
         self._arm()
         self._wake()
 
@@ -228,58 +220,17 @@ class SmtpConnection(asyncio.Protocol):
         self._arm()
 
     async def authenticate(self, username: str, password: str) -> None:
-        """AUTH PLAIN (or LOGIN) per RFC 4954; raises ConnectError when refused."""
-        mechs = self.session.capabilities.auth
-        self._aux = ReplyReader(2048, 128)
-        try:
-            if "PLAIN" in mechs or "LOGIN" not in mechs:
-                token = base64.b64encode(f"\0{username}\0{password}".encode()).decode()
-                r = await self._aux_command(f"AUTH PLAIN {token}\r\n")
-            else:
-                r = await self._aux_command("AUTH LOGIN\r\n")
-                if r.code == 334:
-                    r = await self._aux_command(
-                        base64.b64encode(username.encode()).decode() + "\r\n"
-                    )
-                if r.code == 334:
-                    r = await self._aux_command(
-                        base64.b64encode(password.encode()).decode() + "\r\n"
-                    )
-        finally:
-            self._aux = None
-            self._disarm()
-        if r.code != 235:
+        """AUTH through the client session (RFC 4954); raises ConnectError when refused."""
+        self.session.authenticate(username, password)
+        self._flush()
+        self._arm()
+        ev = await self.next_event()
+        if not isinstance(ev, Authenticated):
+            why = ev.reply if isinstance(ev, Failed) else NO_RESPONSE
             # RFC 4954 6: 535 bad credentials; defer (like Postfix) rather than bounce mail
-            raise ConnectError(reply(451, "4.7.0", f"Authentication failed: {r}"))
+            raise ConnectError(reply(451, "4.7.0", f"Authentication failed: {why}"))
 
     # --- internals ----------------------------------------------------------------------------
-    async def _aux_command(self, line: str) -> Reply:
-        assert self.transport is not None
-        self.transport.write(line.encode())
-        self._arm(self.timeouts.mail)
-        while not self._aux_replies:
-            if self._closed:
-                return self._failure_reply(NO_RESPONSE)
-            self._waiter = self._loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return self._aux_replies.popleft()
-
-    def _aux_feed(self, data: bytes) -> None:
-        assert self._aux is not None
-        self._aux.feed(data)
-        while True:
-            try:
-                r = self._aux.next_reply()
-            except ParseError as e:
-                r = reply(e.code, e.enhanced, e.text)
-                self.abort()
-            if r is None:
-                return
-            self._aux_replies.append(r)
-
     def _flush(self) -> None:
         out = self.session.data_to_send()
         if out and self.transport is not None and not self._closed:

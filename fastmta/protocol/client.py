@@ -14,6 +14,7 @@ again -> transactions, each MAIL/RCPT.../DATA pipelined when the server offers P
 
 from __future__ import annotations
 
+import base64
 import enum
 
 import msgspec
@@ -29,6 +30,7 @@ class Phase(enum.Enum):
     GREETING = "greeting"  # 4.5.3.2.1: 5 minutes
     EHLO = "ehlo"
     STARTTLS = "starttls"
+    AUTH = "auth"  # RFC 4954: a SASL exchange (PLAIN or LOGIN) in progress
     IDLE = "idle"  # ready for a transaction: nothing expected from the server
     MAIL = "mail"  # 4.5.3.2.2: 5 minutes
     RCPT = "rcpt"  # 4.5.3.2.3: 5 minutes
@@ -64,6 +66,10 @@ class StartTLS(msgspec.Struct, gc=False):
     """The server said 220 to STARTTLS: wrap the transport, then call tls_started()."""
 
 
+class Authenticated(msgspec.Struct, gc=False):
+    """The server said 235 to AUTH (RFC 4954 6): transactions may start."""
+
+
 class TransactionResult(msgspec.Struct, gc=False):
     """Per-recipient outcome of one transaction (same order as Message.recipients)."""
 
@@ -84,7 +90,7 @@ class Closed(msgspec.Struct, gc=False):
     """QUIT was answered (or the caller gave up): close the transport."""
 
 
-ClientEvent = Ready | StartTLS | TransactionResult | Failed | Closed
+ClientEvent = Ready | StartTLS | Authenticated | TransactionResult | Failed | Closed
 
 # Replies the session makes up when it does not send (so callers see one kind of outcome).
 NEED_SMTPUTF8 = reply(553, "5.6.7", "Message needs SMTPUTF8 but the server does not offer it")
@@ -126,6 +132,7 @@ class ClientSession:
         self._rcpt_replies: list[Reply] = []
         self._accepted = 0
         self._dirty = False  # a transaction failed midway: RSET before the next one
+        self._auth_steps: list[bytes] = []  # AUTH LOGIN lines still to send on 334
 
     # ------------------------------------------------------------------ I/O side
 
@@ -169,6 +176,20 @@ class ClientSession:
         self.tls = True
         self.capabilities = Capabilities(esmtp=False, keywords={})
         self._send_ehlo()
+
+    def authenticate(self, username: str, password: str) -> None:
+        """AUTH (Phase.IDLE only): PLAIN with an initial response when offered (or when
+        LOGIN is not), else LOGIN (RFC 4954, RFC 4616). Authenticated or Failed follows."""
+        self._require(Phase.IDLE)
+        b64 = base64.b64encode
+        if "PLAIN" in self.capabilities.auth or "LOGIN" not in self.capabilities.auth:
+            token = b64(b"\0" + username.encode() + b"\0" + password.encode())
+            self._out.append(b"AUTH PLAIN " + token + b"\r\n")
+            self._auth_steps = []
+        else:
+            self._out.append(b"AUTH LOGIN\r\n")
+            self._auth_steps = [b64(username.encode()) + b"\r\n", b64(password.encode()) + b"\r\n"]
+        self.phase = Phase.AUTH
 
     def send(self, msg: Message) -> None:
         """Start a transaction (Phase.IDLE only). Its outcome arrives as TransactionResult."""
@@ -312,6 +333,16 @@ class ClientSession:
             if r.code == 220:
                 self._events.append(StartTLS())
             else:
+                self._fail(r)
+        elif phase is Phase.AUTH:
+            if r.code == 334 and self._auth_steps:
+                self._out.append(self._auth_steps.pop(0))
+            elif r.code == 235:
+                self._auth_steps = []
+                self.phase = Phase.IDLE
+                self._events.append(Authenticated())
+            else:
+                self._auth_steps = []
                 self._fail(r)
         elif phase is Phase.QUIT:
             self.phase = Phase.CLOSED
