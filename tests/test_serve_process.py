@@ -13,15 +13,9 @@ import time
 
 import pytest
 
+from fastmta.testing.sink import unused_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def children(pid: int) -> list[int]:
@@ -94,7 +88,7 @@ address = "127.0.0.1:{port}"
 
 
 def test_workers_restart_reload_and_stop(serve, tmp_path):
-    port = free_port()
+    port = unused_port()
     p, cfg = serve(config(port, tmp_path))
     assert wait_until(lambda: greeting(port).startswith(b"220 one.test"))
     assert wait_until(lambda: len(children(p.pid)) == 2)

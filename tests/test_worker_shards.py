@@ -5,21 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import time
 
 from fastmta.app import Worker, shard_dir
 from fastmta.config import load_config
 from fastmta.spool import Spool
 from fastmta.spool.records import Envelope, Recipient, new_queue_id
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+from fastmta.testing.sink import unused_port
 
 
 def test_orphan_shard_is_absorbed(tmp_path):
@@ -36,7 +28,7 @@ def test_orphan_shard_is_absorbed(tmp_path):
             None,
             {
                 "server": {"spool_dir": root, "hold_delivery": True, "workers": 2},
-                "listener": [{"address": f"127.0.0.1:{free_port()}"}],
+                "listener": [{"address": f"127.0.0.1:{unused_port()}"}],
             },
         )
         worker = Worker(config, index=1, count=2)  # 3 % 2 == 1: this worker takes shard-3
