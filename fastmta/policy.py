@@ -16,6 +16,8 @@ __all__ = ["RELAY_DENIED", "Networks", "RelayPolicy"]
 # RFC 5321 4.2.3 (554 transaction failed), RFC 3463 3.8 (5.7.1 delivery not authorized).
 RELAY_DENIED: tuple[int, str, str] = (554, "5.7.1", "Relay access denied")
 
+_SEEN_MAX = 4096  # client addresses whose mynetworks answer Networks remembers
+
 
 def _parse_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     text = ip.strip()
@@ -41,7 +43,7 @@ class Networks:
     an IP address is simply not contained. Raises ValueError for a bad CIDR at construction.
     """
 
-    __slots__ = ("_v4", "_v6", "cidrs")
+    __slots__ = ("_v4", "_v6", "_seen", "cidrs")
 
     def __init__(self, cidrs: Iterable[str]) -> None:
         self.cidrs = list(cidrs)
@@ -55,10 +57,22 @@ class Networks:
                 net = ipaddress.ip_network(f"{v4}/{max(net.prefixlen - 96, 0)}", strict=False)
             table = self._v4 if net.version == 4 else self._v6
             table.setdefault(net.prefixlen, set()).add(int(net.network_address))
+        # Answers by client address text: a connection asks once or twice, and parsing an
+        # address with ipaddress costs more than the rest of a RCPT. Bounded: cleared when full.
+        self._seen: dict[str, bool] = {}
 
     def __contains__(self, ip: object) -> bool:
         if not isinstance(ip, str):
             return False
+        known = self._seen.get(ip)
+        if known is not None:
+            return known
+        if len(self._seen) >= _SEEN_MAX:
+            self._seen.clear()
+        found = self._seen[ip] = self._lookup(ip)
+        return found
+
+    def _lookup(self, ip: str) -> bool:
         addr = _parse_ip(ip)
         if addr is None:
             return False

@@ -111,6 +111,8 @@ class SmtpConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._counted = False
+        self._paused = False  # reading paused while busy
+        self._storing = ""  # queue id of the message being stored
 
     # ------------------------------------------------------------------ asyncio.Protocol
 
@@ -151,6 +153,12 @@ class SmtpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._last = self._now()
         self.session.receive(data)
+        if self.busy:
+            # The client sent more while its message is being stored (a pipelined QUIT, or
+            # abuse): keep it in the session, read no more until the answer is out. Pausing
+            # only now, not at every store, saves two epoll changes per message.
+            self._pause()
+            return
         self._process()
 
     def eof_received(self) -> bool | None:
@@ -184,7 +192,7 @@ class SmtpConnection(asyncio.Protocol):
             elif isinstance(ev, S.MailEvent):
                 s.accept()
             elif isinstance(ev, S.MessageEvent):
-                self._start(self._store(ev))
+                self._store(ev)
             elif isinstance(ev, S.StartTLSEvent):
                 self._start(self._starttls())
             elif isinstance(ev, S.AuthEvent):
@@ -229,8 +237,7 @@ class SmtpConnection(asyncio.Protocol):
     def _start(self, coro) -> None:
         """Answer the current event asynchronously; input waits (bounded buffers)."""
         self.busy = True
-        if self.transport is not None:
-            self.transport.pause_reading()
+        self._pause()
         self._task = self._loop.create_task(coro)
         self._task.add_done_callback(self._resume)
 
@@ -240,12 +247,25 @@ class SmtpConnection(asyncio.Protocol):
             log.error("session task failed", exc_info=task.exception())
             self._close()
             return
+        self._carry_on()
+
+    def _carry_on(self) -> None:
+        """The asynchronous answer is out: read again and answer what waits."""
         if self.transport is None:
             return
-        self.transport.resume_reading()
+        if self._paused:
+            self._paused = False
+            self.transport.resume_reading()
         self._process()
 
-    async def _store(self, ev: S.MessageEvent) -> None:
+    def _pause(self) -> None:
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def _store(self, ev: S.MessageEvent) -> None:
+        """Hand the message to the spool; _stored() answers once it is durable. A future and
+        a callback rather than a task: this runs once per message."""
         ctx = self.ctx
         s = self.session
         queue_id = new_queue_id()
@@ -275,11 +295,41 @@ class SmtpConnection(asyncio.Protocol):
             parts.append(headers.submission_fields(ev.chunks, ctx.config.server.hostname, queue_id))
         parts += ev.chunks
         try:
-            stored = await ctx.spool.store(env, parts)
+            fut = ctx.spool.start_store(env, parts)
         except SpoolError as e:
-            log.error("%s: spool write failed, answered 452: %s", queue_id, e)
-            s.reject(SPOOL_FAILED)
+            self._store_failed(queue_id, e)
             return
+        self.busy = True
+        self._storing = queue_id
+        fut.add_done_callback(self._stored)
+
+    def _stored(self, fut: asyncio.Future[StoredMessage]) -> None:
+        self.busy = False
+        try:
+            stored = fut.result()
+        except SpoolError as e:
+            self._store_failed(self._storing, e)
+        except asyncio.CancelledError:  # the worker is stopping
+            self._close()
+            return
+        except Exception as e:  # a bug: drop the session, not the worker
+            log.error("%s: storing the message failed", self._storing, exc_info=e)
+            self._close()
+            return
+        else:
+            self._accepted(stored)
+        # A message stored while the client vanished stays stored and is delivered; only the
+        # reply is lost, and the client retries: at-least-once.
+        self._carry_on()
+
+    def _store_failed(self, queue_id: str, e: SpoolError) -> None:
+        log.error("%s: spool write failed, answered 452: %s", queue_id, e)
+        self.session.reject(SPOOL_FAILED)
+
+    def _accepted(self, stored: StoredMessage) -> None:
+        ctx = self.ctx
+        env = stored.envelope
+        queue_id = env.id
         ctx.messages += 1
         log.debug(
             "%s: from=<%s> nrcpt=%d size=%d client=%s",
@@ -289,7 +339,7 @@ class SmtpConnection(asyncio.Protocol):
             env.size,
             env.client,
         )
-        s.accept(reply(250, "2.0.0", f"Ok: queued as {queue_id}"))
+        self.session.accept(reply(250, "2.0.0", f"Ok: queued as {queue_id}"))
         ctx.submit(stored)
 
     async def _starttls(self) -> None:

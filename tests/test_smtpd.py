@@ -303,6 +303,51 @@ def test_pipelined_group_with_smuggling_in_reject_mode(smtpd):
     s.close()
 
 
+def test_commands_pipelined_behind_a_message_wait_for_its_store(smtpd):
+    """The next transaction arrives while the spool is still storing the first message:
+    the listener holds it (reading paused) and answers in order once the 250 is out."""
+    d = smtpd()
+    real = d.spool.start_store
+
+    def slow(env, data):
+        inner = real(env, data)
+        loop = asyncio.get_running_loop()
+        outer = loop.create_future()
+        inner.add_done_callback(lambda f: loop.call_later(0.2, outer.set_result, f.result()))
+        return outer
+
+    d.spool.start_store = slow
+    s = socket.create_connection(("127.0.0.1", d.port))
+    s.settimeout(3)
+    s.recv(1000)
+    s.sendall(b"EHLO x\r\n")
+    time.sleep(0.05)
+    s.recv(1000)
+    s.sendall(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
+    time.sleep(0.1)
+    assert s.recv(1000).endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+    s.sendall(b"one\r\n.\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<e@d.test>\r\nDATA\r\n")
+    got = b""
+    deadline = time.monotonic() + 3
+    while not got.endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n"):
+        assert time.monotonic() < deadline, got
+        got += s.recv(1000)
+    lines = got.split(b"\r\n")
+    assert lines[0].startswith(b"250 2.0.0 Ok: queued as ") and lines[1:4] == [
+        b"250 2.1.0 Ok",
+        b"250 2.1.5 Ok",
+        b"354 End data with <CR><LF>.<CR><LF>",
+    ]
+    s.sendall(b"two\r\n.\r\nQUIT\r\n")
+    got = b""
+    while not got.endswith(b"221 2.0.0 Bye\r\n"):
+        assert time.monotonic() < deadline, got
+        got += s.recv(1000)
+    assert got.startswith(b"250 2.0.0 Ok: queued as ")
+    s.close()
+    assert [sm.envelope.recipients[0].address for sm in d.submitted] == ["c@d.test", "e@d.test"]
+
+
 def test_client_talking_before_the_greeting_is_refused(smtpd):
     d = smtpd({"limits": {"greet_pause": 0.3}})
     out = raw(d.port, b"EHLO early\r\n", wait=1.0, read_greeting=False)
@@ -351,22 +396,29 @@ def test_command_timeout(smtpd):
 
 def test_spool_failure_answers_452_and_server_keeps_running(smtpd):
     d = smtpd()
-    real = d.spool.store
+    real = d.spool.start_store
     calls = {"n": 0}
 
-    async def failing(env, data):
+    def failing(env, data):
         calls["n"] += 1
-        if calls["n"] == 1:
-            raise SpoolError("No space left on device", 28)
-        return await real(env, data)
+        if calls["n"] == 1:  # the writer thread's failure, as it reaches the listener
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_exception(SpoolError("No space left on device", 28))
+            return fut
+        if calls["n"] == 2:  # the spool refuses at once (closing)
+            raise SpoolError("spool is not open")
+        return real(env, data)
 
-    d.spool.store = failing
+    d.spool.start_store = failing
     with smtplib.SMTP("127.0.0.1", d.port) as c:
         c.ehlo("x")
         c.mail("a@b.test")
         c.rcpt("c@d.test")
         code, text = c.data(MSG)
         assert (code, text) == (452, b"4.3.1 Insufficient system storage")
+        c.mail("a@b.test")
+        c.rcpt("c@d.test")
+        assert c.data(MSG)[0] == 452
         assert c.sendmail("a@b.test", ["c@d.test"], MSG) == {}
     assert len(d.submitted) == 1
 

@@ -104,6 +104,8 @@ class SmtpConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # when self._timer fires (loop time)
+        self._deadline: float | None = None  # when the phase's timeout runs out (loop time)
         self._timed_out: Phase | None = None
         self._closed = False
         self._paused = False
@@ -242,25 +244,42 @@ class SmtpConnection(asyncio.Protocol):
             w.set_result(None)
 
     def _arm(self, seconds: float | None = None) -> None:
+        """Restart the timeout of the current phase (or ``seconds``); none while IDLE.
+
+        Called on every reply, so it only moves a deadline: the one timer is re-created when
+        it would fire too late, and otherwise re-armed by _on_timer for the time left."""
         if self._closed:
             return
-        phase = self.session.phase
         if seconds is None:
+            phase = self.session.phase
             if phase is Phase.IDLE or phase is Phase.CLOSED:
-                self._disarm()
+                self._deadline = None
                 return
             seconds = self.timeouts.data_block if self._paused else self.timeouts.for_phase(phase)
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._loop.call_later(seconds, self._on_timeout)
+        deadline = self._deadline = self._loop.time() + seconds
+        timer = self._timer
+        if timer is not None:
+            if self._timer_at <= deadline:
+                return
+            timer.cancel()
+        self._timer_at = deadline
+        self._timer = self._loop.call_at(deadline, self._on_timer)
 
     def _disarm(self) -> None:
+        self._deadline = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    def _on_timeout(self) -> None:
+    def _on_timer(self) -> None:
         self._timer = None
+        deadline = self._deadline
+        if deadline is None or self._closed:
+            return
+        if self._loop.time() < deadline:  # moved on since the timer was set
+            self._timer_at = deadline
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+            return
         self._timed_out = self.session.phase
         if self.transport is not None:
             self.transport.abort()  # connection_lost() follows and fails what is in flight

@@ -145,3 +145,15 @@ TOO_MANY_ERRORS = reply(421, "4.7.0", "Error: too many errors")
 NO_SMTPUTF8 = reply(555, "5.5.4", "Error: SMTPUTF8 not supported")  # RFC 6531 3.4
 SHUTTING_DOWN = reply(421, "4.3.2", "Service shutting down")  # 3.8
 TLS_NOT_AVAILABLE = reply(454, "4.7.0", "TLS not available due to temporary reason")  # RFC 3207 4
+
+
+def wire(r: Reply) -> bytes:
+    """``r.to_bytes()``, taken from a table for the constant replies above: the server sends
+    several of them per message, and formatting one costs more than looking it up."""
+    b = _WIRE.get(r)
+    return b if b is not None else r.to_bytes()
+
+
+_WIRE: dict[Reply, bytes] = {
+    v: v.to_bytes() for v in list(globals().values()) if isinstance(v, Reply)
+}

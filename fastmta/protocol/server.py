@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import enum
+import functools
 
 import msgspec
 
@@ -129,6 +130,38 @@ _NON_SMTP = frozenset({"GET", "POST", "PUT", "HEAD", "CONNECT", "OPTIONS", "USER
 _MAX_BDAT_DIGITS = 20
 
 
+@functools.lru_cache(maxsize=64)
+def _single_line(code: int, text: str) -> bytes:
+    """A reply without an enhanced code (greeting, HELO), formatted once per listener."""
+    return Reply(code, None, (text,)).to_bytes()
+
+
+@functools.lru_cache(maxsize=64)
+def _ehlo_reply(
+    hostname: str,
+    pipelining: bool,
+    size: int,
+    starttls: bool,
+    auth: str | None,
+    smtputf8: bool,
+    chunking: bool,
+) -> bytes:
+    """The EHLO reply (RFC 5321 4.1.1.1): the same few variants for every session of a
+    listener (before/after TLS and AUTH), so each is formatted once."""
+    lines = [hostname] + (["PIPELINING"] if pipelining else [])
+    lines.append(f"SIZE {size}")
+    if starttls:
+        lines.append("STARTTLS")
+    if auth is not None:
+        lines.append("AUTH " + auth)
+    lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN"]
+    if smtputf8:
+        lines.append("SMTPUTF8")
+    if chunking:
+        lines.append("CHUNKING")
+    return Reply(250, None, tuple(lines)).to_bytes()
+
+
 class ServerSession:
     """One SMTP server conversation. See the module docstring for the contract."""
 
@@ -160,7 +193,7 @@ class ServerSession:
         (a greet pause) to catch clients that talk first."""
         if self.state is State.GREETING:
             self.state = State.CONNECTED
-            self._send(reply(220, None, self._greeting))
+            self._out.append(_single_line(220, self._greeting))
 
     def receive(self, data: bytes) -> None:
         """Bytes from the client. Cheap: content goes straight into the content reader;
@@ -296,7 +329,7 @@ class ServerSession:
         return ev
 
     def _send(self, r: Reply) -> None:
-        self._out.append(r.to_bytes())
+        self._out.append(R.wire(r))
 
     def _close(self, reason: str) -> None:
         self.state = State.CLOSED
@@ -373,22 +406,17 @@ class ServerSession:
         self.esmtp = esmtp
         self._reset_transaction()
         self.state = State.READY
-        if not esmtp:
-            self._send(reply(250, None, self.config.hostname))
-            return None
         c = self.config
-        lines = [c.hostname] + (["PIPELINING"] if c.pipelining else [])
-        lines.append(f"SIZE {c.max_message_size}")
-        if c.tls_available and not self.tls:
-            lines.append("STARTTLS")
-        if self._auth_offered():
-            lines.append("AUTH " + " ".join(c.auth_mechanisms))
-        lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN"]
-        if c.smtputf8:
-            lines.append("SMTPUTF8")
-        if c.chunking:
-            lines.append("CHUNKING")
-        self._send(Reply(250, None, tuple(lines)))
+        if not esmtp:
+            self._out.append(_single_line(250, c.hostname))
+            return None
+        starttls = c.tls_available and not self.tls
+        auth = " ".join(c.auth_mechanisms) if self._auth_offered() else None
+        self._out.append(
+            _ehlo_reply(
+                c.hostname, c.pipelining, c.max_message_size, starttls, auth, c.smtputf8, c.chunking
+            )
+        )
         return None
 
     def _auth_offered(self) -> bool:

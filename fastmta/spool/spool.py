@@ -158,6 +158,16 @@ class Spool:
         of chunks (written with writev, not joined). Do not mutate it until this returns.
         Raises SpoolError (answer 452 4.3.1) if it could not be made durable.
         """
+        return await self.start_store(envelope, data)
+
+    def start_store(
+        self, envelope: Envelope, data: bytes | Sequence[bytes]
+    ) -> asyncio.Future[StoredMessage]:
+        """store() without the coroutine, for callers on the hot path (the SMTP listener).
+
+        Returns a future that resolves to the StoredMessage once it is durable, or fails with
+        SpoolError; raises SpoolError at once if the spool is not open.
+        """
         writer = self._live_writer()
         pieces = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
         size = 0
@@ -173,7 +183,7 @@ class Spool:
                 RECORD, RecordType.MESSAGE, payload, ENVLEN.size + len(env_bytes) + size, fut, ctx
             )
         )
-        return await fut
+        return fut
 
     def read(self, msg: StoredMessage) -> bytes:
         """The stored wire-form bytes of `msg` (one os.pread; fine on the loop for mail sizes).
