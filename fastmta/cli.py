@@ -167,14 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--check", metavar="FILE", help="validate FILE")
 
-    # Placeholder in the CLI wiring only: fastmta.bench comes later.
     q = sub.add_parser(
         "queue",
         help="inspect and manage the spool (list, show, hold, release, flush, delete, stats)",
-        description="Inspect and manage queued messages. list and show also work with the "
-        "server stopped (the spool is read, never changed); the other actions ask the running "
-        "workers. Exit status: 0 ok, 1 some queue ids not found, 2 usage or configuration "
-        "error, 69 the server is not running.",
+        description="Inspect and manage queued messages. With the server running, every "
+        "action asks its workers. With it stopped, list and show read the spool (never "
+        "changing it), and hold, release, delete and flush change it directly (like postsuper); "
+        "only stats needs the server. Exit status: 0 ok, 1 some queue ids not found, 2 usage "
+        "or configuration error, 69 the server is not running (stats) or a shard is locked.",
     )
     q.add_argument("--config", metavar="FILE", help="configuration file")
     q.add_argument("--spool", metavar="DIR", help="spool directory")

@@ -11,7 +11,10 @@
 With the server running, every action asks the workers over their control sockets
 (fastmta/control.py). With it stopped, ``list`` and ``show`` read the spool directly, read
 only: segment files are scanned as recovery does (fastmta/spool/segment.py), but no shard lock
-is taken, no torn tail cut off, nothing written. The other actions need the server.
+is taken, no torn tail cut off, nothing written. hold, release, delete and flush then open
+each shard as a worker would (taking its lock, taking in mail injected into incoming/), record
+the change and close it again, like Postfix's postsuper on a stopped queue. ``stats`` needs
+the server.
 
 Exit status: 0 ok; 1 some queue ids not found (or a worker did not answer); 2 usage or
 configuration error; 69 (EX_UNAVAILABLE, sysexits.h) the server is not running.
@@ -20,6 +23,7 @@ configuration error; 69 (EX_UNAVAILABLE, sysexits.h) the server is not running.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 import time
@@ -39,6 +43,7 @@ from fastmta.control import (
     header_section,
     worker_sockets,
 )
+from fastmta.spool import Spool, SpoolError
 from fastmta.spool.inject import ADOPTING, INCOMING, SUFFIX
 from fastmta.spool.records import (
     ENVELOPE_DECODER,
@@ -404,15 +409,24 @@ def cmd_change(args: argparse.Namespace, root: str) -> int:
         if line.end:
             found.update(line.found)
             count += line.count
-    if not workers.answered:
-        return workers.not_running(action)
+    stopped = not workers.answered
+    if stopped:
+        try:
+            count, found = asyncio.run(_change_stopped(request, root))
+        except SpoolError as e:  # a shard is locked: a server runs but does not answer
+            _err(f"queue {action}: {e}; is the server starting or stopping? try again")
+            return EX_UNAVAILABLE
+        workers.down = []  # sockets left by a stopped server, not workers that failed
     if workers.down:
         failed = True
         which = ", ".join(str(i) for i in sorted(workers.down))
         _err(f"queue {action}: worker(s) {which} did not answer; their messages are unchanged")
     done = {"hold": "held", "release": "released", "delete": "deleted", "flush": "flushed"}
     if action == "flush" and not request.ids:
-        print(f"flush: {workers.answered} worker(s) retry every deferred message now")
+        if stopped:
+            print(f"flush: {count} message{'' if count == 1 else 's'} due when the server starts")
+        else:
+            print(f"flush: {workers.answered} worker(s) retry every deferred message now")
         return EX_NOT_FOUND if failed else EX_OK
     print(f"{done[action]}: {count} message{'' if count == 1 else 's'}")
     for qid in request.ids:
@@ -420,6 +434,48 @@ def cmd_change(args: argparse.Namespace, root: str) -> int:
             _err(f"queue {action}: {qid}: no such message")
             failed = True
     return EX_NOT_FOUND if failed else EX_OK
+
+
+async def _change_stopped(request: Request, root: str) -> tuple[int, set[str]]:
+    """hold/release/delete/flush with the server stopped: each shard is opened as a worker
+    opens it (its lock taken, injected mail taken in), changed, and closed. Returns (messages
+    changed, queue ids found). Raises SpoolError if a shard is locked by a running server."""
+    from fastmta.app import shard_dir  # noqa: PLC0415 - the server's modules, only here
+
+    incoming = os.path.join(root, INCOMING)
+    shards = _shards(root) if os.path.isdir(root) else []
+    if not shards and os.path.isdir(incoming):
+        shards = [shard_dir(root, 0)]  # injected mail only: the first worker's shard takes it
+    wanted = set(request.ids)
+    count, found = 0, set()
+    for shard in shards:
+        spool = Spool(shard, incoming=incoming)
+        messages = await spool.open()
+        try:
+            while adopted := await spool.adopt_incoming():
+                messages += adopted
+            for sm in messages:
+                env = sm.envelope
+                if not (request.all or env.id in wanted or (request.cmd == "flush" and not wanted)):
+                    continue
+                found.add(env.id)
+                count += 1
+                if request.cmd == "delete":
+                    await spool.done(env.id)
+                    continue
+                if request.cmd == "hold":
+                    env.held = True
+                elif request.cmd == "release":
+                    env.held = False
+                    env.next_attempt = 0.0
+                elif not env.held:  # flush: due at once when the server starts
+                    env.next_attempt = 0.0
+                await spool.update(env)
+        finally:
+            await spool.close()
+        if len(shards) > 1 or count >= PROGRESS_EVERY:
+            print(f"  {os.path.basename(shard)}: done ({count:,} so far)", file=sys.stderr)
+    return count, found
 
 
 _STAT_COLUMNS = (

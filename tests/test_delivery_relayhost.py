@@ -6,6 +6,7 @@ import asyncio
 
 from delivery_harness import Harness
 
+from fastmta.spool import RcptState
 from fastmta.testing.sink import Behaviour
 
 
@@ -45,6 +46,27 @@ def test_per_domain_route(tmp_path):
             )
             assert h.sinks["127.0.0.3"].messages[0].recipients == ["c@routed.test"]
             assert h.dns.count("routed.test", "MX") == 0
+            await h.close()
+        finally:
+            h.stop_servers()
+
+    asyncio.run(main())
+
+
+def test_relayhost_without_address_defers(tmp_path):
+    """A relayhost name without an address is our configuration's fault: 451, never a bounce."""
+
+    async def main():
+        h = Harness(tmp_path, {"127.0.0.2": Behaviour()}, retry=60)
+        h.start_servers()
+        h.overrides = {"delivery": {"relayhost": f"[relay.test]:{h.port}"}}
+        try:
+            h.dns.add_name("relay.test")
+            await h.open()
+            sm = await h.send("a@sender.test", ["b@example.test"])
+            await h.until(lambda: bool(h.records()))
+            rc = h.live(sm.envelope.id).envelope.recipients[0]
+            assert rc.state == RcptState.DEFERRED and rc.last_reply.startswith("451 4.4.4")
             await h.close()
         finally:
             h.stop_servers()

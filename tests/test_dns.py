@@ -123,7 +123,7 @@ def test_domain_address_never_used_when_mx_exists(run, dns):
             return await error_of(r.destination("hasmx.test"))
 
     err = run(main())
-    assert (err.code, err.enhanced, err.transient) == (451, "4.4.4", True)
+    assert (err.code, err.enhanced, err.transient) == (550, "5.4.4", False)
     assert dns.count("hasmx.test", "A") == 0
 
 
@@ -217,7 +217,7 @@ def test_nxdomain_fails_permanently(run, dns):
     assert (err.code, err.enhanced, err.transient) == (550, "5.1.2", False)
 
 
-def test_nodata_without_addresses_is_transient(run, dns):
+def test_nodata_without_addresses_bounces_like_postfix(run, dns):
     dns.add_name("empty.test")
 
     async def main():
@@ -225,7 +225,7 @@ def test_nodata_without_addresses_is_transient(run, dns):
             return await error_of(r.destination("empty.test"))
 
     err = run(main())
-    assert (err.code, err.enhanced, err.transient) == (451, "4.4.4", True)
+    assert (err.code, err.enhanced, err.transient) == (550, "5.4.4", False)
 
 
 def test_servfail_is_transient(run, dns):

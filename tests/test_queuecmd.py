@@ -245,7 +245,17 @@ def test_list_show_stats_running_then_stopped(tmp):
     r = srv.q("show", ids[1])
     assert r.returncode == 0 and "Subject: hello 1\n" in r.stdout
     assert snapshot(srv.spool) == before
+    # changes on a stopped server go into the spool directly (postsuper on a stopped queue)
     r = srv.q("hold", ids[1])
+    assert r.returncode == 0 and r.stdout == "held: 1 message\n", r.stderr
+    r = srv.q("delete", ids[0], "0000nope")
+    assert r.returncode == 1 and r.stdout == "deleted: 1 message\n"
+    assert "0000nope: no such message" in r.stderr
+    lines = srv.q("list").stdout.splitlines()
+    assert sorted(ln.split()[0] for ln in lines[:-1]) == sorted(ids[1:])
+    assert [ln.split()[0] for ln in lines[:-1] if "held" in ln.split("<")[0]] == [ids[1]]
+    assert lines[-1].startswith("-- 3 messages")
+    r = srv.q("stats")
     assert r.returncode == 69 and "not running" in r.stderr
 
 
@@ -366,15 +376,25 @@ def test_errors_and_injected_mail_without_server(tmp):
     r = cli("queue", "show", "0000nope", "--spool", spool)
     assert r.returncode == 1 and "no such message" in r.stderr
 
-    for action in (["stats"], ["flush"], ["release", qid]):
-        r = cli("queue", "--spool", spool, *action)
-        assert r.returncode == 69 and "the server is not running" in r.stderr
+    r = cli("queue", "--spool", spool, "stats")
+    assert r.returncode == 69 and "the server is not running" in r.stderr
     # a socket file left by a crashed worker: nobody answers, so still "not running"
     os.makedirs(os.path.join(spool, "control"))
     with socket.socket(socket.AF_UNIX) as s:
         s.bind(socket_path(spool, 0))
-    r = cli("queue", "--spool", spool, "hold", qid)
+    r = cli("queue", "--spool", spool, "stats")
     assert r.returncode == 69 and "the server is not running" in r.stderr
+    # with the server stopped, hold takes the injected message into the first shard
+    r = cli("queue", "--spool", spool, "hold", qid)
+    assert r.returncode == 0 and r.stdout == "held: 1 message\n", r.stderr
+    assert os.listdir(os.path.join(spool, "incoming")) == []
+    r = cli("queue", "list", "--spool", spool)
+    assert r.returncode == 0 and r.stdout.startswith(qid) and "held" in r.stdout.splitlines()[0]
+    r = cli("queue", "--spool", spool, "flush")
+    assert r.returncode == 0 and r.stdout == "flush: 1 message due when the server starts\n"
+    r = cli("queue", "--spool", spool, "delete", "--all")
+    assert r.returncode == 0 and r.stdout == "deleted: 1 message\n"
+    assert cli("queue", "list", "--spool", spool).stdout.startswith("-- 0 messages")
 
 
 def test_stopped_list_replays_updates_and_done_and_reports_progress(tmp):

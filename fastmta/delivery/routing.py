@@ -136,7 +136,7 @@ class Router:
             return Destination(route.lookup, literal, (host,), math.inf)
         addresses = await resolver.addresses(route.lookup)
         if not addresses:
-            raise DnsError.no_addresses(route.lookup)
+            raise DnsError.route_unresolvable(route.lookup)
         host = MXHost(route.lookup, 0, addresses)
         expires = resolver.clock() + resolver.min_ttl
         return Destination(route.lookup, route.lookup.lower(), (host,), expires)

@@ -52,5 +52,17 @@ class DnsError(Exception):
 
     @classmethod
     def no_addresses(cls, domain: str) -> DnsError:
-        """No MX host (or the implicit MX) has an address: 451 4.4.4 (RFC 3463 section 3.5)."""
-        return cls(451, "4.4.4", f"No mail exchanger of {domain} has an address")
+        """No MX host (or the implicit MX) has an address, and DNS said so (NXDOMAIN or NODATA,
+        no failure): 550 5.4.4 "unable to route" (RFC 3463 section 3.5). Permanent, as in
+        Postfix ("Host or domain name not found"); RFC 5321 section 5.1 calls it an error."""
+        return cls(
+            550,
+            "5.4.4",
+            f"Host or domain name not found: no mail exchanger of {domain} has an address",
+        )
+
+    @classmethod
+    def route_unresolvable(cls, host: str) -> DnsError:
+        """A configured route (relayhost, transport) names a host without an address: 451
+        4.4.4, transient, so a mistake in our own configuration never bounces mail."""
+        return cls(451, "4.4.4", f"Configured next hop {host} has no address")

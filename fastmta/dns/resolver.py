@@ -141,7 +141,7 @@ class Resolver:
         literal (``[192.0.2.1]``, RFC 5321 section 4.1.3) is returned without DNS.
 
         Raises :class:`DnsError`: 556 5.1.10 null MX; 550 5.1.2 NXDOMAIN or invalid name;
-        451 4.4.3 SERVFAIL/timeout; 451 4.4.4 no host has an address. Cached; concurrent
+        451 4.4.3 SERVFAIL/timeout; 550 5.4.4 no host has an address. Cached; concurrent
         calls for one domain share one resolution.
         """
         if domain.startswith("["):
