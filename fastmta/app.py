@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 
 from . import __version__, loop
+from .anvil import ConnectionCounts
 from .config import Config, ConfigError, parse_hostport
 from .log import DeliveryLog, setup_logging
 from .protocol.parse import IMPLEMENTATION
@@ -51,10 +52,19 @@ class Worker:
     """One worker: spool shard + delivery engine + listeners, on the running loop.
     Also what tests and embedders start in-process."""
 
-    def __init__(self, config: Config, index: int = 0, count: int = 1) -> None:
+    def __init__(
+        self,
+        config: Config,
+        index: int = 0,
+        count: int = 1,
+        counts: dict[str, ConnectionCounts] | None = None,
+    ) -> None:
         self.config = config
         self.index = index
         self.count = count
+        # connection counts per listener address, shared with the other workers (anvil.py);
+        # None: this worker counts alone (tests, embedding)
+        self.counts = counts
         root = config.server.spool_dir
         self.spool = Spool(
             shard_dir(root, index),
@@ -96,6 +106,9 @@ class Worker:
                 users=users,
                 local_check=local_check,
                 ssl_context=ssl_ctx,
+                counts=self.counts[listener.address].worker(self.index)
+                if self.counts and listener.address in self.counts
+                else None,
             )
             host, port = parse_hostport(listener.address, 25)
             server = await lp.create_server(
@@ -223,13 +236,15 @@ def _remove_tree(path: str) -> None:
 # ------------------------------------------------------------------ processes
 
 
-def _worker_process(config: Config, index: int, count: int) -> int:
+def _worker_process(
+    config: Config, index: int, count: int, counts: dict[str, ConnectionCounts] | None = None
+) -> int:
     """Body of a worker process (after fork)."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor handles reloads
     sys.setswitchinterval(SWITCH_INTERVAL)
 
     async def main() -> int:
-        worker = Worker(config, index, count)
+        worker = Worker(config, index, count, counts)
         lp = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             lp.add_signal_handler(sig, worker.request_stop)
@@ -276,13 +291,23 @@ class Supervisor:
         self.stopping = False
         self.failed = False  # a worker could not start: exit 1
         self._hup = False
+        self.counts: dict[str, ConnectionCounts] = {}  # per listener address, for all workers
+        self._make_counts()
+
+    def _make_counts(self) -> None:
+        """Shared connection counts for every listener of the config (before forking)."""
+        for listener in self.config.listener:
+            if listener.address not in self.counts:
+                self.counts[listener.address] = ConnectionCounts(self.config.server.workers)
 
     def spawn(self, index: int) -> None:
+        for counts in self.counts.values():
+            counts.reset(index)  # the previous worker at this index and its connections are gone
         pid = os.fork()
         if pid == 0:  # child
             code = 1
             try:
-                code = _worker_process(self.config, index, self.config.server.workers)
+                code = _worker_process(self.config, index, self.config.server.workers, self.counts)
             except BaseException:  # noqa: BLE001 - a child must never return into the parent's code
                 log.exception("worker %d crashed", index)
             finally:
@@ -345,6 +370,7 @@ class Supervisor:
             log.warning("reload: a new worker count takes effect at the next start")
             new = _with_workers(new, self.config.server.workers)
         self.config = new
+        self._make_counts()
         log.info("reloading: replacing %d worker(s)", len(self.children))
         for pid, (index, _) in list(self.children.items()):
             os.kill(pid, signal.SIGTERM)

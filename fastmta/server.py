@@ -9,13 +9,13 @@ durable (Spool.store returns after the group commit's fdatasync).
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import ssl
 import time
 from collections.abc import Callable
 
 from . import auth, headers
+from .anvil import ConnectionCounts, WorkerCounts
 from .config import Config, Listener
 from .policy import RelayPolicy
 from .protocol import replies as R
@@ -36,7 +36,8 @@ AUTH_TOO_MANY = reply(421, "4.7.0", "Too many failed authentication attempts")
 
 class Listening:
     """What the connections of one listener share in one worker process: the session
-    configuration, the policy, the counters behind the connection limits, the spool."""
+    configuration, the policy, the spool, and the connection counts behind the limits (shared
+    with the other workers: fastmta/anvil.py)."""
 
     def __init__(
         self,
@@ -48,6 +49,7 @@ class Listening:
         users: auth.Users | None = None,
         local_check: Callable[[str], tuple[int, str, str] | None] | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        counts: WorkerCounts | None = None,
     ) -> None:
         self.config = config
         self.listener = listener
@@ -74,8 +76,8 @@ class Listening:
             auth_required=listener.role == "submission",
         )
         self.policy = RelayPolicy(config.policy.mynetworks, config.policy.local_domains)
-        self.connections: set[SmtpConnection] = set()
-        self.per_ip: collections.Counter[str] = collections.Counter()
+        self.connections: set[SmtpConnection] = set()  # this worker's, for drain()
+        self.counts = counts if counts is not None else ConnectionCounts(1).worker(0)
         self.accepting = True
         self.messages = 0  # accepted, for logs and tests
 
@@ -128,14 +130,15 @@ class SmtpConnection(asyncio.Protocol):
         if not ctx.accepting:
             self._refuse(R.SHUTTING_DOWN)
             return
-        if len(ctx.connections) >= lim.max_connections:
+        counts = ctx.counts
+        if counts.total() >= lim.max_connections:
             self._refuse(TOO_MANY_CONNECTIONS)
             return
-        if ctx.per_ip[self.peer_ip] >= lim.max_connections_per_ip:
+        if counts.of(self.peer_ip) >= lim.max_connections_per_ip:
             self._refuse(TOO_MANY_FROM_YOU)
             return
         ctx.connections.add(self)
-        ctx.per_ip[self.peer_ip] += 1
+        counts.opened(self.peer_ip)
         self._counted = True
         self._last = self._now()
         pause = lim.greet_pause
@@ -171,9 +174,7 @@ class SmtpConnection(asyncio.Protocol):
             self._counted = False
             ctx = self.ctx
             ctx.connections.discard(self)
-            ctx.per_ip[self.peer_ip] -= 1
-            if ctx.per_ip[self.peer_ip] <= 0:
-                del ctx.per_ip[self.peer_ip]
+            ctx.counts.closed(self.peer_ip)
         # A message being stored when the client vanished stays stored (the spool finishes
         # the write); only the reply is lost and the client retries: at-least-once.
         self.transport = None

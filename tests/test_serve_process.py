@@ -138,3 +138,48 @@ def test_bad_config_exits_2(serve, tmp_path):
     p, _ = serve("[limits]\nmax_recipients = 10\n")
     out, err = p.communicate(timeout=20)
     assert p.returncode == 2 and "limits.max_recipients" in err
+
+
+def test_connection_limits_hold_across_workers(serve, tmp_path):
+    """max_connections(_per_ip) count every worker's connections (fastmta/anvil.py): with
+    per-worker counting, two workers would let through up to twice the limit."""
+    port = unused_port()
+    p, _ = serve(
+        config(port, tmp_path)
+        + "\n[limits]\nmax_connections = 3\nmax_connections_per_ip = 2\ngreet_pause = 0\n"
+    )
+    assert wait_until(lambda: len(children(p.pid)) == 2 and greeting(port).startswith(b"220"))
+    started = time.monotonic()
+
+    def connect(src: str) -> tuple[socket.socket, bytes]:
+        s = socket.create_connection(("127.0.0.1", port), timeout=3, source_address=(src, 0))
+        return s, s.recv(200)
+
+    held = []
+    for _ in range(8):  # SO_REUSEPORT spreads these over both workers
+        s, first = connect("127.0.0.1")
+        held.append((s, first))
+    answers = [first for _, first in held]
+    assert sum(a.startswith(b"220 ") for a in answers) == 2, answers
+    refused = b"421 4.7.0 Too many connections from your address"
+    assert sum(a.startswith(refused) for a in answers) == 6, answers
+    s, first = connect("127.0.0.2")
+    held.append((s, first))
+    assert first.startswith(b"220 ")
+    s, first = connect("127.0.0.3")  # 3 open on the listener: the total limit
+    held.append((s, first))
+    assert first.startswith(b"421 4.7.0 Too many connections, try again later")
+
+    # a worker dies with its connections: its replacement starts from zero, so nothing of
+    # the dead worker's count stays behind
+    time.sleep(max(0.0, CRASH_SAFE - (time.monotonic() - started)))
+    for c in children(p.pid):
+        os.kill(c, signal.SIGKILL)
+    for s, _ in held:
+        s.close()
+    assert wait_until(lambda: len(children(p.pid)) == 2 and greeting(port).startswith(b"220"), 20)
+    time.sleep(0.3)  # the greeting probes above have closed
+    again = [connect("127.0.0.1") for _ in range(2)]
+    assert all(first.startswith(b"220 ") for _, first in again), [f for _, f in again]
+    for s, _ in again:
+        s.close()
