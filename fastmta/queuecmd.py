@@ -390,6 +390,7 @@ def _describe(env: Envelope) -> str:
         ("ret", env.ret),
         ("envid", env.envid),
         ("bounce", "yes (a DSN)" if env.is_bounce else None),
+        ("delay dsn", "sent" if env.warned else None),
     ):
         if value:
             rows.append((key, value))

@@ -1,5 +1,5 @@
 """A message still deferred after queue.delay_warning gets one "delayed" DSN (RFC 3464
-Action: delayed), and delivery goes on."""
+Action: delayed), and delivery goes on; the spool remembers the warning across a restart."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import asyncio
 from delivery_harness import Harness
 
 from fastmta.protocol.replies import reply
-from fastmta.spool import RcptState
 from fastmta.testing.sink import Behaviour
 
 
@@ -34,9 +33,16 @@ def test_delay_warning_once_then_delivered(tmp_path):
             assert b"Action: delayed" in dsn.data and b"mailbox busy" in dsn.data
             await asyncio.sleep(0.8)  # more deferred attempts: no second warning
             assert sink.count == 1 and sm.envelope.attempts >= 3
+            await h.close()  # a restart: the warning is in the spool, not only in memory
+            await h.open()
+            qid = sm.envelope.id
+            assert h.live(qid).envelope.warned
+            attempts = h.live(qid).envelope.attempts
+            await h.until(lambda: h.live(qid).envelope.attempts >= attempts + 3, timeout=5)
+            assert sink.count == 1
             state["busy"] = False
-            await h.until(lambda: h.live(sm.envelope.id) is None)
-            assert sm.envelope.recipients[0].state == RcptState.DELIVERED
+            await h.until(lambda: h.live(qid) is None)
+            assert [r["outcome"] for r in h.records()][-1] == "delivered"
             assert sink.count == 2
 
     asyncio.run(main())

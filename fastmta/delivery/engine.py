@@ -154,7 +154,6 @@ class DeliveryEngine:
         self._stats = EngineStats()
         self._active: dict[str, _Active] = {}
         self._held: dict[str, StoredMessage] = {}  # on hold, out of the scheduler
-        self._warned: set[str] = set()  # delay DSN sent (in memory: at most twice per restart)
         self._dest_cache: dict[tuple[str, bool], Destination] = {}
         self._resolving: dict[tuple[str, bool], list[Job]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -254,7 +253,6 @@ class DeliveryEngine:
         await self.spool.done(queue_id)
         self.scheduler.remove(queue_id)
         self._held.pop(queue_id, None)
-        self._warned.discard(queue_id)
         return True
 
     async def stop(self, timeout: float = 10.0) -> None:
@@ -489,11 +487,10 @@ class DeliveryEngine:
             if not pending:
                 await self.spool.done(env.id)
                 self.scheduler.finished(sm)
-                self._warned.discard(env.id)
             else:
                 self.scheduler.retry(sm)
+                await self._maybe_warn(act, pending)  # before the update, which records it
                 await self.spool.update(env)
-                await self._maybe_warn(act, pending)
         except (KeyError, SpoolError) as e:  # removed meanwhile, or the spool is closing
             log.warning("message %s: cannot record the result: %s", env.id, e)
         self._arm_timer()
@@ -558,9 +555,9 @@ class DeliveryEngine:
     async def _maybe_warn(self, act: _Active, pending: list[int]) -> None:
         env = act.sm.envelope
         warn_after = self.config.queue.delay_warning
-        if env.id in self._warned or not self.scheduler.schedule.delay_warning_due(
-            env.arrival, time.time(), False, warn_after
+        if not self.scheduler.schedule.delay_warning_due(
+            env.arrival, time.time(), env.warned, warn_after
         ):
             return
-        self._warned.add(env.id)
+        env.warned = True  # in the spool with the update that follows: once, across restarts
         await self._send_dsn(act, "delay", pending)

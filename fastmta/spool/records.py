@@ -59,6 +59,7 @@ class Envelope(msgspec.Struct, omit_defaults=True):
     auth: str | None = None  # authenticated user, if any
     is_bounce: bool = False  # a DSN we generated: never bounce a bounce
     held: bool = False  # on hold (`fastmta queue hold`): not delivered until released
+    warned: bool = False  # the delay warning DSN was sent (RFC 3464 "delayed"): only once
 
 
 class RecipientUpdate(msgspec.Struct, omit_defaults=True):
@@ -75,6 +76,7 @@ class RecipientUpdate(msgspec.Struct, omit_defaults=True):
     next_attempt: float = 0.0
     version: int = 1
     held: bool = False  # Envelope.held (older records lack it: they were never held)
+    warned: bool = False  # Envelope.warned (older records lack it)
 
     @classmethod
     def of(cls, env: Envelope) -> RecipientUpdate:
@@ -87,6 +89,7 @@ class RecipientUpdate(msgspec.Struct, omit_defaults=True):
             env.attempts,
             env.next_attempt,
             held=env.held,
+            warned=env.warned,
         )
 
     def apply(self, env: Envelope) -> None:
@@ -98,6 +101,7 @@ class RecipientUpdate(msgspec.Struct, omit_defaults=True):
         env.attempts = self.attempts
         env.next_attempt = self.next_attempt
         env.held = self.held
+        env.warned = self.warned
 
 
 class Done(msgspec.Struct, omit_defaults=True):
