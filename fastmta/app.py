@@ -76,6 +76,7 @@ class Worker:
         self.servers: list[asyncio.base_events.Server] = []
         self._stop = asyncio.Event()
         self._adopter: asyncio.Task[None] | None = None
+        self._compactor: asyncio.Task[None] | None = None
         self.delivery_log: DeliveryLog | None = None
         self.control = None  # fastmta.control.ControlServer (fastmta queue ...)
 
@@ -122,6 +123,8 @@ class Worker:
             self.listenings.append(ctx)
             self.servers.append(server)
         self._adopter = asyncio.ensure_future(self._adopt_loop())
+        if config.server.compact_interval > 0:
+            self._compactor = asyncio.ensure_future(self._compact_loop())
         root = config.server.spool_dir
         self.control = ControlServer(root, self.index, self.count, self.engine, self.spool)
         await self.control.start()
@@ -139,6 +142,19 @@ class Worker:
                     self.engine.submit(msg)
             except SpoolError as e:
                 log.error("adopting injected mail failed: %s", e)
+
+    async def _compact_loop(self) -> None:
+        """Copy the few live messages out of sparse segments so those can be deleted."""
+        s = self.config.server
+        while True:
+            await asyncio.sleep(s.compact_interval)
+            try:
+                moved = await self.spool.compact(s.compact_below, s.compact_max_bytes)
+            except SpoolError as e:
+                log.error("spool compaction failed: %s", e)
+                continue
+            if moved:
+                log.info("worker %d: compaction moved %d message(s)", self.index, moved)
 
     async def _absorb_orphan_shards(self) -> list[StoredMessage]:
         """Shards left by a run with more workers: worker i takes shard j when j % count == i,
@@ -178,8 +194,9 @@ class Worker:
             server.close()
         for ctx in self.listenings:
             await ctx.drain(STOP_TIMEOUT)
-        if self._adopter is not None:
-            self._adopter.cancel()
+        for task in (self._adopter, self._compactor):
+            if task is not None:
+                task.cancel()
         if self.engine is not None:
             await self.engine.stop()
         await self.spool.close()

@@ -134,6 +134,9 @@ class ServerConfig(msgspec.Struct, **_STRUCT):
     spool_dir: str = ""  # "" -> $FASTMTA_SPOOL, $XDG_STATE_HOME/fastmta/spool, ./fastmta-spool
     hold_delivery: bool = False
     commit_delay: Duration = Duration(0.001)  # group-commit wait under load (0 = sync at once)
+    compact_interval: Duration = Duration(30.0)  # how often sparse segments are compacted; 0: never
+    compact_below: float = 0.25  # compact a sealed segment whose live messages fill less than this
+    compact_max_bytes: Size = Size(16 << 20)  # message bytes moved per compaction round
     log_level: str = "info"
     log_file: str = ""  # "" -> stderr
     delivery_log: str = ""  # "" -> <spool_dir>/delivery.log
@@ -504,6 +507,13 @@ def validate(config: Config) -> None:
     if not 0 <= s.commit_delay <= 0.1:
         raise _fail("server.commit_delay", f"must be between 0 and 100ms, got {s.commit_delay:g}s")
     _choice("server.log_level", s.log_level.lower(), _LOG_LEVELS)
+    if s.compact_interval < 0:
+        raise _fail(
+            "server.compact_interval", f"must be >= 0 (0: never), got {s.compact_interval:g}s"
+        )
+    if not 0 < s.compact_below < 1:
+        raise _fail("server.compact_below", f"must be between 0 and 1, got {s.compact_below:g}")
+    _at_least("server.compact_max_bytes", s.compact_max_bytes, 1)
 
     if not config.listener:
         raise _fail("listener", "at least one [[listener]] is required")

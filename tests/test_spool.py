@@ -411,3 +411,94 @@ def test_writes_during_close_raise_instead_of_hanging(tmp_path, run):
         await sp.close()
 
     run(main())
+
+
+async def _sparse_spool(tmp_path, keep_every: int = 5) -> tuple[Spool, dict[str, bytes]]:
+    """A spool of small segments where only every ``keep_every``-th message is still live."""
+    sp = Spool(tmp_path, segment_size=16 << 10)
+    await sp.open()
+    stored = [await sp.store(make_env(), body(i, 1500)) for i in range(60)]
+    kept = {}
+    for i, sm in enumerate(stored):
+        if i % keep_every:
+            await sp.done(sm.envelope.id)
+        else:
+            kept[sm.envelope.id] = body(i, 1500)
+    await sp.flush()
+    return sp, kept
+
+
+def test_compaction_moves_live_messages_out_of_sparse_segments(tmp_path, run):
+    async def main():
+        sp, kept = await _sparse_spool(tmp_path)
+        before = list_segments(tmp_path)
+        assert len(before) >= 5 and all(sp.get(q).segment in before for q in kept)
+        env = sp.get(next(iter(kept))).envelope
+        env.recipients[0].state, env.attempts = RcptState.DEFERRED, 2  # state to carry along
+        await sp.update(env)
+        sealed = [q for q in kept if sp.get(q).segment < before[-1]]
+        assert await sp.compact(below=0.5) == len(sealed)
+        await sp.flush()
+        after = list_segments(tmp_path)
+        assert not set(after) & set(before[:-1])  # every sparse segment is gone
+        for q, data in kept.items():
+            assert sp.read(sp.get(q)) == data
+        env.recipients[1].state = RcptState.DELIVERED  # an update after the move
+        await sp.update(env)
+        assert sp.stats.moved == len(sealed)
+        await sp.close()
+
+        sp = Spool(tmp_path, segment_size=16 << 10)
+        live = {m.envelope.id: m for m in await sp.open()}
+        assert set(live) == set(kept)
+        for q, data in kept.items():
+            assert sp.read(live[q]) == data
+        got = live[env.id].envelope
+        assert got.attempts == 2 and [r.state for r in got.recipients] == [
+            RcptState.DEFERRED,
+            RcptState.DELIVERED,
+        ]
+        await sp.close()
+
+    run(main())
+
+
+def test_compaction_crash_before_old_segments_are_deleted(tmp_path, run, monkeypatch):
+    """The moved copies are durable but the old segments were never unlinked: recovery
+    keeps one copy of each message (the moved one) and then deletes the old segments."""
+
+    async def main():
+        sp, kept = await _sparse_spool(tmp_path)
+        old = list_segments(tmp_path)[:-1]
+        monkeypatch.setattr(os, "unlink", lambda path: None)  # the "crash": no unlink happens
+        await sp.compact(below=0.5)
+        await sp.close()
+        monkeypatch.undo()
+        assert set(old) <= set(list_segments(tmp_path))  # still there
+        sp = Spool(tmp_path, segment_size=16 << 10)
+        live = await sp.open()
+        assert sorted(m.envelope.id for m in live) == sorted(kept)
+        for m in live:
+            assert sp.read(m) == kept[m.envelope.id] and m.segment not in old
+        await sp.flush()
+        assert not set(old) & set(list_segments(tmp_path))
+        await sp.close()
+
+    run(main())
+
+
+def test_done_while_a_message_is_being_moved(tmp_path, run):
+    async def main():
+        sp, kept = await _sparse_spool(tmp_path)
+        moving = [q for q in kept if sp.get(q).segment < list_segments(tmp_path)[-1]]
+        task = asyncio.ensure_future(sp.compact(below=0.5))
+        await asyncio.sleep(0)  # compact has read the messages and submitted the MOVEs
+        await sp.done(moving[0])
+        await task
+        await sp.close()
+        sp = Spool(tmp_path, segment_size=16 << 10)
+        live = {m.envelope.id for m in await sp.open()}
+        assert live == set(kept) - {moving[0]}
+        await sp.close()
+
+    run(main())

@@ -119,6 +119,7 @@ class StoredMessage(msgspec.Struct):
     segment: int  # segment number
     offset: int  # byte offset of the message bytes in the segment file
     length: int  # == envelope.size
+    record_offset: int = 0  # byte offset of its MESSAGE (or MOVE) record's header
 
 
 # Reused encoder/decoders (STYLE.md 6): building them per call costs more than the work.

@@ -17,16 +17,33 @@ log = logging.getLogger("fastmta.spool")
 
 
 class SegmentInfo:
-    """Bookkeeping for one segment: how many of its messages are live, and which OLDER
-    segments its UPDATE/DONE records refer to. A segment may be deleted only when it has no
-    live message and none of the segments it refers to still exists; otherwise deleting its
-    DONE records would bring finished messages back at the next recovery."""
+    """Bookkeeping for one segment: how many of its messages are live (and their bytes), its
+    size, and which OLDER segments its UPDATE/DONE/MOVE records refer to. A segment may be
+    deleted only when it has no live message and none of the segments it refers to still
+    exists; otherwise deleting its DONE (or MOVE) records would bring finished (or stale)
+    messages back at the next recovery. ``live_bytes`` / ``size`` tells compaction how sparse
+    it is."""
 
-    __slots__ = ("live", "refs")
+    __slots__ = ("live", "live_bytes", "refs", "size")
 
     def __init__(self) -> None:
         self.live = 0
+        self.live_bytes = 0  # record bytes of the live messages
+        self.size = 0  # bytes of records in the file
         self.refs: set[int] = set()
+
+    def add(self, record_bytes: int) -> None:
+        self.live += 1
+        self.live_bytes += record_bytes
+
+    def remove(self, record_bytes: int) -> None:
+        self.live -= 1
+        self.live_bytes -= record_bytes
+
+
+def record_bytes(sm: StoredMessage) -> int:
+    """Bytes of the MESSAGE/MOVE record holding ``sm`` (header to end of the message)."""
+    return sm.offset - sm.record_offset + sm.length
 
 
 class Recovered:
@@ -75,16 +92,23 @@ def recover(directory: str, *, fsync: bool = True, readonly: bool = False) -> Re
                 if fsync:
                     os.fdatasync(f.fileno())
         info = segs[n] = SegmentInfo()
+        info.size = good
         for off, rtype, payload in records:
             try:
-                if rtype == RecordType.MESSAGE:
+                if rtype == RecordType.MESSAGE or rtype == RecordType.MOVE:
                     env_bytes, data_at = split_message(payload)
                     env = ENVELOPE_DECODER.decode(env_bytes)
-                    if env.id in index:
-                        continue  # a duplicate (adoption crash window): keep the first copy
+                    old = index.get(env.id)
+                    if old is not None:
+                        if rtype == RecordType.MESSAGE:
+                            continue  # a duplicate (adoption crash window): keep the first copy
+                        segs[old.segment].remove(record_bytes(old))  # moved: the copy wins
+                        if old.segment != n:
+                            info.refs.add(old.segment)
                     length = len(payload) - data_at
-                    index[env.id] = StoredMessage(env, n, off + HEADER_SIZE + data_at, length)
-                    info.live += 1
+                    sm = StoredMessage(env, n, off + HEADER_SIZE + data_at, length, off)
+                    index[env.id] = sm
+                    info.add(record_bytes(sm))
                 elif rtype == RecordType.UPDATE:
                     upd = UPDATE_DECODER.decode(payload)
                     sm = index.get(upd.id)
@@ -96,7 +120,7 @@ def recover(directory: str, *, fsync: bool = True, readonly: bool = False) -> Re
                     done = DONE_DECODER.decode(payload)
                     sm = index.pop(done.id, None)
                     if sm is not None:
-                        segs[sm.segment].live -= 1
+                        segs[sm.segment].remove(record_bytes(sm))
                         if sm.segment != n:
                             info.refs.add(sm.segment)
                 else:

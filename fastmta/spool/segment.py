@@ -15,6 +15,8 @@ A segment is a sequence of records::
 The crc also covers type and length, so a damaged header is caught like a damaged payload.
 MESSAGE payload = u32 envelope length + msgpack Envelope + the message bytes, raw (wire form:
 CRLF, dot-stuffed, without the final ".\\r\\n"), so delivery pwrite/preads them as they are.
+A MOVE record has a MESSAGE payload: the copy of a live message that compaction took out of a
+sparse older segment; it replaces the earlier copy (see Spool.compact).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class RecordType(enum.IntEnum):
     MESSAGE = 1  # Envelope + message bytes
     UPDATE = 2  # RecipientUpdate
     DONE = 3  # Done
+    MOVE = 4  # as MESSAGE: a live message copied out of a sparse segment; replaces the old copy
 
 
 def segment_name(number: int) -> str:

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from .errors import SpoolError
 from .inject import INCOMING, claim_incoming, unlink_claimed
 from .records import ENCODER, Done, Envelope, RecipientUpdate, StoredMessage
-from .recover import SegmentInfo, recover
+from .recover import SegmentInfo, record_bytes, recover
 from .segment import ENVLEN, HEADER_SIZE, RecordType, message_payload, segment_name
 from .writer import BARRIER, DELETE, RECORD, STOP, SegmentWriter, SpoolStats, Ticket
 
@@ -81,6 +81,8 @@ class Spool:
         self._readers: dict[int, int] = {}  # segment number -> O_RDONLY fd
         self._adopting: asyncio.Lock | None = None
         self._closing = False
+        self._moving: set[str] = set()  # queue ids with a MOVE record in flight (compact)
+        self._done_while_moving: set[str] = set()  # their DONE waits for the MOVE (see _moved)
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def open(self) -> list[StoredMessage]:
@@ -224,14 +226,73 @@ class Spool:
         Written with the next group commit; the message's segment is deleted once its last
         live message is done (and no older segment still needs its DONE records).
         """
-        writer = self._live_writer()
+        self._live_writer()
         sm = self._index.pop(queue_id, None)
         if sm is None:
             return
-        self._segs[sm.segment].live -= 1
-        body = ENCODER.encode(Done(queue_id))
-        writer.submit(Ticket(RECORD, RecordType.DONE, [body], len(body), None, sm.segment))
+        self._segs[sm.segment].remove(record_bytes(sm))
+        if queue_id in self._moving:
+            self._done_while_moving.add(queue_id)  # written after the MOVE record (_moved)
+        else:
+            self._submit_done(queue_id, sm.segment)
         self._maybe_delete(sm.segment)
+
+    async def compact(self, below: float = 0.25, max_bytes: int = 16 << 20) -> int:
+        """Copy the live messages out of sparse sealed segments, so those can be deleted.
+
+        A segment is kept while any message in it is live, so a few long-deferred messages
+        would otherwise pin whole segments (64 MiB each by default) for up to the queue
+        lifetime. A sealed segment whose live messages take less than ``below`` of its bytes
+        has them copied into the active segment as MOVE records (oldest segments first, at
+        most ``max_bytes`` of messages per call); the old copies then count as gone and the
+        segment is deleted like any other. Returns the number of messages moved.
+
+        Crash safety: a MOVE replaces the earlier copy at recovery, and the segment holding
+        it refers to the old segment, so it is never deleted before the old copy is.
+        """
+        self._live_writer()
+        sparse = sorted(
+            n
+            for n, info in self._segs.items()
+            if n < self._active and info.live > 0 and info.live_bytes < below * info.size
+        )
+        if not sparse:
+            return 0
+        chosen: set[int] = set()
+        budget = 0
+        for n in sparse:
+            chosen.add(n)
+            budget += self._segs[n].live_bytes
+            if budget >= max_bytes:
+                break
+        todo: list[StoredMessage] = []
+        for i, sm in enumerate(list(self._index.values())):
+            if i % 10_000 == 9_999:
+                await asyncio.sleep(0)  # a big index: let the sessions run
+            if sm.segment in chosen and sm.envelope.id not in self._moving:
+                todo.append(sm)
+        moves = []
+        read = 0
+        for sm in todo:
+            if read >= max_bytes or self._index.get(sm.envelope.id) is not sm:
+                continue
+            data = self.read(sm)
+            read += len(data)
+            moves.append((sm, self._submit_move(sm, data)))
+        moved = 0
+        for sm, fut in moves:
+            try:
+                await fut
+                moved += 1
+            except SpoolError as e:
+                qid = sm.envelope.id
+                log.error("moving %s out of segment %d failed: %s", qid, sm.segment, e)
+                self._moving.discard(qid)
+                if qid in self._done_while_moving:
+                    self._done_while_moving.discard(qid)
+                    self._submit_done(qid, sm.segment)
+        self.stats.moved += moved
+        return moved
 
     async def flush(self) -> None:
         """Wait until every record submitted so far (updates and done included) is durable."""
@@ -303,6 +364,40 @@ class Spool:
     def _submit_record(self, rtype: int, body: bytes, ref_segment: int) -> None:
         self._live_writer().submit(Ticket(RECORD, rtype, [body], len(body), None, ref_segment))
 
+    def _submit_done(self, queue_id: str, ref_segment: int) -> None:
+        self._submit_record(RecordType.DONE, ENCODER.encode(Done(queue_id)), ref_segment)
+
+    def _submit_move(self, sm: StoredMessage, data: bytes) -> asyncio.Future[None]:
+        env = sm.envelope
+        env_bytes = ENCODER.encode(env)
+        payload = message_payload(env_bytes, [data])
+        fut = self._loop.create_future()
+        size = ENVLEN.size + len(env_bytes) + len(data)
+        self._moving.add(env.id)
+        self._live_writer().submit(
+            Ticket(RECORD, RecordType.MOVE, payload, size, fut, (len(env_bytes), sm))
+        )
+        return fut
+
+    def _moved(self, sm: StoredMessage, seg: int, record_offset: int, offset: int) -> None:
+        """A MOVE record of ``sm`` is durable in ``seg``: the message lives there now."""
+        qid = sm.envelope.id
+        self._moving.discard(qid)
+        old = sm.segment
+        info = self._segs[seg]
+        if old != seg:
+            info.refs.add(old)  # the old copy must not outlive this one (it would come back)
+        if qid in self._done_while_moving:  # finished meanwhile: done() fixed the counts
+            self._done_while_moving.discard(qid)
+            self._submit_done(qid, seg)
+            return
+        old_info = self._segs.get(old)
+        if old_info is not None:
+            old_info.remove(record_bytes(sm))
+        sm.segment, sm.offset, sm.record_offset = seg, offset, record_offset
+        info.add(record_bytes(sm))
+        self._maybe_delete(old)
+
     def _notify(self, tickets: list[Ticket]) -> None:
         """Writer thread -> loop: one hop per group commit."""
         try:
@@ -325,19 +420,28 @@ class Spool:
                     fut.set_exception(t.error)
                 continue
             seg = t.segment
-            if seg not in self._segs:
-                self._segs[seg] = SegmentInfo()
+            info = self._segs.get(seg)
+            if info is None:
+                info = self._segs[seg] = SegmentInfo()
+            end = t.offset + HEADER_SIZE + t.size
+            if end > info.size:
+                info.size = end
             if seg > self._active:
                 self._rolled(seg)
             if t.rtype == RecordType.MESSAGE:
                 env, envlen, size = t.ctx
                 offset = t.offset + HEADER_SIZE + ENVLEN.size + envlen
-                sm = StoredMessage(env, seg, offset, size)
+                sm = StoredMessage(env, seg, offset, size, t.offset)
                 self._index[env.id] = sm
-                self._segs[seg].live += 1
+                info.add(end - t.offset)
                 self.stats.messages += 1
                 if not fut.done():
                     fut.set_result(sm)
+            elif t.rtype == RecordType.MOVE:
+                envlen, sm = t.ctx
+                self._moved(sm, seg, t.offset, t.offset + HEADER_SIZE + ENVLEN.size + envlen)
+                if not fut.done():
+                    fut.set_result(None)
             else:
                 ref = t.ctx
                 if ref != seg and ref in self._segs:

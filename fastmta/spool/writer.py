@@ -56,6 +56,7 @@ class SpoolStats:
     segments_deleted: int = 0
     write_errors: int = 0
     adopted: int = 0  # injected messages adopted into this spool
+    moved: int = 0  # live messages copied out of sparse segments (Spool.compact)
     recovered: int = 0  # live messages found by open()
     truncated_bytes: int = 0  # torn-tail bytes cut off by open()
 
