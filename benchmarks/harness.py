@@ -500,9 +500,14 @@ def wait_sinks(sinks: Sequence[SmtpSink], timeout: float) -> float | None:
     return last
 
 
-def smtp_source(port: int, count: int, size: int, sessions: int = 20, rcpts: int = 1) -> list[str]:
-    """smtp-source: ``sessions`` parallel sessions, one message per connection (no ``-d``)."""
+def smtp_source(
+    port: int, count: int, size: int, sessions: int = 20, rcpts: int = 1, reuse: bool = False
+) -> list[str]:
+    """smtp-source: ``sessions`` parallel sessions, one message per connection, or with
+    ``reuse`` (``-d``) every message of a session over one connection."""
     cmd = ["smtp-source", "-s", str(sessions), "-m", str(count), "-l", str(size)]
+    if reuse:
+        cmd.append("-d")
     if rcpts > 1:
         cmd += ["-r", str(rcpts)]
     return [*cmd, "-f", "from@x.test", "-t", "to@y.test", f"127.0.0.1:{port}"]

@@ -492,9 +492,14 @@ def test_done_while_a_message_is_being_moved(tmp_path, run):
         sp, kept = await _sparse_spool(tmp_path)
         moving = [q for q in kept if sp.get(q).segment < list_segments(tmp_path)[-1]]
         task = asyncio.ensure_future(sp.compact(below=0.5))
-        await asyncio.sleep(0)  # compact has read the messages and submitted the MOVEs
+        deadline = time.monotonic() + 5
+        while moving[0] not in sp._moving:  # its MOVE record is submitted, not yet durable
+            assert time.monotonic() < deadline and not task.done()
+            await asyncio.sleep(0)
         await sp.done(moving[0])
+        assert moving[0] in sp._done_while_moving  # its DONE waits for the MOVE record
         await task
+        assert not sp._done_while_moving
         await sp.close()
         sp = Spool(tmp_path, segment_size=16 << 10)
         live = {m.envelope.id for m in await sp.open()}

@@ -37,6 +37,28 @@ __all__ = ["Spool", "SpoolStats"]
 log = logging.getLogger("fastmta.spool")
 
 
+def _read_messages(directory: str, where: list[tuple[int, int, int]]) -> list[bytes | None]:
+    """(segment, offset, length) -> the bytes there, or None if the segment is gone or short.
+    Blocking: runs in a worker thread (Spool.compact)."""
+    out: list[bytes | None] = []
+    fds: dict[int, int | None] = {}
+    try:
+        for seg, offset, length in where:
+            if seg not in fds:
+                try:
+                    fds[seg] = os.open(os.path.join(directory, segment_name(seg)), os.O_RDONLY)
+                except FileNotFoundError:
+                    fds[seg] = None
+            fd = fds[seg]
+            data = os.pread(fd, length, offset) if fd is not None else None
+            out.append(data if data is not None and len(data) == length else None)
+    finally:
+        for fd in fds.values():
+            if fd is not None:
+                os.close(fd)
+    return out
+
+
 class Spool:
     """Durable message store for one shard directory (see the module docstring for contracts).
 
@@ -83,6 +105,7 @@ class Spool:
         self._closing = False
         self._moving: set[str] = set()  # queue ids with a MOVE record in flight (compact)
         self._done_while_moving: set[str] = set()  # their DONE waits for the MOVE (see _moved)
+        self._compacting = False
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def open(self) -> list[StoredMessage]:
@@ -251,6 +274,15 @@ class Spool:
         it refers to the old segment, so it is never deleted before the old copy is.
         """
         self._live_writer()
+        if self._compacting:
+            return 0
+        self._compacting = True
+        try:
+            return await self._compact(below, max_bytes)
+        finally:
+            self._compacting = False
+
+    async def _compact(self, below: float, max_bytes: int) -> int:
         sparse = sorted(
             n
             for n, info in self._segs.items()
@@ -266,18 +298,23 @@ class Spool:
             if budget >= max_bytes:
                 break
         todo: list[StoredMessage] = []
+        size = 0
         for i, sm in enumerate(list(self._index.values())):
             if i % 10_000 == 9_999:
                 await asyncio.sleep(0)  # a big index: let the sessions run
-            if sm.segment in chosen and sm.envelope.id not in self._moving:
+            if sm.segment in chosen and size < max_bytes and sm.envelope.id not in self._moving:
                 todo.append(sm)
+                size += sm.length
+        # Old segments are rarely in the page cache: read them in a thread, with its own fds.
+        where = [(sm.segment, sm.offset, sm.length) for sm in todo]
+        datas = await asyncio.to_thread(_read_messages, self.directory, where)
         moves = []
-        read = 0
-        for sm in todo:
-            if read >= max_bytes or self._index.get(sm.envelope.id) is not sm:
+        for sm, data, (seg, _, _) in zip(todo, datas, where, strict=True):
+            qid = sm.envelope.id
+            if data is None or self._index.get(qid) is not sm or sm.segment != seg:
+                continue  # finished (or moved) while we read
+            if qid in self._moving or self._writer is None or self._closing:
                 continue
-            data = self.read(sm)
-            read += len(data)
             moves.append((sm, self._submit_move(sm, data)))
         moved = 0
         for sm, fut in moves:
