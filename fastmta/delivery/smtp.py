@@ -119,10 +119,12 @@ class SmtpConnection(asyncio.Protocol):
         self._arm()
 
     def data_received(self, data: bytes) -> None:
-        self.session.receive(data)
+        session = self.session
+        session.receive(data)
         self._flush()
         self._arm()
-        self._wake()
+        if session.has_event:  # e.g. not after a 354, which only lets the session send the body
+            self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True

@@ -163,6 +163,11 @@ class ClientSession:
     def next_event(self) -> ClientEvent | None:
         return self._events.pop(0) if self._events else None
 
+    @property
+    def has_event(self) -> bool:
+        """An event waits for next_event() (the I/O side need not wake its reader otherwise)."""
+        return bool(self._events)
+
     # ------------------------------------------------------------------ caller's moves
 
     def starttls(self) -> None:
