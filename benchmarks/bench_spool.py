@@ -24,6 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastmta.spool import Envelope, Recipient, Spool, new_queue_id  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as h  # noqa: E402
+
 
 def envelope() -> Envelope:
     return Envelope(
@@ -83,6 +86,7 @@ def main() -> None:
     ap.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     ap.add_argument("--dir", default=None, help="parent of the temporary spools (default: TMPDIR)")
     ap.add_argument("--concurrency", type=int, default=100)
+    ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = ap.parse_args()
     if args.loop == "uvloop":
         import uvloop
@@ -92,6 +96,7 @@ def main() -> None:
         runner = asyncio.Runner()
     n1k, n50k, nrec = (500, 200, 2000) if args.smoke else (50_000, 10_000, 100_000)
     base = tempfile.mkdtemp(prefix="bench-spool-", dir=args.dir)
+    rows = []
     try:
         with runner:
             for size, n in ((1024, n1k), (50 * 1024, n50k)):
@@ -104,11 +109,24 @@ def main() -> None:
                     f"{rate:>9,.0f} msgs/s  ({msgs} msgs, {fsyncs} fsyncs, "
                     f"{msgs / max(fsyncs, 1):.0f} msgs/fsync, {mbs:.0f} MB/s)"
                 )
+                rows.append([f"store {size // 1024} KiB, fsync on", f"{rate:,.0f}",
+                             f"{msgs:,} msgs, {msgs / max(fsyncs, 1):.0f} per fdatasync, "
+                             f"{mbs:.0f} MB/s"])  # fmt: skip
                 shutil.rmtree(d)
             rate, dt = runner.run(bench_recover(os.path.join(base, "recover"), nrec))
             print(f"recover {nrec} x 1 KiB: {rate:>9,.0f} msgs/s  ({dt:.2f} s)")
+            rows.append([f"recover {nrec:,} x 1 KiB", f"{rate:,.0f}", f"{dt:.2f} s"])
     finally:
         shutil.rmtree(base, ignore_errors=True)
+    if not args.smoke and not args.no_write:
+        h.write_section(
+            "spool",
+            "## Spool: group-committed stores and recovery\n\n"
+            f"{h.machine_md()}\n- `python benchmarks/bench_spool.py`: {args.concurrency} "
+            f"concurrent store() calls, {args.loop}\n\n"
+            + h.md_table(["case", "msgs/s", "detail"], rows)
+            + "\n",
+        )
 
 
 if __name__ == "__main__":

@@ -83,6 +83,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         return
     tr = terminalreporter
     tr.section("parser throughput (c vs py)")
+    rows = []
     for group in sorted({g for g, _ in RESULTS}):
         c, py = RESULTS.get((group, "c")), RESULTS.get((group, "py"))
         parts = []
@@ -91,3 +92,18 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
                 parts.append(f"{name}: {_fmt(r[0] / r[2], r[1])}")
         ratio = f"  c/py = {py[2] / c[2]:6.1f}x" if c and py else ""
         tr.write_line(f"{group:28s} " + "   ".join(parts) + ratio)
+        if c and py:
+            rows.append([group, _fmt(c[0] / c[2], c[1]), _fmt(py[0] / py[2], py[1]),
+                         f"{py[2] / c[2]:.1f}x"])  # fmt: skip
+    if rows and len(rows) == len({g for g, _ in RESULTS}):  # a full run of both: keep it
+        import harness as h  # noqa: PLC0415 - benchmarks/ is on sys.path under pytest
+
+        text = (
+            "## Parser: compiled (c) vs pure-Python twin (py)\n\n"
+            f"{h.machine_md()}\n- pytest-benchmark means, "
+            "`python -m pytest benchmarks/bench_parse.py --benchmark-enable`\n\n"
+            + h.md_table(["case", "c", "py", "c/py"], [[f"`{r[0]}`", *r[1:]] for r in rows])
+            + "\n"
+        )
+        h.write_section("parser", text)
+        tr.write_line(f"(written to {h.RESULTS_MD})")

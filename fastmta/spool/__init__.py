@@ -16,7 +16,8 @@ Here each worker owns a shard: append-only segment files (segment.py: framed, cr
 records) written by one thread (writer.py) that takes every record queued since its last
 sync, appends them with one pwritev and makes them durable with one fdatasync (group commit,
 with a 1 ms commit_delay under load). A 250 waits for that sync; nothing else does. Measured:
-~74,000 1 KiB stores/s with fsync on (benchmarks/bench_spool.py), recovery ~150,000 msg/s.
+60,000-75,000 1 KiB stores/s with fsync on (benchmarks/bench_spool.py, ~55 per fdatasync),
+recovery 130,000-150,000 msg/s.
 
 - Records: MESSAGE (envelope + wire-form bytes, sent as stored), UPDATE (recipient states,
   attempts, next attempt, hold, delay warning), DONE, MOVE (see compaction). State changes
