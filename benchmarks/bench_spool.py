@@ -69,6 +69,49 @@ async def build(directory: str, count: int) -> None:
     await sp.close()
 
 
+def _rss() -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        return int(f.read().split("VmRSS:")[1].split()[0]) * 1024
+
+
+async def bench_memory(root: str, count: int) -> tuple[float, float]:
+    """A whole worker (spool index, scheduler, engine; delivery held) over a queue of
+    ``count`` 1 KiB messages: RSS bytes per queued message, and the worker's start time."""
+    from fastmta.app import Worker, shard_dir  # noqa: PLC0415
+    from fastmta.config import load_config  # noqa: PLC0415
+
+    await build(shard_dir(root, 0), count)
+    config = load_config(
+        None,
+        {
+            "server": {"spool_dir": root, "hold_delivery": True, "workers": 1},
+            "listener": [{"address": f"127.0.0.1:{h.free_port()}"}],
+        },
+    )
+    before = _rss()
+    t0 = time.perf_counter()
+    worker = Worker(config)
+    await worker.start()
+    dt = time.perf_counter() - t0
+    per_message = (_rss() - before) / count
+    assert len(worker.engine.messages()) == count
+    await worker.stop()
+    return per_message, dt
+
+
+def _memory_in_fresh_process(root: str, count: int) -> tuple[float, float]:
+    """bench_memory in a new interpreter: this one's heap holds what earlier cases freed."""
+    import subprocess  # noqa: PLC0415
+
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--memory", root, str(count)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    return float(out[0]), float(out[1])
+
+
 async def bench_recover(directory: str, count: int):
     await build(directory, count)
     sp = Spool(directory)
@@ -87,7 +130,12 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="parent of the temporary spools (default: TMPDIR)")
     ap.add_argument("--concurrency", type=int, default=100)
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    ap.add_argument("--memory", nargs=2, metavar=("ROOT", "COUNT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.memory:  # the child of _memory_in_fresh_process
+        per_msg, dt = asyncio.run(bench_memory(args.memory[0], int(args.memory[1])))
+        print(per_msg, dt)
+        return
     if args.loop == "uvloop":
         import uvloop
 
@@ -116,6 +164,10 @@ def main() -> None:
             rate, dt = runner.run(bench_recover(os.path.join(base, "recover"), nrec))
             print(f"recover {nrec} x 1 KiB: {rate:>9,.0f} msgs/s  ({dt:.2f} s)")
             rows.append([f"recover {nrec:,} x 1 KiB", f"{rate:,.0f}", f"{dt:.2f} s"])
+            per_msg, dt = _memory_in_fresh_process(os.path.join(base, "memory"), nrec)
+            print(f"worker over {nrec} queued messages: {per_msg:,.0f} bytes RSS per message")
+            rows.append([f"worker start over {nrec:,} queued x 1 KiB (delivery held)",
+                         f"{nrec / dt:,.0f}", f"{per_msg:,.0f} bytes of RSS per queued message"])  # fmt: skip
     finally:
         shutil.rmtree(base, ignore_errors=True)
     if not args.smoke and not args.no_write:
