@@ -507,3 +507,29 @@ def test_done_while_a_message_is_being_moved(tmp_path, run):
         await sp.close()
 
     run(main())
+
+
+def test_compaction_write_failure_leaves_messages_where_they_were(tmp_path, run, monkeypatch):
+    async def main():
+        sp, kept = await _sparse_spool(tmp_path)
+        before = {q: sp.get(q).segment for q in kept}
+        real = os.pwritev
+
+        def full(fd, bufs, offset):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "pwritev", full)
+        assert await sp.compact(below=0.5) == 0
+        monkeypatch.setattr(os, "pwritev", real)
+        assert {q: sp.get(q).segment for q in kept} == before
+        assert not sp._moving  # nothing left half-moved
+        for q, data in kept.items():
+            assert sp.read(sp.get(q)) == data
+        await sp.done(next(iter(kept)))  # a DONE is written as usual afterwards
+        await sp.close()
+        sp = Spool(tmp_path, segment_size=16 << 10)
+        live = {m.envelope.id for m in await sp.open()}
+        assert live == set(kept) - {next(iter(kept))}
+        await sp.close()
+
+    run(main())

@@ -321,14 +321,8 @@ class Spool:
             try:
                 await fut
                 moved += 1
-            except SpoolError as e:
-                qid = sm.envelope.id
-                log.error("moving %s out of segment %d failed: %s", qid, sm.segment, e)
-                self._moving.discard(qid)
-                if qid in self._done_while_moving:
-                    self._done_while_moving.discard(qid)
-                    self._submit_done(qid, sm.segment)
-        self.stats.moved += moved
+            except SpoolError as e:  # the message stays where it was (see _move_failed)
+                log.error("moving %s out of segment %d failed: %s", sm.envelope.id, sm.segment, e)
         return moved
 
     async def flush(self) -> None:
@@ -410,16 +404,24 @@ class Spool:
         payload = message_payload(env_bytes, [data])
         fut = self._loop.create_future()
         size = ENVLEN.size + len(env_bytes) + len(data)
+        writer = self._live_writer()
         self._moving.add(env.id)
-        self._live_writer().submit(
-            Ticket(RECORD, RecordType.MOVE, payload, size, fut, (len(env_bytes), sm))
-        )
+        writer.submit(Ticket(RECORD, RecordType.MOVE, payload, size, fut, (len(env_bytes), sm)))
         return fut
+
+    def _move_failed(self, sm: StoredMessage) -> None:
+        """A MOVE record could not be written: the message stays in its old segment."""
+        qid = sm.envelope.id
+        self._moving.discard(qid)
+        if qid in self._done_while_moving:
+            self._done_while_moving.discard(qid)
+            self._submit_done(qid, sm.segment)
 
     def _moved(self, sm: StoredMessage, seg: int, record_offset: int, offset: int) -> None:
         """A MOVE record of ``sm`` is durable in ``seg``: the message lives there now."""
         qid = sm.envelope.id
         self._moving.discard(qid)
+        self.stats.moved += 1
         old = sm.segment
         info = self._segs[seg]
         if old != seg:
@@ -453,6 +455,8 @@ class Spool:
                         fut.set_result(None)
                 continue
             if t.error is not None:
+                if t.rtype == RecordType.MOVE:
+                    self._move_failed(t.ctx[1])
                 if not fut.done():
                     fut.set_exception(t.error)
                 continue
