@@ -465,13 +465,15 @@ async def _change_stopped(request: Request, root: str) -> tuple[int, set[str]]:
                     await spool.done(env.id)
                     continue
                 if request.cmd == "hold":
-                    env.held = True
+                    changed = env.hold()
                 elif request.cmd == "release":
-                    env.held = False
-                    env.next_attempt = 0.0
-                elif not env.held:  # flush: due at once when the server starts
-                    env.next_attempt = 0.0
-                await spool.update(env)
+                    changed = env.release()
+                else:  # flush: due at once when the server starts
+                    changed = not env.held and env.next_attempt != 0.0
+                    if changed:
+                        env.next_attempt = 0.0
+                if changed:
+                    await spool.update(env)
         finally:
             await spool.close()
         if len(shards) > 1 or count >= PROGRESS_EVERY:

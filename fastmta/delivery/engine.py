@@ -225,8 +225,7 @@ class DeliveryEngine:
         sm = self.spool.get(queue_id)
         if sm is None:
             return False
-        if not sm.envelope.held:
-            sm.envelope.held = True
+        if sm.envelope.hold():
             await self.spool.update(sm.envelope)
         if self.scheduler.remove(queue_id) is not None:
             self._held[queue_id] = sm  # else _activate parks it when it comes due
@@ -237,9 +236,7 @@ class DeliveryEngine:
         sm = self.spool.get(queue_id)
         if sm is None:
             return False
-        if sm.envelope.held:
-            sm.envelope.held = False
-            sm.envelope.next_attempt = 0.0
+        if sm.envelope.release():
             await self.spool.update(sm.envelope)
             if self._held.pop(queue_id, None) or self.scheduler.remove(queue_id):
                 self.scheduler.add(sm)

@@ -61,6 +61,20 @@ class Envelope(msgspec.Struct, omit_defaults=True):
     held: bool = False  # on hold (`fastmta queue hold`): not delivered until released
     warned: bool = False  # the delay warning DSN was sent (RFC 3464 "delayed"): only once
 
+    def hold(self) -> bool:
+        """Put on hold (`fastmta queue hold`); True if it was not held."""
+        was = self.held
+        self.held = True
+        return not was
+
+    def release(self) -> bool:
+        """Off hold and due at once (`fastmta queue release`); True if it was held."""
+        if not self.held:
+            return False
+        self.held = False
+        self.next_attempt = 0.0
+        return True
+
 
 class RecipientUpdate(msgspec.Struct, omit_defaults=True):
     """RECIPIENT-UPDATE record: the mutable part of an Envelope, without the message bytes.
