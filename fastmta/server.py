@@ -282,7 +282,7 @@ class SmtpConnection(asyncio.Protocol):
             envid=mail.envid,
             client=f"[{self.peer_ip}] {s.helo or ''}".rstrip(),
             auth=s.user,
-        )
+        ).share_strings()
         trace = headers.received(
             helo=s.helo,
             client_ip=self.peer_ip,

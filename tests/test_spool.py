@@ -533,3 +533,20 @@ def test_compaction_write_failure_leaves_messages_where_they_were(tmp_path, run,
         await sp.close()
 
     run(main())
+
+
+def test_recovered_envelopes_share_sender_and_client_strings(tmp_path, run):
+    """Bulk mail repeats sender and client in every queued envelope: one copy in memory."""
+
+    async def main():
+        sp = Spool(tmp_path, fsync=False)
+        await sp.open()
+        for _ in range(3):
+            await sp.store(make_env(1, client="[192.0.2.1] mailer.test"), b"x")
+        await sp.close()
+        sp = Spool(tmp_path, fsync=False)
+        a, b, c = (m.envelope for m in await sp.open())
+        assert a.sender is b.sender is c.sender and a.client is b.client is c.client
+        await sp.close()
+
+    run(main())

