@@ -133,7 +133,7 @@ class ServerConfig(msgspec.Struct, **_STRUCT):
     workers: int = 0  # 0 -> os.cpu_count()
     spool_dir: str = ""  # "" -> $FASTMTA_SPOOL, $XDG_STATE_HOME/fastmta/spool, ./fastmta-spool
     hold_delivery: bool = False
-    commit_delay: Duration = Duration(0.001)  # group-commit wait under load (0 = sync at once)
+    commit_delay: Duration = Duration(0.002)  # group-commit wait under load (0 = sync at once)
     compact_interval: Duration = Duration(30.0)  # how often sparse segments are compacted; 0: never
     compact_below: float = 0.25  # compact a sealed segment whose live messages fill less than this
     compact_max_bytes: Size = Size(16 << 20)  # message bytes moved per compaction round

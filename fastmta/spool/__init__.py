@@ -15,7 +15,7 @@ server at a few thousand messages/s whatever else it does (Postfix pays 2-3 fsyn
 Here each worker owns a shard: append-only segment files (segment.py: framed, crc-checked
 records) written by one thread (writer.py) that takes every record queued since its last
 sync, appends them with one pwritev and makes them durable with one fdatasync (group commit,
-with a 1 ms commit_delay under load). A 250 waits for that sync; nothing else does. Measured:
+with a 2 ms commit_delay under load). A 250 waits for that sync; nothing else does. Measured:
 60,000-75,000 1 KiB stores/s with fsync on (benchmarks/bench_spool.py, ~55 per fdatasync),
 recovery 130,000-150,000 msg/s.
 
