@@ -238,11 +238,9 @@ def raw(port, data: bytes, wait=0.3, read_greeting=True, source="127.0.0.1") -> 
 SMUGGLING = [b"\n.\n", b"\n.\r\n", b"\r.\r", b"\r\n.\r", b"\r.\r\n", b"\r\n\x00.\r\n"]
 
 
-@pytest.mark.parametrize("seq", SMUGGLING, ids=[repr(s) for s in SMUGGLING])
-@pytest.mark.parametrize("mode", ["reject", "normalize"])
-def test_smuggling_over_the_wire(smtpd, seq, mode):
-    d = smtpd({"listener": [{"address": "127.0.0.1:2525", "bare_newline": mode}]})
-    s = socket.create_connection(("127.0.0.1", d.port))
+def at_data(port: int) -> socket.socket:
+    """A raw client that said EHLO and MAIL/RCPT/DATA (pipelined) and got the 354."""
+    s = socket.create_connection(("127.0.0.1", port))
     s.settimeout(3)
     s.recv(1000)
     s.sendall(b"EHLO x\r\n")
@@ -250,8 +248,15 @@ def test_smuggling_over_the_wire(smtpd, seq, mode):
     s.recv(1000)
     s.sendall(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
     time.sleep(0.1)
-    out = s.recv(1000)
-    assert out.endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+    assert s.recv(1000).endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+    return s
+
+
+@pytest.mark.parametrize("seq", SMUGGLING, ids=[repr(s) for s in SMUGGLING])
+@pytest.mark.parametrize("mode", ["reject", "normalize"])
+def test_smuggling_over_the_wire(smtpd, seq, mode):
+    d = smtpd({"listener": [{"address": "127.0.0.1:2525", "bare_newline": mode}]})
+    s = at_data(d.port)
     s.sendall(
         b"Subject: x\r\n\r\nbody"
         + seq
@@ -317,15 +322,7 @@ def test_commands_pipelined_behind_a_message_wait_for_its_store(smtpd):
         return outer
 
     d.spool.start_store = slow
-    s = socket.create_connection(("127.0.0.1", d.port))
-    s.settimeout(3)
-    s.recv(1000)
-    s.sendall(b"EHLO x\r\n")
-    time.sleep(0.05)
-    s.recv(1000)
-    s.sendall(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
-    time.sleep(0.1)
-    assert s.recv(1000).endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+    s = at_data(d.port)
     s.sendall(b"one\r\n.\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<e@d.test>\r\nDATA\r\n")
     got = b""
     deadline = time.monotonic() + 3
