@@ -221,6 +221,8 @@ class QueueConfig(msgspec.Struct, **_STRUCT):
     max_lifetime: Duration = Duration(5 * 86400)
     delay_warning: Duration = Duration(4 * 3600)
     max_in_memory: int = 10000
+    max_resident: int = 100_000
+    park_batch: int = 1000
     recipients_per_transaction: int = 50
 
 
@@ -602,6 +604,8 @@ def validate(config: Config) -> None:
         raise _fail("queue.retry_jitter", f"must be in [0, 1), got {q.retry_jitter}")
     _positive("queue.max_lifetime", q.max_lifetime)
     _at_least("queue.max_in_memory", q.max_in_memory, 1)
+    _at_least("queue.max_resident", q.max_resident, 2)
+    _at_least("queue.park_batch", q.park_batch, 1)
     _at_least("queue.recipients_per_transaction", q.recipients_per_transaction, 1)
 
     dl = config.delivery

@@ -248,15 +248,32 @@ class ControlServer:
             chunk = [Line(env=sm.envelope) for sm in msgs[i : i + self.batch]]
             writer.write(_ENCODER.encode_lines(chunk))
             await asyncio.wait_for(writer.drain(), self.timeout)
-        return Line(count=len(msgs))
+        count = len(msgs)
+        seen = {sm.envelope.id for sm in msgs}
+        chunk = []
+        async for env in self.spool.parked_messages():  # file by file: memory stays flat
+            if env.id in seen:
+                continue  # loaded back while we listed
+            chunk.append(Line(env=env))
+            if len(chunk) >= self.batch:
+                writer.write(_ENCODER.encode_lines(chunk))
+                await asyncio.wait_for(writer.drain(), self.timeout)
+                count += len(chunk)
+                chunk = []
+        writer.write(_ENCODER.encode_lines(chunk))
+        return Line(count=count + len(chunk))
 
     async def _show(self, req: Request, writer: asyncio.StreamWriter) -> Line:
         found = []
         for qid in req.ids:
             sm = self.spool.get(qid)
-            if sm is None:
+            if sm is not None:
+                env, data = sm.envelope, self.spool.read(sm)
+            elif (parked := await self.spool.parked_message(qid)) is not None:
+                env, data = parked
+            else:
                 continue
-            line = Line(env=sm.envelope, headers=header_section(self.spool.read(sm)))
+            line = Line(env=env, headers=header_section(data))
             writer.write(_ENCODER.encode(line) + b"\n")
             found.append(qid)
         return Line(found=found)
@@ -274,14 +291,24 @@ class ControlServer:
                 found.append(qid)
             if n % self.batch == 0:
                 await asyncio.sleep(0)  # let delivery run during a big --all
+        found += await self._parked(req, found)
         return Line(found=[] if req.all else found, count=len(found))
 
     async def _flush(self, req: Request, writer: asyncio.StreamWriter) -> Line:
         if not req.ids:
             self.engine.flush()
+            await self.engine.change_parked("flush")
             return Line()
         found = [qid for qid in req.ids if self.engine.flush_message(qid)]
+        found += await self._parked(req, found)
         return Line(found=found, count=len(found))
+
+    async def _parked(self, req: Request, found: list[str]) -> list[str]:
+        """The change of ``req`` applied to the parked messages it names (all, with all)."""
+        if req.all:
+            return await self.engine.change_parked(req.cmd)
+        rest = set(req.ids).difference(found)
+        return await self.engine.change_parked(req.cmd, rest) if rest else []
 
     async def _stats(self, req: Request, writer: asyncio.StreamWriter) -> Line:
         stats: dict[str, int | float] = msgspec.structs.asdict(self.engine.stats)

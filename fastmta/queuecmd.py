@@ -45,6 +45,7 @@ from fastmta.control import (
 )
 from fastmta.spool import Spool, SpoolError
 from fastmta.spool.inject import ADOPTING, INCOMING, SUFFIX
+from fastmta.spool.parked import CHANGES, PARKED, envelopes, list_parked
 from fastmta.spool.records import (
     ENVELOPE_DECODER,
     Envelope,
@@ -153,6 +154,15 @@ def _shards(root: str) -> list[str]:
     return [os.path.join(root, n) for n in sorted(names, key=lambda n: int(n[6:]))]
 
 
+def _parked(shard: str, seen: dict[str, Found]) -> Iterator[Found]:
+    """The parked messages of a shard (parked.py), one file in memory at a time."""
+    for pf in list_parked(shard, cleanup=False):
+        path = os.path.join(shard, PARKED, pf.name)
+        for env, offset, length in envelopes(shard, pf.name):
+            if env.id not in seen:  # (in the log too: a crash window of parking)
+                yield Found(env, path, offset, length)
+
+
 def read_spool(root: str) -> Iterator[Found]:
     """Every queued message under the spool root ``root``, read only, shard by shard (one
     shard's index in memory at a time), then injected mail not yet taken in."""
@@ -161,6 +171,7 @@ def read_spool(root: str) -> Iterator[Found]:
         for qid, found in _injected(os.path.join(shard, ADOPTING)).items():
             live.setdefault(qid, found)  # claimed; maybe stored already (then not twice)
         yield from live.values()
+        yield from _parked(shard, live)
         del live
     yield from _injected(os.path.join(root, INCOMING)).values()
 
@@ -474,6 +485,13 @@ async def _change_stopped(request: Request, root: str) -> tuple[int, set[str]]:
                         env.next_attempt = 0.0
                 if changed:
                     await spool.update(env)
+            rest = (
+                None if request.all or (request.cmd == "flush" and not wanted) else wanted - found
+            )
+            if rest is None or rest:
+                touched = await spool.change_parked(CHANGES[request.cmd], rest)
+                found.update(touched)
+                count += len(touched)
         finally:
             await spool.close()
         if len(shards) > 1 or count >= PROGRESS_EVERY:

@@ -45,6 +45,7 @@ from fastmta.queue.retry import RetrySchedule
 from fastmta.queue.scheduler import Scheduler, batches
 from fastmta.queue.sites import limits_for
 from fastmta.spool import Spool, SpoolError
+from fastmta.spool.parked import CHANGES
 from fastmta.spool.records import RcptState, StoredMessage
 from fastmta.tls import client_context
 
@@ -72,6 +73,10 @@ class EngineStats(msgspec.Struct):
     in_memory: int = 0
     queued: int = 0
     held: int = 0  # messages on hold (fastmta queue hold), not counted in queued
+    parked: int = 0  # of queued and held: in parked files on disk, not in memory
+
+
+_BALANCE_BACKOFF = 5.0  # seconds without parking/loading after a parked-file error
 
 
 class _Active:
@@ -151,6 +156,13 @@ class DeliveryEngine:
             max_threads=local_threads,
         )
         self._hold = config.server.hold_delivery
+        self._max_resident = q.max_resident
+        self._park_batch = max(1, min(q.park_batch, q.max_resident // 2))
+        self._parking: dict[str, StoredMessage] = {}  # being written to a parked file
+        self._parked_event = asyncio.Event()  # set when a park ends (operators wait on it)
+        self._balancing = False  # a park or unpark task runs (one at a time)
+        self._balance_after = 0.0  # nothing to park or unpark now: try again after this
+        self._balance_error_until = 0.0  # a parked-file error: no parking before this time
         self._stats = EngineStats()
         self._active: dict[str, _Active] = {}
         self._held: dict[str, StoredMessage] = {}  # on hold, out of the scheduler
@@ -181,8 +193,9 @@ class DeliveryEngine:
         s.connections_opened = self.pool.stats.connections_opened
         s.reused = self.pool.stats.reused
         s.in_memory = self.scheduler.active
-        s.queued = len(self.scheduler)
+        s.queued = len(self.scheduler) + len(self._parking) + self.spool.parked_count
         s.held = len(self._held)
+        s.parked = self.spool.parked_count
         return s
 
     async def start(self, recovered: list[StoredMessage]) -> None:
@@ -208,6 +221,7 @@ class DeliveryEngine:
         s, live = self.scheduler, self.spool.get
         active = [a.sm for a in self._active.values()]
         every = [*s.waiting.values(), *s.backlog, *active, *self._held.values()]
+        every += self._parking.values()
         return [sm for sm in every if live(sm.envelope.id) is not None]  # not deleted
 
     def flush_message(self, queue_id: str) -> bool:
@@ -222,6 +236,7 @@ class DeliveryEngine:
     async def hold_message(self, queue_id: str) -> bool:
         """Stop delivering this message until released; recorded in the spool (survives a
         restart). An attempt in flight finishes; the next one is not made."""
+        await self._settled(queue_id)
         sm = self.spool.get(queue_id)
         if sm is None:
             return False
@@ -233,6 +248,7 @@ class DeliveryEngine:
 
     async def release_message(self, queue_id: str) -> bool:
         """Undo hold: a held message is due again now. A message not held is left alone."""
+        await self._settled(queue_id)
         sm = self.spool.get(queue_id)
         if sm is None:
             return False
@@ -245,12 +261,26 @@ class DeliveryEngine:
 
     async def delete_message(self, queue_id: str) -> bool:
         """Remove the message from the spool without a DSN (like ``postsuper -d``)."""
+        await self._settled(queue_id)
         if self.spool.get(queue_id) is None:
             return False
         await self.spool.done(queue_id)
         self.scheduler.remove(queue_id)
         self._held.pop(queue_id, None)
         return True
+
+    async def change_parked(self, action: str, ids: set[str] | None = None) -> list[str]:
+        """hold, release, delete or flush parked messages (those with queue ids in ``ids``, or
+        all): their parked files are rewritten. Returns the queue ids found."""
+        change = CHANGES[action]
+        found = await self.spool.change_parked(change, ids)
+        self._kick()  # released or flushed messages may be due now
+        return found
+
+    async def _settled(self, queue_id: str) -> None:
+        """Wait while ``queue_id`` is being written to a parked file (then it is parked)."""
+        while queue_id in self._parking:
+            await self._parked_event.wait()
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Let transactions in flight finish (at most ``timeout`` s), QUIT pooled
@@ -289,7 +319,11 @@ class DeliveryEngine:
 
     def _pump(self) -> None:
         self._kicked = False
-        if self._hold or self._stopping:
+        if self._stopping:
+            return
+        if not self._balancing:
+            self._balance()
+        if self._hold:
             return
         while True:
             ready = self.scheduler.take_ready()
@@ -301,6 +335,9 @@ class DeliveryEngine:
 
     def _arm_timer(self) -> None:
         due = self.scheduler.next_due()
+        pf = self.spool.next_parked
+        if pf is not None and pf.due > time.time() and (due is None or pf.due < due):
+            due = pf.due  # (one due already, waiting for room, is retried as room frees)
         if due is None or self._stopping or self._loop is None:
             return
         if self._timer is not None:
@@ -314,6 +351,118 @@ class DeliveryEngine:
     def _on_timer(self) -> None:
         self._timer = None
         self._pump()
+
+    # --- parking: memory stays flat however long the queue (fastmta/spool/parked.py) ---------
+    def _resident(self) -> int:
+        """Queued messages with their envelopes in memory."""
+        return len(self.scheduler) + len(self._held)
+
+    def _balance(self) -> None:
+        """Park when more than queue.max_resident messages are in memory; load a parked file
+        when it is due and fits. Hysteresis: parking goes down to max_resident - park_batch,
+        and a file is loaded only if that level is not passed, so the two never alternate.
+        When a due file does not fit, messages due after it are parked to make room (tried
+        at most once a second: it scans the timers)."""
+        now = time.time()
+        if now < self._balance_error_until:
+            return
+        resident = self._resident()
+        if resident > self._max_resident:
+            if now >= self._balance_after:
+                self._balancing = True
+                self._spawn(self._park_excess())
+            return
+        pf = self.spool.next_parked
+        if pf is None or self._hold or pf.due > now:
+            return
+        if (
+            resident + pf.count <= self._max_resident - self._park_batch
+            or now >= self._balance_after
+        ):
+            self._balancing = True
+            self._spawn(self._load_parked())
+
+    def _victims(self, n: int, later_than: float | None = None) -> list[StoredMessage]:
+        """Up to ``n`` messages to park: held ones first (never due), then the waiting ones
+        due last (after ``later_than``), then (no ``later_than``) the newest of the backlog."""
+        out = []
+        while self._held and len(out) < n:
+            out.append(self._held.pop(next(iter(self._held))))
+        if len(out) < n:
+            out += self.scheduler.evict(n - len(out), later_than)
+        return out
+
+    async def _park(self, victims: list[StoredMessage]) -> bool:
+        for sm in victims:
+            self._parking[sm.envelope.id] = sm
+        try:
+            await self.spool.park(victims)
+            return True
+        except SpoolError as e:
+            log.error("parking %d messages on disk failed, kept in memory: %s", len(victims), e)
+            self._balance_error_until = time.time() + _BALANCE_BACKOFF
+            for sm in victims:
+                if sm.envelope.held:
+                    self._held[sm.envelope.id] = sm
+                else:
+                    self.scheduler.add(sm)
+            return False
+        finally:
+            for sm in victims:
+                self._parking.pop(sm.envelope.id, None)
+            self._parked_event.set()
+            self._parked_event = asyncio.Event()
+
+    async def _park_excess(self) -> None:
+        moved = False
+        try:
+            target = self._max_resident - self._park_batch
+            while not self._stopping and (excess := self._resident() - target) > 0:
+                victims = self._victims(min(excess, self._park_batch))
+                if not victims:  # all of them in delivery: try again later
+                    self._balance_after = time.time() + 1.0
+                    break
+                if not await self._park(victims):
+                    break
+                moved = True
+        finally:
+            self._balancing = False
+            if moved:
+                self._kick()
+
+    async def _load_parked(self) -> None:
+        moved = False
+        try:
+            target = self._max_resident - self._park_batch
+            while not (self._stopping or self._hold):
+                pf = self.spool.next_parked
+                if pf is None or pf.due > time.time():
+                    break
+                short = self._resident() + pf.count - target
+                if short > 0:  # room from messages due after this file, if there are any
+                    victims = self._victims(min(short, self._park_batch), pf.due)
+                    if not victims:  # all due sooner: wait for deliveries to free room
+                        self._balance_after = time.time() + 1.0
+                        break
+                    if not await self._park(victims):
+                        break
+                    continue
+                try:
+                    loaded = await self.spool.unpark(pf)
+                except SpoolError as e:
+                    log.error("loading parked messages failed: %s", e)
+                    self._balance_error_until = time.time() + _BALANCE_BACKOFF
+                    break
+                moved = True
+                for sm in loaded:
+                    if sm.envelope.held:
+                        self._held[sm.envelope.id] = sm
+                    else:
+                        self.scheduler.add(sm)
+        finally:
+            self._balancing = False
+            if moved:
+                self._kick()
 
     def _spawn(self, coro: object) -> None:
         assert self._loop is not None

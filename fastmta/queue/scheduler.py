@@ -7,11 +7,13 @@ Pure bookkeeping: no I/O, no asyncio, an injectable clock (Unix time). The engin
   later -> the :class:`TimerQueue` (O(log n)).
 - :meth:`Scheduler.take_ready` moves due timers to the backlog and hands out backlog messages
   while fewer than ``max_in_memory`` are *active* (their bytes loaded, being delivered). The
-  others stay as index entries only (the StoredMessage, a timer): memory stays flat with a
-  million queued messages.
+  others stay as index entries only (the StoredMessage, a timer); past
+  ``queue.max_resident`` the engine parks them on disk (see :meth:`Scheduler.evict`).
 - Each active message ends with :meth:`finished` (every recipient final) or :meth:`retry`
   (next attempt per the :class:`RetrySchedule`, jittered, never after expiry); both free its
   memory slot.
+- :meth:`Scheduler.evict` takes out the waiting messages due last (then the newest of the
+  backlog) when the engine parks part of a big queue on disk (fastmta/spool/parked.py).
 - :func:`batches` splits a message's pending recipients by domain, at most
   ``recipients_per_transaction`` each (Postfix smtp_destination_recipient_limit).
 """
@@ -122,6 +124,19 @@ class Scheduler:
         self.waiting[env.id] = msg
         self.timers.push(due, env.id)
         return due
+
+    def evict(self, n: int, later_than: float | None = None) -> list[StoredMessage]:
+        """Take out up to ``n`` messages that are not active, to be parked on disk: those
+        waiting with the latest due times (only those due after ``later_than`` when given),
+        then, with no ``later_than``, the newest of the backlog. They are no longer known here."""
+        after = -math.inf if later_than is None else later_than
+        out = [self.waiting.pop(key) for _, key in self.timers.latest(n, after)]
+        for msg in out:
+            self.timers.cancel(msg.envelope.id)
+        if later_than is None:
+            while len(out) < n and self.backlog:
+                out.append(self.backlog.pop())
+        return out
 
     def expired(self, env: Envelope) -> bool:
         return self.schedule.expired(env.arrival, self.clock())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 
 __all__ = ["TimerQueue"]
 
@@ -75,6 +76,12 @@ class TimerQueue:
                 return entry[0]
             heapq.heappop(heap)
         return None
+
+    def latest(self, n: int, after: float = -math.inf) -> list[tuple[float, str]]:
+        """Up to ``n`` (due, key) with the latest due times, all later than ``after``, latest
+        first. O(live keys * log n): for the rare moments a queue parks messages on disk."""
+        top = heapq.nlargest(n, self._live.values())
+        return [(due, key) for due, _, key in top if due > after]
 
     def _compact(self) -> None:
         self._heap = list(self._live.values())

@@ -20,13 +20,24 @@ Durability contract:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import fcntl
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from .errors import SpoolError
 from .inject import INCOMING, claim_incoming, unlink_claimed
+from .parked import (
+    PARKED,
+    ParkedFile,
+    envelopes,
+    list_parked,
+    read_parked,
+    remove_parked,
+    rewrite_parked,
+    write_parked,
+)
 from .records import ENCODER, Done, Envelope, RecipientUpdate, StoredMessage
 from .recover import SegmentInfo, record_bytes, recover
 from .segment import ENVLEN, HEADER_SIZE, RecordType, message_payload, segment_name
@@ -57,6 +68,16 @@ def _read_messages(directory: str, where: list[tuple[int, int, int]]) -> list[by
             if fd is not None:
                 os.close(fd)
     return out
+
+
+def _read_messages_at(path: str, offset: int, length: int) -> bytes | None:
+    """``length`` bytes at ``offset`` of ``path``, or None if it is gone or short. Blocking."""
+    try:
+        with open(path, "rb") as f:
+            data = os.pread(f.fileno(), length, offset)
+    except FileNotFoundError:
+        return None
+    return data if len(data) == length else None
 
 
 class Spool:
@@ -106,6 +127,9 @@ class Spool:
         self._moving: set[str] = set()  # queue ids with a MOVE record in flight (compact)
         self._done_while_moving: set[str] = set()  # their DONE waits for the MOVE (see _moved)
         self._compacting = False
+        self._parked: list[ParkedFile] = []  # parked/ files, earliest due first (parked.py)
+        self.parked_count = 0  # messages in them
+        self._parked_lock: asyncio.Lock | None = None  # one parked-file operation at a time
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def open(self) -> list[StoredMessage]:
@@ -118,10 +142,13 @@ class Spool:
             raise SpoolError("spool already open")
         self._loop = asyncio.get_running_loop()
         self._adopting = asyncio.Lock()
+        self._parked_lock = asyncio.Lock()
         os.makedirs(self.directory, exist_ok=True)
         self._lock()
         try:
             rec = await asyncio.to_thread(recover, self.directory, fsync=self._fsync)
+            self._parked = await asyncio.to_thread(list_parked, self.directory)
+            self.parked_count = sum(pf.count for pf in self._parked)
         except BaseException:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -366,6 +393,141 @@ class Spool:
             self.stats.adopted += len(adopted)
             await asyncio.to_thread(unlink_claimed, finished, self.directory, fsync=self._fsync)
             return adopted
+
+    # --- parked messages (parked.py): the part of a big queue kept out of memory ---------------
+    @property
+    def next_parked(self) -> ParkedFile | None:
+        """The parked file due first, or None."""
+        return self._parked[0] if self._parked else None
+
+    async def park(self, msgs: Sequence[StoredMessage]) -> ParkedFile | None:
+        """Move live messages (not being delivered) out of the log and out of memory into one
+        parked file: their bytes are read, written with their current envelopes (fsync'd),
+        then they are DONE here. Returns the file (None if none of them is live any more).
+        Raises SpoolError; the messages then stay live here.
+
+        The caller must not change these messages until this returns. A crash after the file
+        is durable and before the DONE records are leaves a message in both places: it is
+        then loaded twice (unpark() skips a queue id that is live; a message delivered in
+        between is delivered again: at-least-once).
+        """
+        self._live_writer()
+        async with self._parked_lock:  # type: ignore[union-attr]
+            msgs = [sm for sm in msgs if self._index.get(sm.envelope.id) is sm]
+            if not msgs:
+                return None  # deleted meanwhile
+            where = [(sm.segment, sm.offset, sm.length) for sm in msgs]
+            datas = await asyncio.to_thread(_read_messages, self.directory, where)
+            items = []
+            for sm, data in zip(msgs, datas, strict=True):
+                # A segment compacted away while we read: the message is elsewhere now.
+                items.append((sm.envelope, data if data is not None else self.read(sm)))
+            try:
+                pf = await asyncio.to_thread(write_parked, self.directory, items, fsync=self._fsync)
+            except OSError as e:
+                raise SpoolError(f"parking {len(items)} messages failed: {e}", e.errno) from e
+            for sm in msgs:
+                await self.done(sm.envelope.id)
+            self._add_parked(pf)
+            self.stats.parked += len(msgs)
+            return pf
+
+    async def unpark(self, pf: ParkedFile) -> list[StoredMessage]:
+        """Load a parked file back: its messages are stored in the log again (with their state,
+        group commit), then the file is deleted. Returns them (queue ids already live here are
+        skipped: a crash window of park()). Raises SpoolError when none could be stored (the
+        file is then kept); after a partial failure the rest is parked again."""
+        self._live_writer()
+        async with self._parked_lock:  # type: ignore[union-attr]
+            if pf not in self._parked:
+                return []
+            items = await asyncio.to_thread(read_parked, self.directory, pf.name)
+            todo = [(env, data) for env, data in items or () if env.id not in self._index]
+            results = await asyncio.gather(
+                *(self.store(env, data) for env, data in todo), return_exceptions=True
+            )
+            stored: list[StoredMessage] = []
+            failed = []
+            error: BaseException | None = None
+            for item, r in zip(todo, results, strict=True):
+                if isinstance(r, BaseException):
+                    failed.append(item)
+                    error = r
+                else:
+                    stored.append(r)
+            if failed and not stored:
+                raise SpoolError(f"loading parked file {pf.name} failed: {error}")
+            try:
+                if failed:
+                    self._add_parked(
+                        await asyncio.to_thread(
+                            write_parked, self.directory, failed, fsync=self._fsync
+                        )
+                    )
+                await asyncio.to_thread(remove_parked, self.directory, pf.name, fsync=self._fsync)
+            except OSError as e:  # the file stays: its stored messages are skipped next time
+                log.error("parked file %s: %s", pf.name, e)
+                return stored
+            self._drop_parked(pf)
+            self.stats.unparked += len(stored)
+            return stored
+
+    async def change_parked(
+        self, change: Callable[[Envelope], bool | None], only: set[str] | None = None
+    ) -> list[str]:
+        """Apply an operator change to the parked messages (every one, or those whose queue id
+        is in ``only``): ``change(env)`` returns True (changed), False (not) or None (delete).
+        Reads every parked file (in a thread); returns the queue ids changed or deleted."""
+        self._live_writer()
+        touched: list[str] = []
+        if only is not None and not only:
+            return touched
+
+        def pick(env: Envelope) -> bool | None:
+            return change(env) if only is None or env.id in only else False
+
+        async with self._parked_lock:  # type: ignore[union-attr]
+            for pf in list(self._parked):
+                try:
+                    new, ids = await asyncio.to_thread(
+                        rewrite_parked, self.directory, pf.name, pick, fsync=self._fsync
+                    )
+                except OSError as e:
+                    raise SpoolError(f"changing parked file {pf.name}: {e}", e.errno) from e
+                if new != pf:
+                    self._drop_parked(pf)
+                    if new is not None:
+                        self._add_parked(new)
+                touched += ids
+        return touched
+
+    async def parked_messages(self, only: set[str] | None = None) -> AsyncIterator[Envelope]:
+        """The envelopes of the parked messages (or those with queue ids in ``only``), file by
+        file, read in a thread: memory holds one file at a time."""
+        for pf in list(self._parked):
+            for env, _, _ in await asyncio.to_thread(envelopes, self.directory, pf.name):
+                if only is None or env.id in only:
+                    yield env
+
+    async def parked_message(self, queue_id: str) -> tuple[Envelope, bytes] | None:
+        """One parked message (envelope, wire bytes) by queue id, or None. Reads the parked
+        files until it is found."""
+        for pf in list(self._parked):
+            items = await asyncio.to_thread(envelopes, self.directory, pf.name)
+            for env, offset, length in items:
+                if env.id == queue_id:
+                    path = os.path.join(self.directory, PARKED, pf.name)
+                    data = await asyncio.to_thread(_read_messages_at, path, offset, length)
+                    return None if data is None else (env, data)
+        return None
+
+    def _add_parked(self, pf: ParkedFile) -> None:
+        bisect.insort(self._parked, pf)
+        self.parked_count += pf.count
+
+    def _drop_parked(self, pf: ParkedFile) -> None:
+        self._parked.remove(pf)
+        self.parked_count -= pf.count
 
     def get(self, queue_id: str) -> StoredMessage | None:
         """The live message with this queue id, or None."""

@@ -57,6 +57,8 @@ class SpoolStats:
     write_errors: int = 0
     adopted: int = 0  # injected messages adopted into this spool
     moved: int = 0  # live messages copied out of sparse segments (Spool.compact)
+    parked: int = 0  # messages moved out of memory into parked files (Spool.park)
+    unparked: int = 0  # messages loaded back from parked files (Spool.unpark)
     recovered: int = 0  # live messages found by open()
     truncated_bytes: int = 0  # torn-tail bytes cut off by open()
 

@@ -1,0 +1,246 @@
+"""Parked messages: the on-disk part of a queue too big for memory. Blocking file I/O only.
+
+A worker keeps at most ``queue.max_resident`` queued messages in memory (their envelopes, for
+scheduling). Beyond that, whole batches of not-yet-due (or held) messages are *parked*: each
+batch becomes one file in ``<shard>/parked/``, a sequence of MESSAGE records (segment.py
+framing) holding the envelope with its current state and the wire-form bytes, so a file is
+self-contained and the log segments they came from can be compacted away. The file name
+carries what scheduling needs, so listing the directory is enough to know when to load a
+file back, and memory per parked message is zero:
+
+    <due in ms since the epoch, 13 digits>-<message count, 6 digits>-<first queue id>.park
+
+``due`` is the earliest next attempt among the file's messages that are not on hold
+(``HELD_DUE`` when all are held: such a file is loaded only when an operator releases one).
+This is Postfix's deferred queue (files on disk, scanned when due; only the active queue in
+memory) done in batches, so a file costs one fsync for up to ``queue.park_batch`` messages.
+
+Writing: ``.<name>.tmp``, fsync, rename, fsync the directory. A crashed write leaves only a
+tmp file, deleted by :func:`list_parked`. A damaged file (it can only be damaged by the disk:
+writes are renamed into place after their fsync) is renamed to ``*.bad`` for the operator.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
+
+from .records import ENCODER, ENVELOPE_DECODER, Envelope
+from .segment import HEADER_SIZE, RecordType, frame, fsync_dir, message_payload, scan, split_message
+from .writer import write_all
+
+__all__ = [
+    "CHANGES",
+    "HELD_DUE",
+    "PARKED",
+    "ParkedFile",
+    "file_due",
+    "list_parked",
+    "read_parked",
+    "rewrite_parked",
+    "write_parked",
+]
+
+log = logging.getLogger("fastmta.spool")
+
+PARKED = "parked"  # under each shard directory
+HELD_DUE = 9_999_999_999_999  # ms: "never" (every message in the file is on hold)
+_NAME_RE = re.compile(r"^(\d{13})-(\d{6,})-([0-9a-zA-Z_-]+)\.park$")
+
+
+class ParkedFile(NamedTuple):
+    """One parked batch, known by its name alone (sorts by due time, then first id)."""
+
+    name: str
+    due_ms: int
+    count: int
+
+    @property
+    def due(self) -> float:
+        """Unix time when its earliest message is due (``inf`` when all are held)."""
+        return float("inf") if self.due_ms >= HELD_DUE else self.due_ms / 1000.0
+
+    @classmethod
+    def parse(cls, name: str) -> ParkedFile | None:
+        m = _NAME_RE.match(name)
+        return cls(name, int(m.group(1)), int(m.group(2))) if m else None
+
+
+def file_due(envelopes: Iterable[Envelope]) -> int:
+    """The due time (ms) a batch of envelopes is filed under (see the module docstring)."""
+    due = HELD_DUE
+    for env in envelopes:
+        if not env.held:
+            due = min(due, max(0, int(env.next_attempt * 1000)))
+    return due
+
+
+def _name(items: Sequence[tuple[Envelope, bytes]]) -> str:
+    due = file_due(env for env, _ in items)
+    return f"{due:013d}-{len(items):06d}-{items[0][0].id}.park"
+
+
+def list_parked(directory: str, *, cleanup: bool = True) -> list[ParkedFile]:
+    """The parked files of ``<directory>/parked``, earliest due first. With ``cleanup``, tmp
+    files of writes a crash interrupted are deleted."""
+    path = os.path.join(directory, PARKED)
+    try:
+        names = os.listdir(path)
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        pf = ParkedFile.parse(name)
+        if pf is not None:
+            out.append(pf)
+        elif cleanup and name.startswith(".") and name.endswith(".tmp"):
+            os.unlink(os.path.join(path, name))
+    out.sort()
+    return out
+
+
+def write_parked(
+    directory: str, items: Sequence[tuple[Envelope, bytes]], *, fsync: bool = True
+) -> ParkedFile:
+    """Durably write one parked file of (envelope, wire bytes); returns it. Raises OSError
+    (nothing is left behind then but possibly a tmp file)."""
+    if not items:
+        raise ValueError("nothing to park")
+    path = os.path.join(directory, PARKED)
+    os.makedirs(path, exist_ok=True)
+    name = _name(items)
+    tmp = os.path.join(path, f".{name}.tmp")
+    iov: list[bytes | memoryview] = []
+    for env, data in items:
+        iov += frame(RecordType.MESSAGE, message_payload(ENCODER.encode(env), [data]))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        write_all(fd, iov, 0)
+        if fsync:
+            os.fsync(fd)
+        os.rename(tmp, os.path.join(path, name))
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    finally:
+        os.close(fd)
+    if fsync:
+        fsync_dir(path)
+    return ParkedFile.parse(name)  # type: ignore[return-value]
+
+
+def read_parked(directory: str, name: str) -> list[tuple[Envelope, bytes]] | None:
+    """The messages of one parked file; None if it is gone (or damaged: then renamed to .bad,
+    logged; its sound records are still returned)."""
+    path = os.path.join(directory, PARKED, name)
+    try:
+        with open(path, "rb") as f:
+            buf = f.read()
+    except FileNotFoundError:
+        return None
+    records, good = scan(buf)
+    out = []
+    damaged = good != len(buf)
+    for _, rtype, payload in records:
+        try:
+            if rtype != RecordType.MESSAGE:
+                raise ValueError(f"record type {rtype}")
+            env_bytes, at = split_message(payload)
+            out.append((ENVELOPE_DECODER.decode(env_bytes).share_strings(), bytes(payload[at:])))
+        except ValueError as e:  # msgspec.DecodeError is a ValueError
+            log.error("parked file %s: a record is damaged (%s)", path, e)
+            damaged = True
+    if damaged:
+        log.error("parked file %s is damaged: renamed to .bad, %d messages read", path, len(out))
+        os.rename(path, path + ".bad")
+        if not out:
+            return None
+    return out
+
+
+def envelopes(directory: str, name: str) -> list[tuple[Envelope, int, int]]:
+    """(envelope, offset, length of the message bytes) of each message in a parked file, read
+    only ([] if the file is gone). For `fastmta queue list/show`."""
+    path = os.path.join(directory, PARKED, name)
+    try:
+        with open(path, "rb") as f:
+            buf = f.read()
+    except FileNotFoundError:
+        return []
+    out = []
+    for off, rtype, payload in scan(buf)[0]:
+        if rtype != RecordType.MESSAGE:
+            continue
+        try:
+            env_bytes, at = split_message(payload)
+            env = ENVELOPE_DECODER.decode(env_bytes)
+        except ValueError:
+            continue
+        out.append((env, off + HEADER_SIZE + at, len(payload) - at))
+    return out
+
+
+def rewrite_parked(
+    directory: str,
+    name: str,
+    change: Callable[[Envelope], bool | None],
+    *,
+    fsync: bool = True,
+) -> tuple[ParkedFile | None, list[str]]:
+    """Apply an operator change to every message of a parked file: ``change(env)`` returns
+    True (changed), False (left alone) or None (delete the message). When something changed,
+    the file is replaced by one with the new contents and name (or removed when empty).
+
+    Returns (the file now holding the messages, or None when none is left; queue ids that
+    ``change`` did not return False for). A file that is gone yields (None, [])."""
+    items = read_parked(directory, name)
+    if items is None:
+        return None, []
+    kept: list[tuple[Envelope, bytes]] = []
+    touched: list[str] = []
+    for env, data in items:
+        r = change(env)
+        if r is not False:
+            touched.append(env.id)
+        if r is not None:
+            kept.append((env, data))
+    pf = ParkedFile.parse(name)
+    if not touched:
+        return pf, []
+    new = write_parked(directory, kept, fsync=fsync) if kept else None
+    if new is None or new.name != name:
+        remove_parked(directory, name, fsync=fsync)
+    return new, touched
+
+
+def _flush(env: Envelope) -> bool:
+    if not env.held:
+        env.next_attempt = 0.0
+    return True
+
+
+# The operator commands as changes for rewrite_parked: every message they name is "found"
+# (True), whether or not it changed; delete removes it (None).
+CHANGES: dict[str, Callable[[Envelope], bool | None]] = {
+    "hold": lambda env: env.hold() or True,
+    "release": lambda env: env.release() or True,
+    "delete": lambda env: None,
+    "flush": _flush,
+}
+
+
+def remove_parked(directory: str, name: str, *, fsync: bool = True) -> None:
+    """Delete a parked file (its messages are elsewhere now)."""
+    path = os.path.join(directory, PARKED)
+    try:
+        os.unlink(os.path.join(path, name))
+    except FileNotFoundError:
+        return
+    if fsync:
+        fsync_dir(path)
