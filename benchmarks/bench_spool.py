@@ -74,42 +74,52 @@ def _rss() -> int:
         return int(f.read().split("VmRSS:")[1].split()[0]) * 1024
 
 
-async def bench_memory(root: str, count: int) -> tuple[float, float]:
-    """A whole worker (spool index, scheduler, engine; delivery held) over a queue of
-    ``count`` 1 KiB messages: RSS bytes per queued message, and the worker's start time."""
-    from fastmta.app import Worker, shard_dir  # noqa: PLC0415
+async def bench_memory(root: str, count: int, resident: int) -> list[tuple[int, float]]:
+    """A whole worker (spool, scheduler, engine; delivery held, queue.max_resident =
+    ``resident``) taking in ``count`` 1 KiB messages: its RSS growth (bytes) after each
+    tenth of them, once parking has settled. Flat past ``resident`` means parking works."""
+    from fastmta.app import Worker  # noqa: PLC0415
     from fastmta.config import load_config  # noqa: PLC0415
 
-    await build(shard_dir(root, 0), count)
     config = load_config(
         None,
         {
             "server": {"spool_dir": root, "hold_delivery": True, "workers": 1},
             "listener": [{"address": f"127.0.0.1:{h.free_port()}"}],
+            "queue": {"max_resident": resident},
         },
     )
-    before = _rss()
-    t0 = time.perf_counter()
     worker = Worker(config)
     await worker.start()
-    dt = time.perf_counter() - t0
-    per_message = (_rss() - before) / count
-    assert len(worker.engine.messages()) == count
+    spool, engine = worker.spool, worker.engine
+    data = b"z" * 1022 + b"\r\n"
+    before = _rss()
+    out = []
+    step = max(1000, count // 10)
+    for n in range(0, count, 1000):
+        stored = await asyncio.gather(*(spool.store(envelope(), data) for _ in range(1000)))
+        for sm in stored:
+            engine.submit(sm)
+        if (n + 1000) % step == 0:
+            while engine.stats.in_memory + len(spool) > resident or engine._balancing:
+                await asyncio.sleep(0.01)
+            out.append((n + 1000, float(_rss() - before)))
+    assert engine.stats.queued == count, engine.stats
     await worker.stop()
-    return per_message, dt
+    return out
 
 
-def _memory_in_fresh_process(root: str, count: int) -> tuple[float, float]:
+def _memory_in_fresh_process(root: str, count: int, resident: int) -> list[tuple[int, float]]:
     """bench_memory in a new interpreter: this one's heap holds what earlier cases freed."""
     import subprocess  # noqa: PLC0415
 
     out = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--memory", root, str(count)],
+        [sys.executable, os.path.abspath(__file__), "--memory", root, str(count), str(resident)],
         check=True,
         capture_output=True,
         text=True,
     ).stdout.split()
-    return float(out[0]), float(out[1])
+    return [(int(out[i]), float(out[i + 1])) for i in range(0, len(out), 2)]
 
 
 async def bench_recover(directory: str, count: int):
@@ -130,11 +140,12 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="parent of the temporary spools (default: TMPDIR)")
     ap.add_argument("--concurrency", type=int, default=100)
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
-    ap.add_argument("--memory", nargs=2, metavar=("ROOT", "COUNT"), help=argparse.SUPPRESS)
+    ap.add_argument("--memory", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory:  # the child of _memory_in_fresh_process
-        per_msg, dt = asyncio.run(bench_memory(args.memory[0], int(args.memory[1])))
-        print(per_msg, dt)
+        root, count, resident = args.memory
+        for n, grown in asyncio.run(bench_memory(root, int(count), int(resident))):
+            print(n, grown)
         return
     if args.loop == "uvloop":
         import uvloop
@@ -164,10 +175,23 @@ def main() -> None:
             rate, dt = runner.run(bench_recover(os.path.join(base, "recover"), nrec))
             print(f"recover {nrec} x 1 KiB: {rate:>9,.0f} msgs/s  ({dt:.2f} s)")
             rows.append([f"recover {nrec:,} x 1 KiB", f"{rate:,.0f}", f"{dt:.2f} s"])
-            per_msg, dt = _memory_in_fresh_process(os.path.join(base, "memory"), nrec)
-            print(f"worker over {nrec} queued messages: {per_msg:,.0f} bytes RSS per message")
-            rows.append([f"worker start over {nrec:,} queued x 1 KiB (delivery held)",
-                         f"{nrec / dt:,.0f}", f"{per_msg:,.0f} bytes of RSS per queued message"])  # fmt: skip
+            nmem, resident = (3000, 1000) if args.smoke else (200_000, 20_000)
+            t0 = time.perf_counter()
+            grown = _memory_in_fresh_process(os.path.join(base, "memory"), nmem, resident)
+            dt = time.perf_counter() - t0
+            for n, g in grown:
+                print(f"worker memory with {n:>7,} queued (max_resident {resident:,}): "
+                      f"+{g / 2**20:6.1f} MiB")  # fmt: skip
+            at_cap = next((g for n, g in grown if n >= resident), grown[0][1])
+            half_n, half = grown[len(grown) // 2 - 1]
+            end_n, end = grown[-1]
+            per_msg = (end - half) / max(1, end_n - half_n)
+            rows.append([f"worker taking in {nmem:,} x 1 KiB, delivery held, "
+                         f"queue.max_resident {resident:,}", f"{nmem / dt:,.0f}",
+                         f"RSS growth at {resident:,} queued {at_cap / 2**20:.1f} MiB, at "
+                         f"{half_n:,} {half / 2**20:.1f} MiB, at {end_n:,} {end / 2**20:.1f} "
+                         f"MiB: {per_msg:,.0f} bytes per message from {half_n:,} to {end_n:,} "
+                         "(the rest is parked on disk)"])  # fmt: skip
     finally:
         shutil.rmtree(base, ignore_errors=True)
     if not args.smoke and not args.no_write:

@@ -500,8 +500,8 @@ async def _change_stopped(request: Request, root: str) -> tuple[int, set[str]]:
 
 
 _STAT_COLUMNS = (
-    "spool", "queued", "held", "in_memory", "delivered", "deferred", "bounced", "attempts",
-    "dsns", "connections_opened", "reused",
+    "spool", "queued", "held", "parked", "in_memory", "delivered", "deferred", "bounced",
+    "attempts", "dsns", "connections_opened", "reused",
 )  # fmt: skip
 
 

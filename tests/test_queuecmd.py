@@ -53,7 +53,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 class Server:
     """`fastmta serve` on a free loopback port, relaying everything to ``relay_port``."""
 
-    def __init__(self, tmp: str, relay_port: int, workers: int = 1) -> None:
+    def __init__(self, tmp: str, relay_port: int, workers: int = 1, queue: str = "") -> None:
         self.tmp = tmp
         self.port = unused_port()
         self.workers = workers
@@ -66,6 +66,7 @@ class Server:
                 f'spool_dir = "{self.spool}"\nlog_file = "{tmp}/fastmta.log"\n'
                 f'[[listener]]\naddress = "127.0.0.1:{self.port}"\n'
                 "[queue]\nretry_schedule = [3600]\nretry_jitter = 0.0\ndelay_warning = 0\n"
+                f"{queue}\n"
                 f'[delivery]\nrelayhost = "[127.0.0.1]:{relay_port}"\ntls = "none"\n'
                 "connect_timeout = 3\nidle_timeout = 1\n"
             )
@@ -347,6 +348,60 @@ def test_flush_all_and_by_id(tmp):
             assert (rows[0]["delivered"], rows[0]["deferred"]) == (2, 2)
         finally:
             srv.stop()
+
+
+def test_parked_messages_listed_changed_and_delivered(tmp):
+    """queue.max_resident 4: most of the deferred mail is parked on disk, and every command
+    still sees it, running and stopped."""
+    gate = Gate()
+    with Sink(behaviour=Behaviour(rcpt_reply=gate)) as sink:
+        srv = Server(tmp, sink.port, queue="max_resident = 4\npark_batch = 2")
+        try:
+            srv.start()
+            ids = [send(srv.port, [f"r{n}@y.test"], f"m{n}") for n in range(12)]
+            srv.wait_attempted(ids)
+            shard = os.path.join(srv.spool, "shard-0", "parked")
+            deadline = time.monotonic() + WAIT
+            while len(os.listdir(shard)) < 4:
+                assert time.monotonic() < deadline, os.listdir(shard)
+                time.sleep(0.05)
+            stats = json.loads(srv.q("stats", "--json").stdout.splitlines()[0])
+            assert stats["queued"] == 12 and stats["parked"] >= 8, stats
+            lines = srv.q("list").stdout.splitlines()
+            assert lines[-1].startswith("-- 12 messages") and {ln[:24] for ln in lines} >= set(ids)
+            parked = [e.id for e in _parked_envelopes(shard)]
+            victim, held = parked[0], parked[1]
+            r = srv.q("show", held)
+            assert r.returncode == 0 and "Subject: m" in r.stdout, r.stderr
+            r = srv.q("delete", victim)
+            assert (r.returncode, r.stdout.strip()) == (0, "deleted: 1 message"), r.stderr
+            r = srv.q("hold", held)
+            assert (r.returncode, r.stdout.strip()) == (0, "held: 1 message"), r.stderr
+            srv.stop()
+
+            lines = srv.q("list").stdout.splitlines()  # stopped: parked files read too
+            assert lines[-1] == f"-- 11 messages, {lines[-1].split(', ')[1]}, 1 held"
+            assert victim not in {ln[:24] for ln in lines}
+            r = srv.q("release", held)  # stopped: its parked file is rewritten
+            assert (r.returncode, r.stdout.strip()) == (0, "released: 1 message"), r.stderr
+
+            gate.open.set()
+            srv.start()
+            r = srv.q("flush")
+            assert r.returncode == 0, r.stderr
+            assert sink.wait_for(11, 30)
+            srv.wait_until(lambda envs: not envs, "an empty queue")
+            got = sorted(m.recipients[0] for m in sink.messages)
+            assert len(got) == 11 and len(set(got)) == 11
+        finally:
+            srv.stop()
+
+
+def _parked_envelopes(directory: str) -> list[Envelope]:
+    from fastmta.spool.parked import envelopes, list_parked  # noqa: PLC0415
+
+    shard = os.path.dirname(directory)
+    return [e for pf in list_parked(shard, cleanup=False) for e, _, _ in envelopes(shard, pf.name)]
 
 
 def test_errors_and_injected_mail_without_server(tmp):

@@ -29,6 +29,12 @@ recovery 130,000-150,000 msg/s.
   messages of a sparse sealed segment are copied into the active one as MOVE records, so long-
   deferred mail does not keep whole segments on disk for the queue lifetime.
 - Injection (inject.py) writes one-record files into incoming/, which a worker adopts.
+- Parking (parked.py; Spool.park/unpark): past queue.max_resident queued messages, the engine
+  moves the ones due last (and held ones) out of the log and out of memory into batch files
+  named by their due time, and loads a file back when it is due and fits. Only the resident
+  part of the queue costs memory (its envelopes, for scheduling): flat however long the queue.
+  This is Postfix's split of a small active queue in memory and the deferred queue on disk,
+  without Postfix's file per message: one fsync per batch.
 """
 
 from .errors import SpoolError
