@@ -77,6 +77,7 @@ class EngineStats(msgspec.Struct):
 
 
 _BALANCE_BACKOFF = 5.0  # seconds without parking/loading after a parked-file error
+_PARK_BYTES = 32 << 20  # message bytes per parked file at most (one message may be bigger)
 
 
 class _Active:
@@ -393,38 +394,59 @@ class DeliveryEngine:
         return out
 
     async def _park(self, victims: list[StoredMessage]) -> bool:
+        """Park ``victims`` in files of at most park_batch messages and _PARK_BYTES (latest due
+        first, so each file holds neighbours in time). False after an error: the messages
+        not parked are scheduled again."""
         for sm in victims:
             self._parking[sm.envelope.id] = sm
+        failed = False
         try:
-            await self.spool.park(victims)
-            return True
-        except SpoolError as e:
-            log.error("parking %d messages on disk failed, kept in memory: %s", len(victims), e)
-            self._balance_error_until = time.time() + _BALANCE_BACKOFF
-            for sm in victims:
-                if sm.envelope.held:
-                    self._held[sm.envelope.id] = sm
-                else:
-                    self.scheduler.add(sm)
-            return False
+            for chunk in self._park_chunks(victims):
+                try:
+                    if not failed:
+                        await self.spool.park(chunk)
+                        continue
+                except SpoolError as e:
+                    log.error(
+                        "parking %d messages on disk failed, kept in memory: %s", len(chunk), e
+                    )
+                    self._balance_error_until = time.time() + _BALANCE_BACKOFF
+                    failed = True
+                finally:
+                    for sm in chunk:
+                        self._parking.pop(sm.envelope.id, None)
+                    self._parked_event.set()
+                    self._parked_event = asyncio.Event()
+                for sm in chunk:  # not parked: back where it was
+                    if sm.envelope.held:
+                        self._held[sm.envelope.id] = sm
+                    else:
+                        self.scheduler.add(sm)
         finally:
-            for sm in victims:
+            for sm in victims:  # (cancelled by stop(): they are still in the spool's log)
                 self._parking.pop(sm.envelope.id, None)
-            self._parked_event.set()
-            self._parked_event = asyncio.Event()
+        return not failed
+
+    def _park_chunks(self, victims: list[StoredMessage]) -> list[list[StoredMessage]]:
+        out: list[list[StoredMessage]] = []
+        size = 0
+        for sm in victims:
+            if not out or len(out[-1]) >= self._park_batch or size + sm.length > _PARK_BYTES:
+                out.append([])
+                size = 0
+            out[-1].append(sm)
+            size += sm.length
+        return out
 
     async def _park_excess(self) -> None:
         moved = False
         try:
-            target = self._max_resident - self._park_batch
-            while not self._stopping and (excess := self._resident() - target) > 0:
-                victims = self._victims(min(excess, self._park_batch))
-                if not victims:  # all of them in delivery: try again later
-                    self._balance_after = time.time() + 1.0
-                    break
-                if not await self._park(victims):
-                    break
-                moved = True
+            excess = self._resident() - (self._max_resident - self._park_batch)
+            victims = self._victims(excess) if excess > 0 and not self._stopping else []
+            if victims:
+                moved = await self._park(victims)
+            elif excess > 0:  # all of them in delivery: try again later
+                self._balance_after = time.time() + 1.0
         finally:
             self._balancing = False
             if moved:
