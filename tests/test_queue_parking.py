@@ -336,3 +336,28 @@ def test_config_limits(bad):
 
     with pytest.raises(ConfigError, match="queue."):
         load_config(None, {"queue": bad})
+
+
+def test_held_messages_are_parked_until_released(tmp_path):
+    async def main():
+        h = Harness(tmp_path, overrides=queue(10, 5))
+        async with h:
+            h.mx("example.test", (10, "mx1.example.test", "127.0.0.2"))
+            for i in range(20):
+                await h.send("a@sender.test", [f"held{i}@example.test"], held=True)
+            await h.until(lambda: h.spool.parked_count >= 10 and not h.engine._balancing)
+            assert h.spool.next_parked.due == float("inf")  # never due by itself
+            h.engine._arm_timer()
+            assert h.engine._timer_at < float("inf")  # a file never due arms no timer
+            await h.send("a@sender.test", ["free@example.test"])
+            sink = h.sinks["127.0.0.2"]
+            await h.until(lambda: sink.count == 1)
+            await asyncio.sleep(0.1)
+            assert sink.count == 1
+            assert len(await h.engine.change_parked("release")) == h.spool.parked_count
+            for sm in h.engine.messages():
+                await h.engine.release_message(sm.envelope.id)
+            await h.until(lambda: sink.count == 21)
+            await h.until(lambda: h.engine.stats.queued == 0)
+
+    asyncio.run(main())

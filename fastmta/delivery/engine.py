@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 import time
 
@@ -337,7 +338,7 @@ class DeliveryEngine:
     def _arm_timer(self) -> None:
         due = self.scheduler.next_due()
         pf = self.spool.next_parked
-        if pf is not None and pf.due > time.time() and (due is None or pf.due < due):
+        if pf is not None and time.time() < pf.due < (math.inf if due is None else due):
             due = pf.due  # (one due already, waiting for room, is retried as room frees)
         if due is None or self._stopping or self._loop is None:
             return
