@@ -99,3 +99,18 @@ def test_due_timers_respect_cap():
 def test_invalid_limits():
     with pytest.raises(ValueError):
         Scheduler(max_in_memory=0)
+
+
+def test_evict_takes_the_latest_due_then_the_newest_backlog():
+    clock = Clock(1000.0)
+    s = Scheduler(max_in_memory=1, clock=clock)
+    waiting = [msg(i, ["a@x.test"], next_attempt=2000.0 + i * 10) for i in range(5)]
+    ready = [msg(10 + i, ["a@x.test"]) for i in range(3)]
+    for m in waiting + ready:
+        s.add(m)
+    assert [m.envelope.id for m in s.evict(2)] == ["id0004", "id0003"]
+    assert len(s) == 6 and s.timers.due_of("id0004") is None
+    assert [m.envelope.id for m in s.evict(5, later_than=2015.0)] == ["id0002"]
+    assert [m.envelope.id for m in s.evict(4)] == ["id0001", "id0000", "id0012", "id0011"]
+    assert len(s) == 1 and s.next_due() is None
+    assert [m.envelope.id for m in s.take_ready()] == ["id0010"]

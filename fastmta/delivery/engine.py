@@ -363,7 +363,7 @@ class DeliveryEngine:
         """Park when more than queue.max_resident messages are in memory; load a parked file
         when it is due and fits. Hysteresis: parking goes down to max_resident - park_batch,
         and a file is loaded only if that level is not passed, so the two never alternate.
-        When a due file does not fit, messages due after it are parked to make room (tried
+        When a due file does not fit, messages not due yet are parked to make room (tried
         at most once a second: it scans the timers)."""
         now = time.time()
         if now < self._balance_error_until:
@@ -462,8 +462,8 @@ class DeliveryEngine:
                 if pf is None or pf.due > time.time():
                     break
                 short = self._resident() + pf.count - target
-                if short > 0:  # room from messages due after this file, if there are any
-                    victims = self._victims(min(short, self._park_batch), pf.due)
+                if short > 0:  # room from messages not due yet, if there are any
+                    victims = self._victims(min(short, self._park_batch), time.time())
                     if not victims:  # all due sooner: wait for deliveries to free room
                         self._balance_after = time.time() + 1.0
                         break
