@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fastmta.spool import Envelope, Spool
+from fastmta.spool.parked import list_parked, read_parked
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_TIMEOUT = 15.0  # seconds for `fastmta serve` to answer 220 (2 shared cores, cold imports)
@@ -335,8 +336,9 @@ class ServerProcess:
 
 def read_spool(root: str) -> dict[str, tuple[Envelope, bytes]]:
     """{queue_id: (envelope, stored wire bytes)} of every live message in every shard
-    ``<root>/shard-<i>``, through fastmta.spool.Spool (recovery included). Messages waiting in
-    ``<root>/incoming`` are not read (opening a shard with the default ``incoming`` leaves them)."""
+        ``<root>/shard-<i>``, through fastmta.spool.Spool (recovery included), parked ones included
+    (a message both parked and in the log, or parked twice, counts once). Messages waiting in
+        ``<root>/incoming`` are not read (opening a shard with the default ``incoming`` leaves them)."""
 
     async def main() -> dict[str, tuple[Envelope, bytes]]:
         out: dict[str, tuple[Envelope, bytes]] = {}
@@ -350,6 +352,9 @@ def read_spool(root: str) -> dict[str, tuple[Envelope, bytes]]:
                 for sm in await spool.open():
                     assert sm.envelope.id not in out, f"{sm.envelope.id} in two shards"
                     out[sm.envelope.id] = (sm.envelope, spool.read(sm))
+                for pf in list_parked(spool.directory):  # parked beyond queue.max_resident
+                    for env, data in read_parked(spool.directory, pf.name) or ():
+                        out.setdefault(env.id, (env, data))  # (twice: a crash window)
             finally:
                 await spool.close()
         return out

@@ -16,7 +16,10 @@ import smtplib
 import threading
 import time
 
+import pytest
 from e2e_harness import ServerProcess, process_alive, send_on, strip_received, wire
+
+from fastmta.spool.parked import list_parked
 
 ROUNDS = 4
 THREADS = 4
@@ -131,10 +134,16 @@ def check_spool(
     return seen
 
 
-def test_sigkill_during_load_loses_nothing_acknowledged(tmp_path):
+@pytest.mark.parametrize(
+    "queue", [{}, {"max_resident": 200, "park_batch": 50}], ids=["resident", "parking"]
+)
+def test_sigkill_during_load_loses_nothing_acknowledged(tmp_path, queue):
+    """With ``parking``, most of each worker's queue is parked on disk while the clients
+    send (queue.max_resident 200), so the kills also hit parked files being written."""
     seed = int(os.environ.get("FASTMTA_CRASH_SEED", time.time_ns() % 1_000_000))
     rng = random.Random(seed)
-    srv = ServerProcess(tmp_path, {"server": {"workers": 2, "hold_delivery": True}})
+    config = {"server": {"workers": 2, "hold_delivery": True}, "queue": queue}
+    srv = ServerProcess(tmp_path, config)
     acked: dict[str, int] = {}
     attempted: dict[int, bytes] = {}
     rcpts: dict[int, list[str]] = {}
@@ -164,6 +173,9 @@ def test_sigkill_during_load_loses_nothing_acknowledged(tmp_path):
         srv.wait_workers(2)
         assert srv.stop() == 0
         check_spool(srv, acked, attempted, rcpts)
+        if queue:  # the kills did meet parking
+            shards = [os.path.join(srv.spool_dir, n) for n in os.listdir(srv.spool_dir)]
+            assert sum(len(list_parked(d)) for d in shards if "shard-" in d) > 0
     finally:
         srv.close()
     assert time.monotonic() - started < 60, "crash test took too long"
