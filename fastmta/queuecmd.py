@@ -45,7 +45,7 @@ from fastmta.control import (
 )
 from fastmta.spool import Spool, SpoolError
 from fastmta.spool.inject import ADOPTING, INCOMING, SUFFIX
-from fastmta.spool.parked import CHANGES, PARKED, envelopes, list_parked
+from fastmta.spool.parked import CHANGES, PARKED, envelopes, list_parked, unsettled
 from fastmta.spool.records import (
     ENVELOPE_DECODER,
     Envelope,
@@ -155,11 +155,14 @@ def _shards(root: str) -> list[str]:
 
 
 def _parked(shard: str, seen: dict[str, Found]) -> Iterator[Found]:
-    """The parked messages of a shard (parked.py), one file in memory at a time."""
-    for pf in list_parked(shard, cleanup=False):
-        path = os.path.join(shard, PARKED, pf.name)
-        for env, offset, length in envelopes(shard, pf.name):
-            if env.id not in seen:  # (in the log too: a crash window of parking)
+    """The parked messages of a shard (parked.py), one file in memory at a time; as the next
+    start settles them, those of a file a crash left half parked or half loaded count only
+    when they are not in the log."""
+    names = [pf.name for pf in list_parked(shard, cleanup=False)] + unsettled(shard)
+    for name in names:
+        path = os.path.join(shard, PARKED, name)
+        for env, offset, length in envelopes(shard, name):
+            if env.id not in seen:
                 yield Found(env, path, offset, length)
 
 

@@ -336,9 +336,9 @@ class ServerProcess:
 
 def read_spool(root: str) -> dict[str, tuple[Envelope, bytes]]:
     """{queue_id: (envelope, stored wire bytes)} of every live message in every shard
-        ``<root>/shard-<i>``, through fastmta.spool.Spool (recovery included), parked ones included
-    (a message both parked and in the log, or parked twice, counts once). Messages waiting in
-        ``<root>/incoming`` are not read (opening a shard with the default ``incoming`` leaves them)."""
+    ``<root>/shard-<i>``, through fastmta.spool.Spool (recovery included), parked ones included
+    (a message is never both: asserted). Messages waiting in ``<root>/incoming`` are not read
+    (opening a shard with the default ``incoming`` leaves them)."""
 
     async def main() -> dict[str, tuple[Envelope, bytes]]:
         out: dict[str, tuple[Envelope, bytes]] = {}
@@ -354,7 +354,8 @@ def read_spool(root: str) -> dict[str, tuple[Envelope, bytes]]:
                     out[sm.envelope.id] = (sm.envelope, spool.read(sm))
                 for pf in list_parked(spool.directory):  # parked beyond queue.max_resident
                     for env, data in read_parked(spool.directory, pf.name) or ():
-                        out.setdefault(env.id, (env, data))  # (twice: a crash window)
+                        assert env.id not in out, f"{env.id} is both parked and in the log"
+                        out[env.id] = (env, data)
             finally:
                 await spool.close()
         return out

@@ -14,7 +14,9 @@ from fastmta.spool import Envelope, Recipient, Spool
 from fastmta.spool.parked import (
     CHANGES,
     HELD_DUE,
+    LOADING,
     PARKED,
+    PENDING,
     ParkedFile,
     list_parked,
     read_parked,
@@ -135,6 +137,38 @@ def test_unpark_skips_a_message_still_live_in_the_log(tmp_path):
         assert len(await sp.open()) == 1 and sp.parked_count == 1
         assert await sp.unpark(sp.next_parked) == []
         assert len(sp) == 1 and sp.parked_count == 0
+        await sp.close()
+
+    asyncio.run(main())
+
+
+def test_a_crash_while_parking_or_loading_leaves_each_message_in_one_place(tmp_path):
+    """The files a crash can leave: ``.pending`` (written, DONE records maybe not durable)
+    and ``.loading`` (being stored back). The next open keeps parked exactly the messages
+    that are not live in the log."""
+
+    async def main():
+        d = str(tmp_path)
+        sp = Spool(d, fsync=False)
+        await sp.open()
+        sms = {f"m{i}": await sp.store(env(f"m{i}"), b"body %d" % i) for i in range(6)}
+        # m0, m1: parked, crash before their DONE records; m2, m3: after them
+        write_parked(d, [(sms[q].envelope, b"x") for q in ("m0", "m1", "m2", "m3")],
+                     fsync=False, suffix=PENDING)  # fmt: skip
+        await sp.done("m2")
+        await sp.done("m3")
+        # m4 stored back from a file being loaded, m5 not yet
+        loading = write_parked(d, [(sms["m4"].envelope, b"4"), (env("m9"), b"9")], fsync=False)
+        os.rename(
+            os.path.join(d, PARKED, loading.name), os.path.join(d, PARKED, loading.name + LOADING)
+        )
+        await sp.close()
+
+        sp = Spool(d, fsync=False)
+        live = {m.envelope.id for m in await sp.open()}
+        parked = sorted([e.id async for e in sp.parked_messages()])
+        assert live == {"m0", "m1", "m4", "m5"} and parked == ["m2", "m3", "m9"]
+        assert sorted(os.listdir(os.path.join(d, PARKED))) == [pf.name for pf in sp._parked]
         await sp.close()
 
     asyncio.run(main())

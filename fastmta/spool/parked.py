@@ -18,6 +18,13 @@ memory) done in batches, so a file costs one fsync for up to ``queue.park_batch`
 Writing: ``.<name>.tmp``, fsync, rename, fsync the directory. A crashed write leaves only a
 tmp file, deleted by :func:`list_parked`. A damaged file (it can only be damaged by the disk:
 writes are renamed into place after their fsync) is renamed to ``*.bad`` for the operator.
+
+A message is live in the log or parked, never both, also across a crash. Spool.park writes
+the file as ``<name>.pending``, makes the DONE records of its messages durable, then renames
+it to ``<name>``; Spool.unpark renames ``<name>`` to ``<name>.loading`` before it stores the
+messages back into the log, and deletes it after. A crash leaves at most such a file, and
+:func:`settle` (run by Spool.open after recovery) keeps in it exactly the messages that are
+not live in the log.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from typing import NamedTuple
 
 from .records import ENCODER, ENVELOPE_DECODER, Envelope
@@ -35,18 +42,25 @@ from .writer import write_all
 __all__ = [
     "CHANGES",
     "HELD_DUE",
+    "LOADING",
     "PARKED",
+    "PENDING",
     "ParkedFile",
     "file_due",
     "list_parked",
     "read_parked",
+    "rename_parked",
     "rewrite_parked",
+    "settle",
+    "unsettled",
     "write_parked",
 ]
 
 log = logging.getLogger("fastmta.spool")
 
 PARKED = "parked"  # under each shard directory
+PENDING = ".pending"  # suffix: written, its messages' DONE records maybe not durable yet
+LOADING = ".loading"  # suffix: its messages are being stored back into the log
 HELD_DUE = 9_999_999_999_999  # ms: "never" (every message in the file is on hold)
 _NAME_RE = re.compile(r"^(\d{13})-(\d{6,})-([0-9a-zA-Z_-]+)\.park$")
 
@@ -103,9 +117,10 @@ def list_parked(directory: str, *, cleanup: bool = True) -> list[ParkedFile]:
 
 
 def write_parked(
-    directory: str, items: Sequence[tuple[Envelope, bytes]], *, fsync: bool = True
+    directory: str, items: Sequence[tuple[Envelope, bytes]], *, fsync: bool = True, suffix: str = ""
 ) -> ParkedFile:
-    """Durably write one parked file of (envelope, wire bytes); returns it. Raises OSError
+    """Durably write one parked file of (envelope, wire bytes), its name followed by
+    ``suffix`` (PENDING, or "" for a file that counts at once); returns it. Raises OSError
     (nothing is left behind then but possibly a tmp file)."""
     if not items:
         raise ValueError("nothing to park")
@@ -121,7 +136,7 @@ def write_parked(
         write_all(fd, iov, 0)
         if fsync:
             os.fsync(fd)
-        os.rename(tmp, os.path.join(path, name))
+        os.rename(tmp, os.path.join(path, name + suffix))
     except BaseException:
         try:
             os.unlink(tmp)
@@ -233,6 +248,42 @@ CHANGES: dict[str, Callable[[Envelope], bool | None]] = {
     "delete": lambda env: None,
     "flush": _flush,
 }
+
+
+def rename_parked(directory: str, old: str, new: str, *, fsync: bool = True) -> None:
+    """Rename a parked file (to or from its PENDING / LOADING name), durably."""
+    path = os.path.join(directory, PARKED)
+    os.rename(os.path.join(path, old), os.path.join(path, new))
+    if fsync:
+        fsync_dir(path)
+
+
+def unsettled(directory: str) -> list[str]:
+    """Names of the PENDING / LOADING files a crash left (see :func:`settle`)."""
+    try:
+        names = os.listdir(os.path.join(directory, PARKED))
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if n.endswith((PENDING, LOADING)))
+
+
+def settle(directory: str, live: Container[str], *, fsync: bool = True) -> int:
+    """Finish what a crash interrupted (see the module docstring): each PENDING or LOADING
+    file is replaced by a parked file of its messages whose queue ids are not ``live`` in the
+    log (or just removed). Returns the number of files settled. Blocking."""
+    settled = 0
+    for name in unsettled(directory):
+        items = read_parked(directory, name) or []
+        keep = [(env, data) for env, data in items if env.id not in live]
+        log.warning(
+            "parked file %s was left by a crash: %d of its %d messages stay parked",
+            name, len(keep), len(items),
+        )  # fmt: skip
+        if keep:
+            write_parked(directory, keep, fsync=fsync)
+        remove_parked(directory, name, fsync=fsync)
+        settled += 1
+    return settled
 
 
 def remove_parked(directory: str, name: str, *, fsync: bool = True) -> None:

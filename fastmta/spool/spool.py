@@ -29,13 +29,17 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from .errors import SpoolError
 from .inject import INCOMING, claim_incoming, unlink_claimed
 from .parked import (
+    LOADING,
     PARKED,
+    PENDING,
     ParkedFile,
     envelopes,
     list_parked,
     read_parked,
     remove_parked,
+    rename_parked,
     rewrite_parked,
+    settle,
     write_parked,
 )
 from .records import ENCODER, Done, Envelope, RecipientUpdate, StoredMessage
@@ -147,6 +151,7 @@ class Spool:
         self._lock()
         try:
             rec = await asyncio.to_thread(recover, self.directory, fsync=self._fsync)
+            await asyncio.to_thread(settle, self.directory, rec.messages, fsync=self._fsync)
             self._parked = await asyncio.to_thread(list_parked, self.directory)
             self.parked_count = sum(pf.count for pf in self._parked)
         except BaseException:
@@ -406,10 +411,9 @@ class Spool:
         then they are DONE here. Returns the file (None if none of them is live any more).
         Raises SpoolError; the messages then stay live here.
 
-        The caller must not change these messages until this returns. A crash after the file
-        is durable and before the DONE records are leaves a message in both places: it is
-        then loaded twice (unpark() skips a queue id that is live; a message delivered in
-        between is delivered again: at-least-once).
+        The caller must not change these messages until this returns. The file counts only
+        once the DONE records are durable (it is written as ``.pending`` until then), so a
+        crash leaves each message in the log or parked, never both (parked.settle).
         """
         self._live_writer()
         async with self._parked_lock:  # type: ignore[union-attr]
@@ -423,51 +427,71 @@ class Spool:
                 # A segment compacted away while we read: the message is elsewhere now.
                 items.append((sm.envelope, data if data is not None else self.read(sm)))
             try:
-                pf = await asyncio.to_thread(write_parked, self.directory, items, fsync=self._fsync)
+                pf = await asyncio.to_thread(
+                    write_parked, self.directory, items, fsync=self._fsync, suffix=PENDING
+                )
             except OSError as e:
                 raise SpoolError(f"parking {len(items)} messages failed: {e}", e.errno) from e
             for sm in msgs:
                 await self.done(sm.envelope.id)
+            try:
+                await self.flush()  # the DONE records are durable: now the file may count
+            except SpoolError as e:  # maybe in both places after a crash: at least once
+                log.error("parking %s: the log could not be synced: %s", pf.name, e)
+            try:
+                await asyncio.to_thread(
+                    rename_parked, self.directory, pf.name + PENDING, pf.name, fsync=self._fsync
+                )
+            except OSError as e:  # out of the log: the next open() settles the file
+                log.error("parking %s: %s", pf.name, e)
+                return None
             self._add_parked(pf)
             self.stats.parked += len(msgs)
             return pf
 
     async def unpark(self, pf: ParkedFile) -> list[StoredMessage]:
         """Load a parked file back: its messages are stored in the log again (with their state,
-        group commit), then the file is deleted. Returns them (queue ids already live here are
-        skipped: a crash window of park()). Raises SpoolError when none could be stored (the
-        file is then kept); after a partial failure the rest is parked again."""
+        group commit), then the file is deleted (it is ``.loading`` meanwhile, for
+        parked.settle after a crash). Returns them (a queue id already live here is skipped).
+        Raises SpoolError when none could be stored; those not stored are parked again."""
         self._live_writer()
         async with self._parked_lock:  # type: ignore[union-attr]
             if pf not in self._parked:
                 return []
-            items = await asyncio.to_thread(read_parked, self.directory, pf.name)
+            loading = pf.name + LOADING
+            try:
+                await asyncio.to_thread(
+                    rename_parked, self.directory, pf.name, loading, fsync=self._fsync
+                )
+            except OSError as e:
+                raise SpoolError(f"loading parked file {pf.name}: {e}", e.errno) from e
+            self._drop_parked(pf)
+            items = await asyncio.to_thread(read_parked, self.directory, loading)
             todo = [(env, data) for env, data in items or () if env.id not in self._index]
             results = await asyncio.gather(
                 *(self.store(env, data) for env, data in todo), return_exceptions=True
             )
             stored: list[StoredMessage] = []
             failed = []
-            error: BaseException | None = None
             for item, r in zip(todo, results, strict=True):
                 if isinstance(r, BaseException):
                     failed.append(item)
-                    error = r
                 else:
                     stored.append(r)
-            if failed and not stored:
-                raise SpoolError(f"loading parked file {pf.name} failed: {error}")
             try:
-                if failed:
+                if failed:  # parked again, without the ones now in the log
                     self._add_parked(
                         await asyncio.to_thread(
                             write_parked, self.directory, failed, fsync=self._fsync
                         )
                     )
-                await asyncio.to_thread(remove_parked, self.directory, pf.name, fsync=self._fsync)
-            except OSError as e:  # the file stays: its stored messages are skipped next time
-                log.error("parked file %s: %s", pf.name, e)
-                return stored
+                await asyncio.to_thread(remove_parked, self.directory, loading, fsync=self._fsync)
+            except OSError as e:  # the next open() settles it: nothing twice, nothing lost
+                log.error("parked file %s: %s", loading, e)
+            if failed and not stored:
+                raise SpoolError(f"loading parked file {pf.name} failed")
+            self.stats.unparked += len(stored)
+            return stored
             self._drop_parked(pf)
             self.stats.unparked += len(stored)
             return stored
