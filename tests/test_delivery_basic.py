@@ -64,8 +64,9 @@ def test_idle_connection_reused_then_closed_after_idle_timeout(tmp_path):
             await asyncio.sleep(0.1)  # within idle_timeout: the warm connection is reused
             await h.send("a@sender.test", ["u2@example.test"])
             await h.until(lambda: sink.count == 2)
-            assert sink.connections == 1
+            assert sink.connections == 1 and len(h.engine.pool.sites) == 1
             await asyncio.sleep(0.6)  # past idle_timeout: QUIT, the next message reconnects
+            assert h.engine.pool.sites == {}  # an idle site is forgotten (memory stays flat)
             await h.send("a@sender.test", ["u3@example.test"])
             await h.until(lambda: sink.count == 3)
             assert sink.connections == 2

@@ -7,7 +7,8 @@ one on a connect failure, a 4xx/5xx greeting, 421, or a TLS failure), runs the t
 hands the replies to ``on_result``, and takes the next job over the same connection (the client
 session sends RSET when needed). With no job, a connected worker waits ``idle_timeout``
 seconds, then says QUIT (Postfix smtp_connection_cache_time_limit). A connection is retired after
-``messages_per_connection`` transactions. The per-site rate limit is a token bucket.
+``messages_per_connection`` transactions. The per-site rate limit is a token bucket. A site
+whose last worker has ended with nothing queued is dropped (KumoMTA reaps idle queues too).
 
 When every address of a site fails and no other worker of the site holds a live connection, the
 site is unreachable: every job queued for it fails with the same reply at once (Postfix marks
@@ -199,6 +200,8 @@ class SitePool:
             self.limits.closed()
             if self.queue and not pool.closing and self.limits.can_open():
                 self._spawn()
+            elif not self.queue and not self._starting and len(self.workers) <= 1:
+                pool.reap(self)
 
     def _drop(self, conn: SmtpConnection) -> None:
         conn.close(quit=True)
@@ -259,6 +262,13 @@ class ConnectionPool:
         if sp is None:
             sp = self.sites[key] = SitePool(self, key, limits())
         return sp
+
+    def reap(self, sp: SitePool) -> None:
+        """Forget a site whose last worker ended with nothing queued (idle timeout): a
+        sender reaching millions of domains keeps only the sites it is talking to. Its
+        token bucket goes too; a new one starts full, as after any idle period."""
+        if self.sites.get(sp.key) is sp:
+            del self.sites[sp.key]
 
     async def connect(self, job: Job) -> SmtpConnection:
         """Open a connection for ``job``: hosts in order, each host's addresses in order."""
