@@ -158,7 +158,7 @@ def _parked(shard: str, seen: dict[str, Found]) -> Iterator[Found]:
     """The parked messages of a shard (parked.py), one file in memory at a time; as the next
     start settles them, those of a file a crash left half parked or half loaded count only
     when they are not in the log."""
-    names = [pf.name for pf in list_parked(shard, cleanup=False)] + unsettled(shard)
+    names = [pf.name for pf in list_parked(shard, cleanup=False)] + unsettled(shard, view=True)
     for name in names:
         path = os.path.join(shard, PARKED, name)
         for env, offset, length in envelopes(shard, name):

@@ -17,10 +17,13 @@ from fastmta.spool.parked import (
     LOADING,
     PARKED,
     PENDING,
+    REPLACING,
     ParkedFile,
     list_parked,
     read_parked,
     rewrite_parked,
+    settle,
+    unsettled,
     write_parked,
 )
 from fastmta.testing.sink import Behaviour
@@ -74,12 +77,28 @@ def test_rewrite_applies_operator_changes(tmp_path):
         d, pf.name, lambda e: CHANGES["hold"](e) if e.id == "q1" else False, fsync=False
     )
     assert ids == ["q1"] and new.due == 200.0 and list_parked(d) == [new]
+    assert os.listdir(os.path.join(d, PARKED)) == [new.name]  # nothing half done left
     new2, ids = rewrite_parked(d, new.name, CHANGES["flush"], fsync=False)
     assert ids == ["q1", "q2"] and new2.due == 0.0  # the held one is not due
     got = {e.id: (e.held, e.next_attempt) for e, _ in read_parked(d, new2.name)}
     assert got == {"q1": (True, 100.0), "q2": (False, 0.0)}
     new3, ids = rewrite_parked(d, new2.name, CHANGES["delete"], fsync=False)
     assert new3 is None and ids == ["q1", "q2"] and list_parked(d) == []
+
+
+def test_a_crash_in_an_operator_change_parks_each_message_once(tmp_path):
+    d = str(tmp_path)
+    a = write_parked(d, [(env("a1", 100.0), b"1"), (env("a2", 200.0), b"2")], fsync=False)
+    b = write_parked(d, [(env("b1", 300.0), b"3")], fsync=False)
+    # the change of file a was written, the crash came before a was removed: undone
+    write_parked(d, [(env("a2", 200.0), b"2")], fsync=False, suffix=REPLACING + a.name)
+    # the change of file b got as far as removing b: done
+    b2 = write_parked(d, [(env("b1", 0.0), b"3")], fsync=False, suffix=REPLACING + b.name)
+    os.unlink(os.path.join(d, PARKED, b.name))
+    assert unsettled(d, view=True) == [b2.name + REPLACING + b.name]
+    assert settle(d, set(), fsync=False) == 2
+    assert list_parked(d) == sorted([a, b2])
+    assert sorted(os.listdir(os.path.join(d, PARKED))) == sorted([a.name, b2.name])
 
 
 # ------------------------------------------------------------------------------------ spool

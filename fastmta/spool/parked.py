@@ -24,7 +24,8 @@ the file as ``<name>.pending``, makes the DONE records of its messages durable, 
 it to ``<name>``; Spool.unpark renames ``<name>`` to ``<name>.loading`` before it stores the
 messages back into the log, and deletes it after. A crash leaves at most such a file, and
 :func:`settle` (run by Spool.open after recovery) keeps in it exactly the messages that are
-not live in the log.
+not live in the log. An operator's change that renames a file (rewrite_parked) goes through
+``<new>.replacing.<old>`` the same way, so no message is ever parked twice either.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ __all__ = [
     "LOADING",
     "PARKED",
     "PENDING",
+    "REPLACING",
     "ParkedFile",
     "file_due",
     "list_parked",
@@ -61,6 +63,7 @@ log = logging.getLogger("fastmta.spool")
 PARKED = "parked"  # under each shard directory
 PENDING = ".pending"  # suffix: written, its messages' DONE records maybe not durable yet
 LOADING = ".loading"  # suffix: its messages are being stored back into the log
+REPLACING = ".replacing."  # "<new>.replacing.<old>": an operator's change (rewrite_parked)
 HELD_DUE = 9_999_999_999_999  # ms: "never" (every message in the file is on hold)
 _NAME_RE = re.compile(r"^(\d{13})-(\d{6,})-([0-9a-zA-Z_-]+)\.park$")
 
@@ -228,9 +231,16 @@ def rewrite_parked(
     pf = ParkedFile.parse(name)
     if not touched:
         return pf, []
-    new = write_parked(directory, kept, fsync=fsync) if kept else None
-    if new is None or new.name != name:
+    if not kept:
         remove_parked(directory, name, fsync=fsync)
+        return None, touched
+    if _name(kept) == name:  # the same name: replaced by the rename, atomically
+        return write_parked(directory, kept, fsync=fsync), touched
+    # A new name: written as "<new>.replacing.<old>", the old file removed, then renamed, so
+    # a crash leaves the messages in one of the two (settle() finishes or undoes it).
+    new = write_parked(directory, kept, fsync=fsync, suffix=REPLACING + name)
+    remove_parked(directory, name, fsync=fsync)
+    rename_parked(directory, new.name + REPLACING + name, new.name, fsync=fsync)
     return new, touched
 
 
@@ -258,13 +268,24 @@ def rename_parked(directory: str, old: str, new: str, *, fsync: bool = True) -> 
         fsync_dir(path)
 
 
-def unsettled(directory: str) -> list[str]:
-    """Names of the PENDING / LOADING files a crash left (see :func:`settle`)."""
+def unsettled(directory: str, *, view: bool = False) -> list[str]:
+    """Names of the PENDING, LOADING and REPLACING files a crash left (see :func:`settle`).
+    With ``view`` (a read-only look at the queue), a replacement whose old file is still
+    there is left out: the old file holds its messages."""
+    path = os.path.join(directory, PARKED)
     try:
-        names = os.listdir(os.path.join(directory, PARKED))
+        names = os.listdir(path)
     except FileNotFoundError:
         return []
-    return sorted(n for n in names if n.endswith((PENDING, LOADING)))
+    out = []
+    for n in names:
+        old = n.partition(REPLACING)[2]
+        if old:
+            if not (view and os.path.exists(os.path.join(path, old))):
+                out.append(n)
+        elif n.endswith((PENDING, LOADING)):
+            out.append(n)
+    return sorted(out)
 
 
 def settle(directory: str, live: Container[str], *, fsync: bool = True) -> int:
@@ -273,6 +294,14 @@ def settle(directory: str, live: Container[str], *, fsync: bool = True) -> int:
     log (or just removed). Returns the number of files settled. Blocking."""
     settled = 0
     for name in unsettled(directory):
+        settled += 1
+        new, _, old = name.partition(REPLACING)
+        if old:  # an operator's change: undone if the old file is still there, else done
+            if os.path.exists(os.path.join(directory, PARKED, old)):
+                remove_parked(directory, name, fsync=fsync)
+            else:
+                rename_parked(directory, name, new, fsync=fsync)
+            continue
         items = read_parked(directory, name) or []
         keep = [(env, data) for env, data in items if env.id not in live]
         log.warning(
@@ -282,7 +311,6 @@ def settle(directory: str, live: Container[str], *, fsync: bool = True) -> int:
         if keep:
             write_parked(directory, keep, fsync=fsync)
         remove_parked(directory, name, fsync=fsync)
-        settled += 1
     return settled
 
 
