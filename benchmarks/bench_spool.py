@@ -109,6 +109,31 @@ async def bench_memory(root: str, count: int, resident: int) -> list[tuple[int, 
     return out
 
 
+async def bench_restart(root: str, count: int, resident: int) -> tuple[float, float]:
+    """A worker starting over the spool bench_memory left (``count`` queued, most parked):
+    (start seconds, RSS growth bytes). Neither should grow with the parked part."""
+    from fastmta.app import Worker  # noqa: PLC0415
+    from fastmta.config import load_config  # noqa: PLC0415
+
+    config = load_config(
+        None,
+        {
+            "server": {"spool_dir": root, "hold_delivery": True, "workers": 1},
+            "listener": [{"address": f"127.0.0.1:{h.free_port()}"}],
+            "queue": {"max_resident": resident},
+        },
+    )
+    before = _rss()
+    t0 = time.perf_counter()
+    worker = Worker(config)
+    await worker.start()
+    dt = time.perf_counter() - t0
+    grown = _rss() - before
+    assert worker.engine.stats.queued == count, worker.engine.stats
+    await worker.stop()
+    return dt, float(grown)
+
+
 def _memory_in_fresh_process(root: str, count: int, resident: int) -> list[tuple[int, float]]:
     """bench_memory in a new interpreter: this one's heap holds what earlier cases freed."""
     import subprocess  # noqa: PLC0415
@@ -120,6 +145,18 @@ def _memory_in_fresh_process(root: str, count: int, resident: int) -> list[tuple
         text=True,
     ).stdout.split()
     return [(int(out[i]), float(out[i + 1])) for i in range(0, len(out), 2)]
+
+
+def _restart_in_fresh_process(root: str, count: int, resident: int) -> tuple[float, float]:
+    import subprocess  # noqa: PLC0415
+
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--restart", root, str(count), str(resident)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    return float(out[0]), float(out[1])
 
 
 async def bench_recover(directory: str, count: int):
@@ -141,7 +178,12 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=100)
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     ap.add_argument("--memory", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--restart", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.restart:  # the child of _restart_in_fresh_process
+        root, count, resident = args.restart
+        print(*asyncio.run(bench_restart(root, int(count), int(resident))))
+        return
     if args.memory:  # the child of _memory_in_fresh_process
         root, count, resident = args.memory
         for n, grown in asyncio.run(bench_memory(root, int(count), int(resident))):
@@ -192,6 +234,14 @@ def main() -> None:
                          f"{half_n:,} {half / 2**20:.1f} MiB, at {end_n:,} {end / 2**20:.1f} "
                          f"MiB: {per_msg:,.0f} bytes per message from {half_n:,} to {end_n:,} "
                          "(the rest is parked on disk)"])  # fmt: skip
+            t_start, g_start = _restart_in_fresh_process(
+                os.path.join(base, "memory"), nmem, resident
+            )
+            print(f"worker restart over {nmem:,} queued: {t_start:.2f} s, "
+                  f"+{g_start / 2**20:.1f} MiB")  # fmt: skip
+            rows.append([f"worker restart over those {nmem:,} queued (the log replayed, parked "
+                         "files only listed)", f"{nmem / t_start:,.0f}", f"{t_start:.2f} s, RSS "
+                         f"growth {g_start / 2**20:.1f} MiB"])  # fmt: skip
     finally:
         shutil.rmtree(base, ignore_errors=True)
     if not args.smoke and not args.no_write:
