@@ -74,7 +74,7 @@ class EngineStats(msgspec.Struct):
     in_memory: int = 0
     queued: int = 0
     held: int = 0  # messages on hold (fastmta queue hold), not counted in queued
-    parked: int = 0  # of queued and held: in parked files on disk, not in memory
+    parked: int = 0  # of queued (held ones included): in parked files on disk, not in memory
 
 
 _BALANCE_BACKOFF = 5.0  # seconds without parking/loading after a parked-file error

@@ -492,9 +492,6 @@ class Spool:
                 raise SpoolError(f"loading parked file {pf.name} failed")
             self.stats.unparked += len(stored)
             return stored
-            self._drop_parked(pf)
-            self.stats.unparked += len(stored)
-            return stored
 
     async def change_parked(
         self, change: Callable[[Envelope], bool | None], only: set[str] | None = None
@@ -525,13 +522,12 @@ class Spool:
                 touched += ids
         return touched
 
-    async def parked_messages(self, only: set[str] | None = None) -> AsyncIterator[Envelope]:
-        """The envelopes of the parked messages (or those with queue ids in ``only``), file by
-        file, read in a thread: memory holds one file at a time."""
+    async def parked_messages(self) -> AsyncIterator[Envelope]:
+        """The envelopes of the parked messages, file by file, read in a thread: memory holds
+        one file at a time."""
         for pf in list(self._parked):
             for env, _, _ in await asyncio.to_thread(envelopes, self.directory, pf.name):
-                if only is None or env.id in only:
-                    yield env
+                yield env
 
     async def parked_message(self, queue_id: str) -> tuple[Envelope, bytes] | None:
         """One parked message (envelope, wire bytes) by queue id, or None. Reads the parked
