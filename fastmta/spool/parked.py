@@ -48,9 +48,11 @@ __all__ = [
     "PENDING",
     "REPLACING",
     "ParkedFile",
+    "envelopes",
     "file_due",
     "list_parked",
     "read_parked",
+    "remove_parked",
     "rename_parked",
     "rewrite_parked",
     "settle",
@@ -69,7 +71,7 @@ _NAME_RE = re.compile(r"^(\d{13})-(\d{6,})-([0-9a-zA-Z_-]+)\.park$")
 
 
 class ParkedFile(NamedTuple):
-    """One parked batch, known by its name alone (sorts by due time, then first id)."""
+    """One parked batch, known by its name alone (sorts by name: due time first)."""
 
     name: str
     due_ms: int
