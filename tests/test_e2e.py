@@ -8,6 +8,7 @@ The sink must receive exactly what the client sent, preceded by our Received: fi
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
@@ -25,6 +26,7 @@ from e2e_harness import (
 
 from fastmta.protocol.replies import reply
 from fastmta.spool import RcptState
+from fastmta.spool.parked import list_parked
 from fastmta.testing.dnsserver import DnsTestServer
 from fastmta.testing.sink import Behaviour, Sink
 
@@ -112,13 +114,18 @@ def test_mx_lookup_through_test_dns(tmp_path, dns):
         assert srv.read_spool() == {}
 
 
-def test_restart_and_crash_in_delivery_backlog(tmp_path):
+@pytest.mark.parametrize(
+    "queue", [{}, {"max_resident": 4, "park_batch": 2}], ids=["resident", "parking"]
+)
+def test_restart_and_crash_in_delivery_backlog(tmp_path, queue):
     """Sink down -> everything defers; stop; sink up (slow); start; crash in mid-delivery;
-    start again: every message arrives at least once, and the spool ends empty."""
+    start again: every message arrives at least once, and the spool ends empty. With
+    ``parking`` most of the backlog waits in parked files, and the crash meets them being
+    loaded back."""
     n = 30
     port = free_port()
     relay = {"relayhost": f"[127.0.0.1]:{port}", "max_connections_per_site": 2}
-    overrides = {"server": {"workers": 2}, "delivery": relay}
+    overrides = {"server": {"workers": 2}, "delivery": relay, "queue": queue}
     srv = ServerProcess(tmp_path, overrides)
     sent: dict[str, tuple[bytes, list[str]]] = {}
     try:
@@ -141,6 +148,9 @@ def test_restart_and_crash_in_delivery_backlog(tmp_path):
         for env, _ in spool.values():
             assert env.attempts >= 1
             assert all(r.state == RcptState.DEFERRED for r in env.recipients)
+        if queue:  # most of the backlog is parked, its state kept
+            shards = [os.path.join(srv.spool_dir, d) for d in os.listdir(srv.spool_dir)]
+            assert sum(pf.count for d in shards for pf in list_parked(d)) >= n // 2
 
         with Sink("127.0.0.1", port, Behaviour(delay=0.05)) as sink:
             # 2. the sink is up but slow; crash while the backlog drains
