@@ -19,6 +19,7 @@ from fastmta.spool.parked import (
     PENDING,
     REPLACING,
     ParkedFile,
+    envelopes,
     list_parked,
     read_parked,
     rewrite_parked,
@@ -54,6 +55,14 @@ def test_write_list_read_round_trip(tmp_path):
         ("q2", 20.25, 3, b"two\r\n"),
     ]
     assert read_parked(d, "0000000000000-000001-gone.park") is None
+    # envelopes() reads headers and envelopes only; a big envelope takes a second read
+    big = env("q9", 30.0)
+    big.recipients = [Recipient(f"user{i}@example.test") for i in range(100)]
+    pf3 = write_parked(d, [(env("q8", 30.0), b"small\r\n"), (big, b"big body\r\n")], fsync=False)
+    with open(os.path.join(d, PARKED, pf3.name), "rb") as f:
+        raw = f.read()
+    got = [(e.id, len(e.recipients), raw[o : o + n]) for e, o, n in envelopes(d, pf3.name)]
+    assert got == [("q8", 1, b"small\r\n"), ("q9", 100, b"big body\r\n")]
 
 
 def test_damaged_file_is_set_aside_with_its_sound_records(tmp_path):

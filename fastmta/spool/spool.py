@@ -498,7 +498,8 @@ class Spool:
     ) -> list[str]:
         """Apply an operator change to the parked messages (every one, or those whose queue id
         is in ``only``): ``change(env)`` returns True (changed), False (not) or None (delete).
-        Reads every parked file (in a thread); returns the queue ids changed or deleted."""
+        Rewrites the files concerned (in a thread; with ``only``, the others' envelopes are
+        only read); returns the queue ids changed or deleted."""
         self._live_writer()
         touched: list[str] = []
         if only is not None and not only:
@@ -509,6 +510,10 @@ class Spool:
 
         async with self._parked_lock:  # type: ignore[union-attr]
             for pf in list(self._parked):
+                if only is not None:  # rewrite only the files that hold a named message
+                    inside = await asyncio.to_thread(envelopes, self.directory, pf.name)
+                    if all(env.id not in only for env, _, _ in inside):
+                        continue
                 try:
                     new, ids = await asyncio.to_thread(
                         rewrite_parked, self.directory, pf.name, pick, fsync=self._fsync
