@@ -22,6 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from fastmta.config import Config, load_config  # noqa: E402
 from fastmta.spool import Envelope, Recipient, Spool, new_queue_id  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -74,14 +75,9 @@ def _rss() -> int:
         return int(f.read().split("VmRSS:")[1].split()[0]) * 1024
 
 
-async def bench_memory(root: str, count: int, resident: int) -> list[tuple[int, float]]:
-    """A whole worker (spool, scheduler, engine; delivery held, queue.max_resident =
-    ``resident``) taking in ``count`` 1 KiB messages: its RSS growth (bytes) after each
-    tenth of them, once parking has settled. Flat past ``resident`` means parking works."""
-    from fastmta.app import Worker  # noqa: PLC0415
-    from fastmta.config import load_config  # noqa: PLC0415
-
-    config = load_config(
+def _worker_config(root: str, resident: int) -> Config:
+    """One worker over ``root`` with delivery held and queue.max_resident = ``resident``."""
+    return load_config(
         None,
         {
             "server": {"spool_dir": root, "hold_delivery": True, "workers": 1},
@@ -89,6 +85,15 @@ async def bench_memory(root: str, count: int, resident: int) -> list[tuple[int, 
             "queue": {"max_resident": resident},
         },
     )
+
+
+async def bench_memory(root: str, count: int, resident: int) -> list[tuple[int, float]]:
+    """A whole worker (spool, scheduler, engine; delivery held, queue.max_resident =
+    ``resident``) taking in ``count`` 1 KiB messages: its RSS growth (bytes) after each
+    tenth of them, once parking has settled. Flat past ``resident`` means parking works."""
+    from fastmta.app import Worker  # noqa: PLC0415
+
+    config = _worker_config(root, resident)
     worker = Worker(config)
     await worker.start()
     spool, engine = worker.spool, worker.engine
@@ -113,16 +118,8 @@ async def bench_restart(root: str, count: int, resident: int) -> tuple[float, fl
     """A worker starting over the spool bench_memory left (``count`` queued, most parked):
     (start seconds, RSS growth bytes). Neither should grow with the parked part."""
     from fastmta.app import Worker  # noqa: PLC0415
-    from fastmta.config import load_config  # noqa: PLC0415
 
-    config = load_config(
-        None,
-        {
-            "server": {"spool_dir": root, "hold_delivery": True, "workers": 1},
-            "listener": [{"address": f"127.0.0.1:{h.free_port()}"}],
-            "queue": {"max_resident": resident},
-        },
-    )
+    config = _worker_config(root, resident)
     before = _rss()
     t0 = time.perf_counter()
     worker = Worker(config)
@@ -134,29 +131,13 @@ async def bench_restart(root: str, count: int, resident: int) -> tuple[float, fl
     return dt, float(grown)
 
 
-def _memory_in_fresh_process(root: str, count: int, resident: int) -> list[tuple[int, float]]:
-    """bench_memory in a new interpreter: this one's heap holds what earlier cases freed."""
+def _in_fresh_process(mode: str, root: str, count: int, resident: int) -> list[str]:
+    """bench_memory (``--memory``) or bench_restart (``--restart``) in a new interpreter, so
+    RSS is not blurred by what earlier cases freed; returns what it printed, split."""
     import subprocess  # noqa: PLC0415
 
-    out = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--memory", root, str(count), str(resident)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.split()
-    return [(int(out[i]), float(out[i + 1])) for i in range(0, len(out), 2)]
-
-
-def _restart_in_fresh_process(root: str, count: int, resident: int) -> tuple[float, float]:
-    import subprocess  # noqa: PLC0415
-
-    out = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--restart", root, str(count), str(resident)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.split()
-    return float(out[0]), float(out[1])
+    argv = [sys.executable, os.path.abspath(__file__), mode, root, str(count), str(resident)]
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout.split()
 
 
 async def bench_recover(directory: str, count: int):
@@ -219,7 +200,8 @@ def main() -> None:
             rows.append([f"recover {nrec:,} x 1 KiB", f"{rate:,.0f}", f"{dt:.2f} s"])
             nmem, resident = (3000, 1000) if args.smoke else (200_000, 20_000)
             t0 = time.perf_counter()
-            grown = _memory_in_fresh_process(os.path.join(base, "memory"), nmem, resident)
+            out = _in_fresh_process("--memory", os.path.join(base, "memory"), nmem, resident)
+            grown = [(int(out[i]), float(out[i + 1])) for i in range(0, len(out), 2)]
             dt = time.perf_counter() - t0
             for n, g in grown:
                 print(f"worker memory with {n:>7,} queued (max_resident {resident:,}): "
@@ -234,9 +216,8 @@ def main() -> None:
                          f"{half_n:,} {half / 2**20:.1f} MiB, at {end_n:,} {end / 2**20:.1f} "
                          f"MiB: {per_msg:,.0f} bytes per message from {half_n:,} to {end_n:,} "
                          "(the rest is parked on disk)"])  # fmt: skip
-            t_start, g_start = _restart_in_fresh_process(
-                os.path.join(base, "memory"), nmem, resident
-            )
+            out = _in_fresh_process("--restart", os.path.join(base, "memory"), nmem, resident)
+            t_start, g_start = float(out[0]), float(out[1])
             print(f"worker restart over {nmem:,} queued: {t_start:.2f} s, "
                   f"+{g_start / 2**20:.1f} MiB")  # fmt: skip
             rows.append([f"worker restart over those {nmem:,} queued (the log replayed, parked "

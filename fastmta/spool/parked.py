@@ -114,16 +114,19 @@ def _name(items: Sequence[tuple[Envelope, bytes]]) -> str:
     return f"{due:013d}-{len(items):06d}-{items[0][0].id}.park"
 
 
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except FileNotFoundError:
+        return []
+
+
 def list_parked(directory: str, *, cleanup: bool = True) -> list[ParkedFile]:
     """The parked files of ``<directory>/parked``, earliest due first. With ``cleanup``, tmp
     files of writes a crash interrupted are deleted."""
     path = os.path.join(directory, PARKED)
-    try:
-        names = os.listdir(path)
-    except FileNotFoundError:
-        return []
     out = []
-    for name in names:
+    for name in _listdir(path):
         pf = ParkedFile.parse(name)
         if pf is not None:
             out.append(pf)
@@ -304,12 +307,8 @@ def unsettled(directory: str, *, view: bool = False) -> list[str]:
     With ``view`` (a read-only look at the queue), a replacement whose old file is still
     there is left out: the old file holds its messages."""
     path = os.path.join(directory, PARKED)
-    try:
-        names = os.listdir(path)
-    except FileNotFoundError:
-        return []
     out = []
-    for n in names:
+    for n in _listdir(path):
         old = n.partition(REPLACING)[2]
         if old:
             if not (view and os.path.exists(os.path.join(path, old))):
