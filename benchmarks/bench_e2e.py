@@ -316,14 +316,7 @@ def run(
                 h.say(f"  ceiling {tool} -> smtp-sink: {rows[-1].rate:,.0f} msg/s {rows[-1].note}")
             rows.append(relay_ceiling(case))
             h.say(f"  {RELAY_CEILING}: {rows[-1].rate:,.0f} msg/s {rows[-1].note}")
-            for w in workers:
-                rows.append(run_fastmta(case, w))
-                h.say(f"  -> {_line(rows[-1])}")
-                h.settle(pause)
-            if with_postfix:
-                rows.append(run_postfix(case))
-                h.say(f"  -> {_line(rows[-1])}")
-                h.settle(pause * 2)
+            h.run_mtas(rows, case, workers, with_postfix, run_fastmta, run_postfix, _line, pause)
     return h.best_of(rows)
 
 

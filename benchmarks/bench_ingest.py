@@ -145,14 +145,7 @@ def run(
             h.say(f"ingest {case.name}: {case.title}" + (f" (round {rnd}/{repeat})" * (repeat > 1)))
             rows.append(ceiling(case))
             h.say(f"  -> {_line(rows[-1])}")
-            for w in workers:
-                rows.append(run_fastmta(case, w))
-                h.say(f"  -> {_line(rows[-1])}")
-                h.settle(pause)
-            if with_postfix:
-                rows.append(run_postfix(case))
-                h.say(f"  -> {_line(rows[-1])}")
-                h.settle(pause * 2)
+            h.run_mtas(rows, case, workers, with_postfix, run_fastmta, run_postfix, _line, pause)
     rows = h.best_of(rows)
     for case in SMOKE if smoke else FULL:
         group = [r for r in rows if r.case.name == case.name]

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -897,6 +897,28 @@ def settle(seconds: float) -> None:
     """Let the disk settle between runs (sync, then a pause)."""
     os.sync()
     time.sleep(seconds)
+
+
+def run_mtas(
+    rows: list,
+    case: object,
+    workers: Sequence[int],
+    with_postfix: bool,
+    run_fastmta: Callable[[object, int], object],
+    run_postfix: Callable[[object], object],
+    line: Callable[[object], str],
+    pause: float,
+) -> None:
+    """One round of a case for the MTAs: fastmta per worker count, then Postfix, each row
+    appended to ``rows`` and printed, the disk settling after each."""
+    for w in workers:
+        rows.append(run_fastmta(case, w))
+        say(f"  -> {line(rows[-1])}")
+        settle(pause)
+    if with_postfix:
+        rows.append(run_postfix(case))
+        say(f"  -> {line(rows[-1])}")
+        settle(pause * 2)
 
 
 def self_cpu() -> float:
