@@ -27,7 +27,7 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -243,17 +243,9 @@ class ControlServer:
                 self._tasks.discard(task)
 
     async def _list(self, req: Request, writer: asyncio.StreamWriter) -> Line:
-        msgs = self.engine.messages()
-        for i in range(0, len(msgs), self.batch):
-            chunk = [Line(env=sm.envelope) for sm in msgs[i : i + self.batch]]
-            writer.write(_ENCODER.encode_lines(chunk))
-            await asyncio.wait_for(writer.drain(), self.timeout)
-        count = len(msgs)
-        seen = {sm.envelope.id for sm in msgs}
-        chunk = []
-        async for env in self.spool.parked_messages():  # file by file: memory stays flat
-            if env.id in seen:
-                continue  # loaded back while we listed
+        count = 0
+        chunk: list[Line] = []
+        async for env in self._envelopes():
             chunk.append(Line(env=env))
             if len(chunk) >= self.batch:
                 writer.write(_ENCODER.encode_lines(chunk))
@@ -262,6 +254,17 @@ class ControlServer:
                 chunk = []
         writer.write(_ENCODER.encode_lines(chunk))
         return Line(count=count + len(chunk))
+
+    async def _envelopes(self) -> AsyncIterator[Envelope]:
+        """Every queued envelope: those in memory, then the parked ones file by file (memory
+        stays flat), less any loaded back while we listed."""
+        msgs = self.engine.messages()
+        for sm in msgs:
+            yield sm.envelope
+        seen = {sm.envelope.id for sm in msgs}
+        async for env in self.spool.parked_messages():
+            if env.id not in seen:
+                yield env
 
     async def _show(self, req: Request, writer: asyncio.StreamWriter) -> Line:
         found = []

@@ -419,14 +419,18 @@ class DeliveryEngine:
                     self._parked_event.set()
                     self._parked_event = asyncio.Event()
                 for sm in chunk:  # not parked: back where it was
-                    if sm.envelope.held:
-                        self._held[sm.envelope.id] = sm
-                    else:
-                        self.scheduler.add(sm)
+                    self._requeue(sm)
         finally:
             for sm in victims:  # (cancelled by stop(): they are still in the spool's log)
                 self._parking.pop(sm.envelope.id, None)
         return not failed
+
+    def _requeue(self, sm: StoredMessage) -> None:
+        """A message back in memory (loaded, or not parked after all): held, or scheduled."""
+        if sm.envelope.held:
+            self._held[sm.envelope.id] = sm
+        else:
+            self.scheduler.add(sm)
 
     def _park_chunks(self, victims: list[StoredMessage]) -> list[list[StoredMessage]]:
         out: list[list[StoredMessage]] = []
@@ -478,10 +482,7 @@ class DeliveryEngine:
                     break
                 moved = True
                 for sm in loaded:
-                    if sm.envelope.held:
-                        self._held[sm.envelope.id] = sm
-                    else:
-                        self.scheduler.add(sm)
+                    self._requeue(sm)
         finally:
             self._balancing = False
             if moved:
