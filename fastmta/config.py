@@ -242,6 +242,7 @@ class DeliveryConfig(msgspec.Struct, **_STRUCT):
     max_connections_per_site: int = 20
     messages_per_connection: int = 1000
     messages_per_second: float = 0.0  # 0 = unlimited
+    chain_transactions: bool = True
     relayhost: str = ""
     relay_username: str = ""
     relay_password: str = ""

@@ -5,7 +5,12 @@ to ``SiteLimits.max_connections`` worker tasks. A worker owns one connection at 
 a job, connects if it has no usable connection (MX hosts and their addresses in order, the next
 one on a connect failure, a 4xx/5xx greeting, 421, or a TLS failure), runs the transaction,
 hands the replies to ``on_result``, and takes the next job over the same connection (the client
-session sends RSET when needed). With no job, a connected worker waits ``idle_timeout``
+session sends RSET when needed). While a job's content is going out, the next queued job is
+chained behind it (``chain_transactions``: its MAIL/RCPT/DATA leave with the previous ".", so a
+backlog costs one round trip per message, not two); a site whose server drops a chained
+transaction unanswered stops chaining, and a job the server never answered (a chained one, or
+the first over a reused connection) is queued once more instead of counted as an attempt.
+With no job, a connected worker waits ``idle_timeout``
 seconds, then says QUIT (Postfix smtp_connection_cache_time_limit). A connection is retired after
 ``messages_per_connection`` transactions. The per-site rate limit is a token bucket. A site
 whose last worker has ended with nothing queued is dropped (KumoMTA reaps idle queues too).
@@ -57,7 +62,7 @@ class Job:
     """One transaction to make: ``message`` to ``destination`` via ``route``. ``owner`` and
     ``indexes`` belong to the caller (which message, which recipients)."""
 
-    __slots__ = ("message", "destination", "route", "owner", "indexes", "domain", "site")
+    __slots__ = ("message", "destination", "route", "owner", "indexes", "domain", "site", "retried")
 
     def __init__(
         self,
@@ -75,6 +80,7 @@ class Job:
         self.indexes = indexes
         self.domain = domain
         self.site = ""
+        self.retried = False  # sent once over a connection that died before answering
 
 
 ResultHandler = Callable[[Job, list[Reply], AttemptInfo], Awaitable[None]]
@@ -82,7 +88,8 @@ ResultHandler = Callable[[Job, list[Reply], AttemptInfo], Awaitable[None]]
 
 class PoolStats(msgspec.Struct):
     connections_opened: int = 0
-    reused: int = 0
+    reused: int = 0  # transactions over a connection that had carried one before
+    chained: int = 0  # of reused: sent with the end of the previous one (no round trip)
     connect_failures: int = 0
 
 
@@ -104,6 +111,7 @@ class SitePool:
         self._loop = asyncio.get_running_loop()
         self._starting = 0
         self.connected = 0  # workers holding a live connection
+        self.chaining = pool.chain_transactions  # off once the site dropped a chained one
 
     def put(self, job: Job) -> None:
         """Queue a job; wake an idle worker or start one within the connection limit."""
@@ -146,6 +154,8 @@ class SitePool:
     async def _worker(self) -> None:
         pool = self.pool
         conn: SmtpConnection | None = None
+        # sent over conn, result not yet handled: (job, info, chained)
+        inflight: deque[tuple[Job, AttemptInfo, bool]] = deque()
         first = True
         try:
             while not pool.closing:
@@ -167,24 +177,28 @@ class SitePool:
                         await self._unreachable(job, e.reply)
                         continue
                     self.connected += 1
+                    if pool.chain_transactions:
+                        conn.chain = self._chainer(conn, inflight)
                 else:
                     pool.stats.reused += 1
-                info = AttemptInfo(conn.host, conn.ip, conn.tls, time.monotonic())
-                result = await conn.transact(job.message)
-                if reused and result.mail is NO_RESPONSE and not conn.usable:
-                    # the server closed the cached connection before we spoke: not a real
-                    # attempt; once more over a fresh connection (Postfix does the same)
-                    self._drop(conn)
-                    conn = None
-                    try:
-                        conn = await pool.connect(job)
-                    except ConnectError as e:
-                        await self._unreachable(job, e.reply)
-                        continue
-                    self.connected += 1
-                    info = AttemptInfo(conn.host, conn.ip, conn.tls, time.monotonic())
-                    result = await conn.transact(job.message)
-                await pool.on_result(job, result.rcpts, info)
+                inflight.append(
+                    (job, AttemptInfo(conn.host, conn.ip, conn.tls, time.monotonic()), False)
+                )
+                conn.send(job.message)
+                while inflight:
+                    result = await conn.result()
+                    job, info, chained = inflight.popleft()
+                    if result.mail is NO_RESPONSE and not conn.usable and not job.retried:
+                        if chained:
+                            self.chaining = False  # the server dropped it: no more for this site
+                        if chained or reused:
+                            # the server closed the connection before it answered this one: not
+                            # a real attempt; once more over a fresh connection (Postfix does
+                            # the same for a cached connection)
+                            job.retried = True
+                            self.queue.appendleft(job)
+                            continue
+                    await pool.on_result(job, result.rcpts, info)
                 if not conn.usable or self.limits.connection_spent(conn.transactions):
                     self._drop(conn)
                     conn = None
@@ -202,6 +216,33 @@ class SitePool:
                 self._spawn()
             elif not self.queue and not self._starting and len(self.workers) <= 1:
                 pool.reap(self)
+
+    def _chainer(
+        self, conn: SmtpConnection, inflight: deque[tuple[Job, AttemptInfo, bool]]
+    ) -> Callable[[], Message | None]:
+        """The connection's chain hook: the next queued job's message, when it may go now."""
+        limits = self.limits
+        queue = self.queue
+
+        def chain() -> Message | None:
+            if not queue or not self.chaining or self.pool.closing:
+                return None
+            job = queue[0]
+            if (
+                limits.connection_spent(conn.transactions)
+                or conn.session.refusal(job.message) is not None
+                or limits.try_send() > 0
+            ):
+                return None
+            queue.popleft()
+            inflight.append(
+                (job, AttemptInfo(conn.host, conn.ip, conn.tls, time.monotonic()), True)
+            )
+            self.pool.stats.reused += 1
+            self.pool.stats.chained += 1
+            return job.message
+
+        return chain
 
     def _drop(self, conn: SmtpConnection) -> None:
         conn.close(quit=True)
@@ -242,6 +283,7 @@ class ConnectionPool:
         max_addresses: int = 10,
         use_pipelining: bool = True,
         use_chunking: bool = True,
+        chain_transactions: bool = True,
     ) -> None:
         self.on_result = on_result
         self.helo_name = helo_name
@@ -253,6 +295,7 @@ class ConnectionPool:
         self.max_addresses = max_addresses  # Postfix smtp_mx_address_limit-like bound
         self.use_pipelining = use_pipelining
         self.use_chunking = use_chunking
+        self.chain_transactions = chain_transactions and use_pipelining
         self.sites: dict[str, SitePool] = {}
         self.stats = PoolStats()
         self.closing = False

@@ -2,8 +2,12 @@
 :class:`~fastmta.protocol.client.ClientSession`, with per-phase timeouts, STARTTLS and AUTH.
 
 :func:`open_connection` connects, reads the greeting, says EHLO, negotiates TLS per policy and
-authenticates (smarthost only). :meth:`SmtpConnection.transact` runs one transaction and
-returns the per-recipient replies. The pool (pool.py) decides which host and when to reuse.
+authenticates (smarthost only). :meth:`SmtpConnection.send` starts a transaction and
+:meth:`SmtpConnection.result` waits for the oldest one's per-recipient replies
+(:meth:`SmtpConnection.transact` does both). The pool (pool.py) decides which host and when
+to reuse. When the pool sets :attr:`SmtpConnection.chain`, it is asked for the next message
+right after a message's content has been handed to the transport, so the next transaction
+travels with the end of the previous one (see the client session's "chained transactions").
 
 Timeouts are RFC 5321 section 4.5.3.2's, chosen by ``ClientSession.phase`` and re-armed
 whenever the server sends anything; a write that cannot drain (the server stopped reading)
@@ -16,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import ssl
+from collections import deque
+from collections.abc import Callable
 
 import msgspec
 
@@ -99,7 +105,10 @@ class SmtpConnection(asyncio.Protocol):
         self.host = host  # MX host name (for logs and SNI)
         self.ip = ip
         self.tls = False
-        self.transactions = 0  # transactions carried
+        self.transactions = 0  # transactions started on this connection
+        # asked for a message to chain when the session can_chain (None: never chain)
+        self.chain: Callable[[], Message | None] | None = None
+        self._inflight: deque[Message] = deque()  # sent, result not yet returned
         self.transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self._waiter: asyncio.Future[None] | None = None
@@ -121,6 +130,10 @@ class SmtpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         session = self.session
         session.receive(data)
+        if self.chain is not None and session.can_chain:
+            msg = self.chain()
+            if msg is not None:
+                self._start(msg)
         self._flush()
         self._arm()
         if session.has_event:  # e.g. not after a 354, which only lets the session send the body
@@ -165,20 +178,35 @@ class SmtpConnection(asyncio.Protocol):
 
     # --- the conversation ---------------------------------------------------------------------
     async def transact(self, msg: Message) -> TransactionResult:
-        """One transaction (IDLE phase only). Never raises for SMTP-level failures: a lost
-        connection or timeout becomes transient replies for every recipient not yet final."""
-        self.session.send(msg)
+        """One transaction (IDLE phase only): :meth:`send`, then :meth:`result`."""
+        self.send(msg)
+        return await self.result()
+
+    def send(self, msg: Message) -> None:
+        """Start a transaction (IDLE phase only); :meth:`result` returns its outcome."""
+        self._start(msg)
         self._flush()
         self._arm()
+
+    def _start(self, msg: Message) -> None:
+        self.session.send(msg)
+        self._inflight.append(msg)
         self.transactions += 1
+
+    async def result(self) -> TransactionResult:
+        """The outcome of the oldest transaction sent. Never raises for SMTP-level failures:
+        a lost connection or timeout becomes transient replies for every recipient not yet
+        final (``NO_RESPONSE`` as ``mail`` for a chained one the server never answered)."""
         while True:
             ev = await self.next_event()
             if isinstance(ev, TransactionResult):
+                self._inflight.popleft()
                 if self._timed_out is not None:
                     ev = self._timeout_result(ev)
                 return ev
             if isinstance(ev, Failed | Closed):
                 # a failure without a result: nothing of this message was answered
+                msg = self._inflight.popleft()
                 r = self._failure_reply(ev.reply if isinstance(ev, Failed) else NO_RESPONSE)
                 return TransactionResult(r, [r] * len(msg.recipients), None)
 

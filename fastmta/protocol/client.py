@@ -10,6 +10,13 @@ One connection: greeting -> EHLO (HELO if EHLO is refused) -> optional STARTTLS 
 again -> transactions, each MAIL/RCPT.../DATA pipelined when the server offers PIPELINING
 (RFC 2920), or MAIL/RCPT.../BDAT LAST in a single write when it also offers CHUNKING
 (RFC 3030) -> RSET between transactions when needed -> QUIT.
+
+Chained transactions: once a transaction's content has gone out after DATA, the next one may
+be sent before the final reply (:attr:`ClientSession.can_chain`), so its MAIL/RCPT.../DATA
+travel in the same write as the previous content's final "." (RFC 2920 3.1: the content may
+start a group; its example pipelines QUIT after the "."). The end of data ends the server's
+transaction whatever it answers, so no RSET is needed between the two. Results still come
+one per transaction, in order.
 """
 
 from __future__ import annotations
@@ -132,6 +139,7 @@ class ClientSession:
         self._rcpt_replies: list[Reply] = []
         self._accepted = 0
         self._dirty = False  # a transaction failed midway: RSET before the next one
+        self._chained: list[Message] = []  # sent after the one in flight, not yet its turn
         self._auth_steps: list[bytes] = []  # AUTH LOGIN lines still to send on 334
 
     # ------------------------------------------------------------------ I/O side
@@ -196,35 +204,63 @@ class ClientSession:
             self._auth_steps = [b64(username.encode()) + b"\r\n", b64(password.encode()) + b"\r\n"]
         self.phase = Phase.AUTH
 
-    def send(self, msg: Message) -> None:
-        """Start a transaction (Phase.IDLE only). Its outcome arrives as TransactionResult."""
-        self._require(Phase.IDLE)
+    def refusal(self, msg: Message) -> Reply | None:
+        """Why ``msg`` cannot go over this connection at all (SMTPUTF8 or SIZE), or None."""
         caps = self.capabilities
         if msg.smtputf8 and not caps.smtputf8:
-            self._events.append(
-                TransactionResult(NEED_SMTPUTF8, [NEED_SMTPUTF8] * len(msg.recipients), None)
-            )
-            return
+            return NEED_SMTPUTF8
         if caps.size and len(msg.data) > caps.size:
-            self._events.append(
-                TransactionResult(
-                    TOO_BIG_FOR_SERVER, [TOO_BIG_FOR_SERVER] * len(msg.recipients), None
-                )
-            )
+            return TOO_BIG_FOR_SERVER
+        return None
+
+    @property
+    def can_chain(self) -> bool:
+        """True when :meth:`send` may start the next transaction before this one's final
+        reply: the server offers PIPELINING and the content after DATA has been sent (never
+        after BDAT: a failed chunk does not end the server's transaction, RFC 3030 2)."""
+        return (
+            self._msg is not None
+            and self.phase is Phase.DATA_DONE
+            and self._expect[-1] == "done"
+            and self.use_pipelining
+            and self.capabilities.pipelining
+        )
+
+    def send(self, msg: Message) -> None:
+        """Start a transaction (Phase.IDLE, or chained when :attr:`can_chain`). Its outcome
+        arrives as TransactionResult, after those of the transactions sent before it."""
+        if self.phase is not Phase.IDLE:
+            if not self.can_chain:
+                raise RuntimeError(f"not allowed in phase {self.phase.value}")
+            if self.refusal(msg) is not None:
+                raise RuntimeError("a refused message cannot be chained")
+            self._chained.append(msg)
+            self._send_transaction(msg)
             return
-        self._msg = msg
-        self._mail_reply = None
-        self._rcpt_replies = []
-        self._accepted = 0
+        refused = self.refusal(msg)
+        if refused is not None:
+            self._events.append(TransactionResult(refused, [refused] * len(msg.recipients), None))
+            return
+        self._start(msg)
         if self._dirty:
             self._out.append(b"RSET\r\n")
             self._expect.append("rset")
             self._dirty = False
+        self._send_transaction(msg)
+
+    def _start(self, msg: Message) -> None:
+        """Make ``msg`` the transaction the next replies answer."""
+        self._msg = msg
+        self._mail_reply = None
+        self._rcpt_replies = []
+        self._accepted = 0
+        self.phase = Phase.MAIL
+
+    def _send_transaction(self, msg: Message) -> None:
         self._out.append(self._mail_command(msg))
         self._expect.append("mail")
-        self.phase = Phase.MAIL
-        if caps.pipelining and self.use_pipelining:
-            self._send_rcpts_and_content(pipelined=True)
+        if self.capabilities.pipelining and self.use_pipelining:
+            self._send_rcpts_and_content(msg)
 
     def quit(self) -> None:
         """Say goodbye; Closed follows the 221 (or the caller may just close)."""
@@ -250,6 +286,12 @@ class ClientSession:
             if self._mail_reply is not None and self._mail_reply.is_positive():
                 rcpts = [x if not x.is_positive() else r for x in rcpts]
             self._events.append(TransactionResult(self._mail_reply or r, rcpts, None))
+        for m in self._chained:
+            # never answered: NO_RESPONSE tells the caller it may try it over another connection
+            self._events.append(
+                TransactionResult(NO_RESPONSE, [NO_RESPONSE] * len(m.recipients), None)
+            )
+        self._chained.clear()
         self._events.append(Failed(r, phase))
 
     def _send_ehlo(self) -> None:
@@ -278,9 +320,7 @@ class ClientSession:
         parts.append(b"\r\n")
         return b"".join(parts)
 
-    def _rcpt_command(self, i: int) -> bytes:
-        msg = self._msg
-        assert msg is not None
+    def _rcpt_command(self, msg: Message, i: int) -> bytes:
         cmd = b"RCPT TO:" + _path(msg.recipients[i])
         if msg.rcpt_params and self.capabilities.dsn and msg.rcpt_params[i]:
             cmd += b" " + msg.rcpt_params[i].encode()
@@ -289,18 +329,14 @@ class ClientSession:
     def _chunking(self) -> bool:
         return self.use_chunking and self.capabilities.chunking
 
-    def _send_rcpts_and_content(self, pipelined: bool) -> None:
+    def _send_rcpts_and_content(self, msg: Message) -> None:
         """With PIPELINING: every RCPT and the DATA (or BDAT with the content) in one go."""
-        msg = self._msg
-        assert msg is not None
         for i in range(len(msg.recipients)):
-            self._out.append(self._rcpt_command(i))
+            self._out.append(self._rcpt_command(msg, i))
             self._expect.append("rcpt")
-        self._send_content_command()
+        self._send_content_command(msg)
 
-    def _send_content_command(self) -> None:
-        msg = self._msg
-        assert msg is not None
+    def _send_content_command(self, msg: Message) -> None:
         if self._chunking():
             # BDAT carries the content as is: undo the dot-stuffing of the wire form.
             content = _unstuff(msg.data)
@@ -376,7 +412,7 @@ class ClientSession:
                 return
             if not pipelined:
                 self.phase = Phase.RCPT
-                self._out.append(self._rcpt_command(0))
+                self._out.append(self._rcpt_command(msg, 0))
                 self._expect.append("rcpt")
             else:
                 self.phase = Phase.RCPT
@@ -388,10 +424,10 @@ class ClientSession:
             if not pipelined:
                 n = len(self._rcpt_replies)
                 if n < len(msg.recipients):
-                    self._out.append(self._rcpt_command(n))
+                    self._out.append(self._rcpt_command(msg, n))
                     self._expect.append("rcpt")
                 elif self._accepted:
-                    self._send_content_command()
+                    self._send_content_command(msg)
                     self.phase = Phase.DATA if not self._chunking() else Phase.DATA_DONE
                 else:
                     self._dirty = True
@@ -421,8 +457,8 @@ class ClientSession:
             return
         # "done" (after the final dot) or "bdat"
         ok = self._mail_reply is not None and self._mail_reply.is_positive() and self._accepted
-        if not r.is_positive():
-            self._dirty = True
+        if not r.is_positive() and not self._chained:
+            self._dirty = True  # (a chained MAIL already went out: the "." ended it anyway)
         self._finish(r if ok else None)
 
     def _finish(self, data_reply: Reply | None) -> None:
@@ -440,9 +476,12 @@ class ClientSession:
                 rcpts = [
                     reply(451, "4.5.0", "Content not sent") if x.is_positive() else x for x in rcpts
                 ]
-        self._msg = None
-        self.phase = Phase.IDLE
         self._events.append(TransactionResult(mail, rcpts, data_reply))
+        if self._chained:
+            self._start(self._chained.pop(0))  # its replies come next
+        else:
+            self._msg = None
+            self.phase = Phase.IDLE
 
 
 def _unstuff(wire: bytes) -> bytes:
