@@ -1,4 +1,5 @@
-"""Shared machinery of the fastmta-vs-Postfix benchmarks (bench_ingest.py, bench_e2e.py).
+"""Shared machinery of the fastmta-vs-Postfix benchmarks (bench_ingest.py, bench_e2e.py,
+bench_drain.py).
 
 What it gives:
 
@@ -337,6 +338,7 @@ def fastmta_config(
     relayhost: str = "",
     delivery_port: int = 25,
     nameservers: Sequence[str] = (),
+    chain_transactions: bool = True,
 ) -> str:
     """Write ``base``/fastmta.toml and return its path (spool under ``base``/spool)."""
     lines = [
@@ -357,6 +359,7 @@ def fastmta_config(
         "",
         "[delivery]",
         'tls = "none"',
+        f"chain_transactions = {'true' if chain_transactions else 'false'}",
         f'relayhost = "{relayhost}"',
         f"port = {delivery_port}",
         "",
@@ -369,15 +372,20 @@ def fastmta_config(
     return path
 
 
-def start_fastmta(procs: Procs, base: str, config: str, port: int, workers: int):
-    """``fastmta serve --config`` from this checkout; returns when every worker listens."""
+def launch_fastmta(procs: Procs, base: str, config: str) -> subprocess.Popen:
+    """``fastmta serve --config`` from this checkout, started (not yet listening)."""
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = procs.start(
+    return procs.start(
         [PYTHON, "-m", "fastmta.cli", "serve", "--config", config],
         log=os.path.join(base, "fastmta.out"),
         cwd=REPO,
         env=env,
     )
+
+
+def start_fastmta(procs: Procs, base: str, config: str, port: int, workers: int):
+    """``fastmta serve --config`` from this checkout; returns when every worker listens."""
+    p = launch_fastmta(procs, base, config)
     wait_listening(port, workers, timeout=30, proc=p)
     return p
 

@@ -1,4 +1,4 @@
-"""The ingest and end-to-end benchmarks in smoke mode (tiny counts): proof, in CI, that they
+"""The ingest, end-to-end and drain benchmarks in smoke mode (tiny counts): proof, in CI, that they
 still run end to end against fastmta (and Postfix when installed). Nothing is measured.
 
     python -m pytest benchmarks/test_smoke_bench.py -q
@@ -14,6 +14,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import bench_drain  # noqa: E402
 import bench_e2e  # noqa: E402
 import bench_ingest  # noqa: E402
 import harness  # noqa: E402
@@ -55,6 +56,14 @@ def test_e2e_smoke() -> None:
         "10rcpt",
     }
     assert "10 rcpts / 10 domains" in bench_e2e.table(rows)
+
+
+def test_drain_smoke() -> None:
+    rows = bench_drain.run(smoke=True, workers=(2,), with_postfix=WITH_POSTFIX)
+    _check(rows)
+    assert all(r.arrived == r.case.count for r in rows)  # the whole held queue reached the sink
+    assert "fastmta w=2 no chaining" in {r.who for r in rows}
+    assert "chaining on" in bench_drain.chaining_verdict(rows)
 
 
 def test_write_section_keeps_other_sections(tmp_path) -> None:

@@ -167,7 +167,7 @@ class PrivatePostfix:
     """A Postfix instance of its own under ``root``: pf.test is a virtual mailbox domain whose
     every address lands in one Maildir, ``root``/vmail/pf.test/inbox/."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, extra: dict[str, str] | None = None) -> None:
         self.root = root
         self.etc = os.path.join(root, "etc")
         self.queue = os.path.join(root, "queue")
@@ -213,6 +213,7 @@ class PrivatePostfix:
             "smtp_tls_security_level": "none",
             "smtpd_tls_security_level": "none",
             "biff": "no",
+            **(extra or {}),
         }
         with open(os.path.join(self.etc, "main.cf"), "w") as f:
             f.writelines(f"{k} = {v}\n" for k, v in main.items())
@@ -304,5 +305,51 @@ def test_private_postfix_accepts_mail_from_fastmta(tmp_path, public_tmp):
         log = pf.log()
         assert "status=sent" in log and "delivered to maildir" in log, log
         assert srv.read_spool() == {}
+    finally:
+        pf.stop()
+
+
+def test_private_postfix_takes_chained_transactions(tmp_path, public_tmp):
+    """A backlog over one connection to a strict Postfix (no CHUNKING, so DATA is used, and
+    reject_unauth_pipelining): every message after the first is chained behind its
+    predecessor's final dot (delivery.chain_transactions), and Postfix takes them all."""
+    _need(POSTFIX, POSTCONF)
+    import asyncio
+
+    from delivery_harness import Harness
+
+    n = 10
+    pf = PrivatePostfix(
+        str(public_tmp / "pf"),
+        {
+            "smtpd_discard_ehlo_keywords": "chunking",
+            "smtpd_data_restrictions": "reject_unauth_pipelining",
+        },
+    )
+    try:
+        pf.start()
+
+        async def main():
+            overrides = {
+                "delivery": {
+                    "relayhost": f"[127.0.0.1]:{pf.port}",
+                    "max_connections_per_site": 1,
+                    "data_done_timeout": 20,
+                }
+            }
+            async with Harness(tmp_path, {}, overrides=overrides) as h:
+                for i in range(n):
+                    await h.send("alice@sender.test", ["bob@pf.test"], content(b"ch%d" % i))
+                await h.until(lambda: len(h.spool) == 0, 30)
+                assert [r["outcome"] for r in h.records()] == ["delivered"] * n, h.records()
+                st = h.engine.pool.stats
+                assert st.connections_opened == 1 and st.chained == n - 1
+
+        asyncio.run(main())
+        box = until(lambda: len(pf.mailbox()) >= n and pf.mailbox(), 20, "Postfix Maildir")
+        assert len(box) == n, pf.log()
+        for i in range(n):
+            assert sum(b"<ch%d@client.test>" % i in m for m in box) == 1
+        assert "improper command pipelining" not in pf.log()
     finally:
         pf.stop()

@@ -557,3 +557,126 @@ def test_client_auth_against_server_session():
 
     converse(client, peer, peer.greeting(), on_event)
     assert any(isinstance(e, Authenticated) for e in seen) and peer.s.user == "alice"
+
+
+# ------------------------------------------------------------------ chained transactions
+
+
+def _ready(
+    caps: bytes = b"250-mx\r\n250-PIPELINING\r\n250 SIZE 1000000\r\n", **kw
+) -> ClientSession:
+    client = ClientSession("c.test", **kw)
+    client.receive(b"220 mx\r\n" + caps)
+    assert isinstance(client.next_event(), Ready)
+    client.data_to_send()
+    return client
+
+
+def test_chained_transactions_against_server_session():
+    """Each next message goes out with the previous one's final dot, in one write; the server
+    session takes them all; results come one per message, in order."""
+    peer = Peer(
+        reject_rcpt=lambda a: reply(550, "5.1.1", "unknown") if a.startswith("bad") else None
+    )
+    client = ClientSession("client.test", use_chunking=False)
+    msgs = [Message("a@b.test", [f"u{i}@d.test", "bad@d.test"], BODY) for i in range(4)]
+    todo = list(msgs)
+    results, writes = [], []
+
+    def on_ready(ev):
+        if isinstance(ev, Ready):
+            client.send(todo.pop(0))
+        elif isinstance(ev, TransactionResult):
+            results.append(ev)
+            if not todo and client.phase.value == "idle":
+                client.quit()
+
+    client.receive(peer.greeting())
+    for _ in range(50):
+        while (ev := client.next_event()) is not None:
+            on_ready(ev)
+        if todo and client.can_chain:
+            client.send(todo.pop(0))
+        out = client.data_to_send()
+        if not out:
+            break
+        writes.append(out)
+        back = peer.feed(out)
+        if back:
+            client.receive(back)
+    assert len(results) == 4 and len(peer.messages) == 4
+    assert all([x.code for x in r.rcpts] == [250, 550] for r in results)
+    assert [m.rcpts[0].address for m in peer.messages] == [f"u{i}@d.test" for i in range(4)]
+    # a chained write: the content, its ".", then the next MAIL/RCPT.../DATA
+    chained = [w for w in writes if b".\r\nMAIL FROM:<a@b.test>" in w]
+    assert len(chained) == 3 and all(w.endswith(b"DATA\r\n") for w in chained)
+    assert not any(b"RSET" in w for w in writes) and peer.closed
+
+
+def test_chain_only_after_content_went_out_with_data():
+    m = Message("a@b.test", ["c@d.test"], BODY)
+    client = _ready()
+    assert not client.can_chain
+    client.send(m)
+    assert not client.can_chain  # waiting for the 354: the DATA must end the group
+    with pytest.raises(RuntimeError):
+        client.send(m)
+    client.receive(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    assert client.can_chain
+    # BDAT: a failed chunk leaves the server's transaction open, so never chained
+    client = _ready(b"250-mx\r\n250-PIPELINING\r\n250 CHUNKING\r\n")
+    client.send(m)
+    assert not client.can_chain
+    # without PIPELINING nothing is chained
+    client = _ready(b"250-mx\r\n250 SIZE 1000000\r\n")
+    client.send(m)
+    client.receive(b"250 ok\r\n")
+    client.receive(b"250 ok\r\n")
+    client.receive(b"354 go\r\n")
+    assert client.phase.value == "data_done" and not client.can_chain
+
+
+def test_chained_after_failed_content_needs_no_rset():
+    m1 = Message("a@b.test", ["c@d.test"], BODY)
+    m2 = Message("a@b.test", ["e@d.test"], BODY)
+    client = _ready()
+    client.send(m1)
+    client.data_to_send()
+    client.receive(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    client.send(m2)
+    out = client.data_to_send()
+    assert out.startswith(BODY + b".\r\nMAIL FROM:<a@b.test>") and b"RSET" not in out
+    client.receive(b"554 5.7.1 content rejected\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+    r1 = client.next_event()
+    assert isinstance(r1, TransactionResult) and r1.rcpts[0].code == 554
+    assert client.data_to_send() == BODY + b".\r\n"
+    client.receive(b"250 queued\r\n")
+    r2 = client.next_event()
+    assert isinstance(r2, TransactionResult) and r2.rcpts[0].code == 250
+    client.send(Message("a@b.test", ["f@d.test"], BODY))  # and still no RSET
+    assert client.data_to_send().startswith(b"MAIL FROM:")
+
+
+def test_chained_transaction_never_answered_gets_no_response():
+    """421 after the first message's dot: it gets the 421; the chained one was never answered
+    (NO_RESPONSE: the caller may send it over another connection)."""
+    from fastmta.protocol.client import NO_RESPONSE
+
+    m = Message("a@b.test", ["c@d.test", "e@d.test"], BODY)
+    client = _ready()
+    client.send(m)
+    client.receive(b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+    client.send(m)
+    client.receive(b"421 4.3.2 shutting down\r\n")
+    r1, r2, failed = client.next_event(), client.next_event(), client.next_event()
+    assert [x.code for x in r1.rcpts] == [421, 421]
+    assert r2.mail is NO_RESPONSE and r2.rcpts == [NO_RESPONSE, NO_RESPONSE]
+    assert isinstance(failed, Failed) and client.phase.value == "closed"
+    # a refused message (too big for this server) is never chained
+    client = _ready()
+    client.send(m)
+    client.receive(b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+    big = Message("a@b.test", ["c@d.test"], b"x" * 2_000_000)
+    assert client.refusal(big) is not None
+    with pytest.raises(RuntimeError):
+        client.send(big)
