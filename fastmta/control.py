@@ -302,7 +302,7 @@ class ControlServer:
             self.engine.flush()
             await self.engine.change_parked("flush")
             return Line()
-        found = [qid for qid in req.ids if self.engine.flush_message(qid)]
+        found = [qid for qid in req.ids if await self.engine.flush_message(qid)]
         found += await self._parked(req, found)
         return Line(found=found, count=len(found))
 

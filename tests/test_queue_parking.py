@@ -423,3 +423,34 @@ def test_held_messages_are_parked_until_released(tmp_path):
             await h.until(lambda: h.engine.stats.queued == 0)
 
     asyncio.run(main())
+
+
+def test_flush_of_a_message_being_parked_reaches_its_parked_file(tmp_path):
+    """`fastmta queue flush ID` while ID is being written to a parked file: the engine waits
+    for the park to end, says the message is not resident, and the parked file is changed."""
+    from fastmta.protocol.replies import reply
+
+    accept = []
+
+    def rcpt_reply(address):
+        return None if accept else reply(451, "4.2.1", "try later")
+
+    async def main():
+        h = Harness(tmp_path, {"127.0.0.2": Behaviour(rcpt_reply=rcpt_reply)}, retry=3600)
+        async with h:
+            h.mx("example.test", (10, "mx1.example.test", "127.0.0.2"))
+            sm = await h.send("a@sender.test", ["x@example.test"])
+            qid = sm.envelope.id
+            await h.until(lambda: h.engine.stats.deferred == 1 and resident(h) == 1)
+            victims = h.engine.scheduler.evict(1)  # as _balance does
+            parking = asyncio.ensure_future(h.engine._park(victims))
+            await asyncio.sleep(0)
+            assert qid in h.engine._parking  # the park is under way
+            assert await h.engine.flush_message(qid) is False  # parked by now
+            assert parking.done() and h.spool.parked_count == 1 and resident(h) == 0
+            accept.append(True)
+            assert await h.engine.change_parked("flush", {qid}) == [qid]
+            sink = h.sinks["127.0.0.2"]
+            await h.until(lambda: sink.count == 1 and h.engine.stats.queued == 0)
+
+    asyncio.run(main())

@@ -227,8 +227,11 @@ class DeliveryEngine:
         every += self._parking.values()
         return [sm for sm in every if live(sm.envelope.id) is not None]  # not deleted
 
-    def flush_message(self, queue_id: str) -> bool:
-        """Retry this message now if it waits for a retry timer (held ones stay held)."""
+    async def flush_message(self, queue_id: str) -> bool:
+        """Retry this message now if it waits for a retry timer (held ones stay held). False
+        for a parked one (once it is: a message being parked is waited for), which
+        change_parked flushes."""
+        await self._settled(queue_id)
         sm = self.scheduler.remove(queue_id)
         if sm is not None:
             sm.envelope.next_attempt = 0.0
