@@ -1,10 +1,10 @@
-"""``fastmta bench e2e|ingest|all [--smoke]``: the benchmarks against Postfix, from the CLI.
+"""``fastmta bench e2e|ingest|drain|all [--smoke]``: the benchmarks against Postfix, from the CLI.
 
 The benchmarks live in ``benchmarks/`` of a source checkout (they need Postfix's smtp-source
 and smtp-sink, and start a private Postfix instance); this module finds that directory next to
-the package and runs ``bench_ingest.py`` / ``bench_e2e.py`` with the same interpreter, passing
-the options on. Exit status: 0 when every run succeeded, 1 when one failed, 69 (EX_UNAVAILABLE)
-when the benchmarks or the Postfix tools are missing.
+the package and runs ``bench_ingest.py`` / ``bench_e2e.py`` / ``bench_drain.py`` with the same
+interpreter, passing the options on. Exit status: 0 when every run succeeded, 1 when one failed,
+69 (EX_UNAVAILABLE) when the benchmarks or the Postfix tools are missing.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def benchmarks_dir() -> str | None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the chosen benchmarks (``args.which``: e2e, ingest or all) in order; return status."""
+    """Run the chosen benchmarks (``args.which``: e2e, ingest, drain or all) in order; return
+    status."""
     where = benchmarks_dir()
     if where is None:
         print("fastmta: bench: benchmarks/ not found (run from a source checkout)", file=sys.stderr)
@@ -37,7 +38,8 @@ def main(args: argparse.Namespace) -> int:
         print("fastmta: bench: smtp-source (Postfix) is not installed", file=sys.stderr)
         return EX_UNAVAILABLE
     which = getattr(args, "which", None) or "all"
-    names = ["bench_ingest.py", "bench_e2e.py"] if which == "all" else [f"bench_{which}.py"]
+    every = ["bench_ingest.py", "bench_e2e.py", "bench_drain.py"]
+    names = every if which == "all" else [f"bench_{which}.py"]
     opts: list[str] = []
     if getattr(args, "smoke", False):
         opts.append("--smoke")

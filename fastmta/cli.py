@@ -207,13 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser(
         "bench",
-        help="benchmark fastmta against Postfix on loopback (ingest, end-to-end)",
-        description="Run benchmarks/bench_ingest.py and/or bench_e2e.py from a source checkout: "
-        "smtp-source -> MTA (-> smtp-sink), fastmta against a private Postfix instance "
-        "(installed when absent). Prints a table and updates benchmarks/RESULTS.md.",
+        help="benchmark fastmta against Postfix on loopback (ingest, end-to-end, drain)",
+        description="Run benchmarks/bench_ingest.py, bench_e2e.py and/or bench_drain.py from a "
+        "source checkout: smtp-source -> MTA (-> smtp-sink), or a held queue let go into "
+        "smtp-sink, fastmta against a private Postfix instance (installed when absent). "
+        "Prints a table and updates benchmarks/RESULTS.md.",
     )
     b.add_argument(
-        "which", nargs="?", choices=["e2e", "ingest", "all"], default="all",
+        "which", nargs="?", choices=["e2e", "ingest", "drain", "all"], default="all",
         help="which benchmark (default: all)",
     )  # fmt: skip
     b.add_argument("--smoke", action="store_true", help="tiny counts, every case, < 60 s")

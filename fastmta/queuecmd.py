@@ -504,7 +504,7 @@ async def _change_stopped(request: Request, root: str) -> tuple[int, set[str]]:
 
 _STAT_COLUMNS = (
     "spool", "queued", "held", "parked", "in_memory", "delivered", "deferred", "bounced",
-    "attempts", "dsns", "connections_opened", "reused",
+    "attempts", "dsns", "connections_opened", "reused", "chained",
 )  # fmt: skip
 
 

@@ -35,6 +35,7 @@ def test_backlog_is_chained_over_one_connection(tmp_path, chain):
             assert st.connections_opened == 1 and st.reused == N - 1
             # every message after the first rides on its predecessor's dot, or none does
             assert st.chained == (N - 1 if chain else 0)
+            assert h.engine.stats.chained == st.chained  # what `fastmta queue stats` shows
             recs = h.records()
             assert [r["outcome"] for r in recs] == ["delivered"] * N
             assert {r["attempt"] for r in recs} == {1}

@@ -71,6 +71,7 @@ class EngineStats(msgspec.Struct):
     dsns: int = 0
     connections_opened: int = 0
     reused: int = 0
+    chained: int = 0  # of reused: sent with the previous message's final dot
     in_memory: int = 0
     queued: int = 0
     held: int = 0  # messages on hold (fastmta queue hold), not counted in queued
@@ -195,6 +196,7 @@ class DeliveryEngine:
         s = msgspec.structs.replace(self._stats)
         s.connections_opened = self.pool.stats.connections_opened
         s.reused = self.pool.stats.reused
+        s.chained = self.pool.stats.chained
         s.in_memory = self.scheduler.active
         s.queued = len(self.scheduler) + len(self._parking) + self.spool.parked_count
         s.held = len(self._held)

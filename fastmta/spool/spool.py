@@ -386,18 +386,23 @@ class Spool:
                     finished.append(path)  # stored before a crash, unlink lost: not twice
                 else:
                     todo.append((path, env, data))
-            results = await asyncio.gather(
-                *(self.store(env, data) for _, env, data in todo), return_exceptions=True
-            )
+            results = await self._store_each([(env, data) for _, env, data in todo])
             adopted = []
-            for (path, _, _), r in zip(todo, results, strict=True):
-                if isinstance(r, BaseException):
-                    continue
-                adopted.append(r)
-                finished.append(path)
+            for (path, _, _), sm in zip(todo, results, strict=True):
+                if sm is not None:
+                    adopted.append(sm)
+                    finished.append(path)
             self.stats.adopted += len(adopted)
             await asyncio.to_thread(unlink_claimed, finished, self.directory, fsync=self._fsync)
             return adopted
+
+    async def _store_each(self, items: list[tuple[Envelope, bytes]]) -> list[StoredMessage | None]:
+        """store() every (envelope, data) at once (they share group commits); None where the
+        store failed (the caller keeps that one where it was)."""
+        results = await asyncio.gather(
+            *(self.store(env, data) for env, data in items), return_exceptions=True
+        )
+        return [None if isinstance(r, BaseException) else r for r in results]
 
     # --- parked messages (parked.py): the part of a big queue kept out of memory ---------------
     @property
@@ -468,16 +473,9 @@ class Spool:
             self._drop_parked(pf)
             items = await asyncio.to_thread(read_parked, self.directory, loading)
             todo = [(env, data) for env, data in items or () if env.id not in self._index]
-            results = await asyncio.gather(
-                *(self.store(env, data) for env, data in todo), return_exceptions=True
-            )
-            stored: list[StoredMessage] = []
-            failed = []
-            for item, r in zip(todo, results, strict=True):
-                if isinstance(r, BaseException):
-                    failed.append(item)
-                else:
-                    stored.append(r)
+            results = await self._store_each(todo)
+            stored = [sm for sm in results if sm is not None]
+            failed = [item for item, sm in zip(todo, results, strict=True) if sm is None]
             try:
                 if failed:  # parked again, without the ones now in the log
                     self._add_parked(
