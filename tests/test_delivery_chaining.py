@@ -76,3 +76,50 @@ def test_server_dropping_a_chained_transaction(tmp_path):
             assert sink.connections >= 2
 
     asyncio.run(main())
+
+
+def test_stalled_server_times_out_the_chained_transactions_too(tmp_path):
+    """The server never answers the first message's dot: after data_done_timeout the first
+    and the one chained behind it are deferred (the server is hung: no immediate retry)."""
+
+    async def main():
+        overrides = {"delivery": {"max_connections_per_site": 1, "data_done_timeout": 0.5}}
+        sinks = {"127.0.0.2": Behaviour(chunking=False, stall_after_data=True)}
+        async with Harness(tmp_path, sinks, overrides=overrides, retry=3600) as h:
+            h.mx("example.test", (10, "mx1.example.test", "127.0.0.2"))
+            for i in range(2):
+                await h.send("a@sender.test", [f"u{i}@example.test"])
+            await h.until(lambda: h.engine.stats.deferred == 2)
+            recs = h.records()
+            assert [(r["outcome"], r["code"]) for r in recs] == [("deferred", 451)] * 2
+            assert all("Timeout waiting for the data_done reply" in r["text"] for r in recs)
+            assert h.engine.pool.stats.chained == 1 and len(h.spool) == 2
+
+    asyncio.run(main())
+
+
+def test_a_worker_bug_sends_its_chained_jobs_again(tmp_path, monkeypatch):
+    """on_result failing for one job (a bug) must not strand the jobs chained behind it: they
+    are queued again and delivered (at least once)."""
+
+    async def main():
+        overrides = {"delivery": {"max_connections_per_site": 1}}
+        async with Harness(tmp_path, {"127.0.0.2": DATA_ONLY}, overrides=overrides) as h:
+            h.mx("example.test", (10, "mx1.example.test", "127.0.0.2"))
+            pool = h.engine.pool
+            real = pool.on_result
+            calls = []
+
+            async def flaky(job, replies, info):
+                calls.append(job)
+                if len(calls) == 1:
+                    raise RuntimeError("bug")
+                await real(job, replies, info)
+
+            monkeypatch.setattr(pool, "on_result", flaky)
+            sms = [await h.send("a@sender.test", [f"u{i}@example.test"]) for i in range(4)]
+            await h.until(lambda: len(h.spool) == 1)  # all but the one whose result was lost
+            assert h.live(sms[0].envelope.id) is not None
+            assert pool.stats.chained >= 1
+
+    asyncio.run(main())

@@ -206,6 +206,9 @@ class SitePool:
             raise
         except Exception:  # a bug must not leave the site without workers forever
             log.exception("delivery worker for %s failed", self.key)
+            # sent, outcome unknown: once more (at least once) rather than never finished
+            self.queue.extendleft(job for job, _, _ in reversed(inflight))
+            inflight.clear()
         finally:
             if first:
                 self._starting -= 1
