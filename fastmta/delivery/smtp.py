@@ -3,11 +3,11 @@
 
 :func:`open_connection` connects, reads the greeting, says EHLO, negotiates TLS per policy and
 authenticates (smarthost only). :meth:`SmtpConnection.send` starts a transaction and
-:meth:`SmtpConnection.result` waits for the oldest one's per-recipient replies
-(:meth:`SmtpConnection.transact` does both). The pool (pool.py) decides which host and when
-to reuse. When the pool sets :attr:`SmtpConnection.chain`, it is asked for the next message
-right after a message's content has been handed to the transport, so the next transaction
-travels with the end of the previous one (see the client session's "chained transactions").
+:meth:`SmtpConnection.result` waits for the oldest one's per-recipient replies. The pool
+(pool.py) decides which host and when to reuse. When the pool sets
+:attr:`SmtpConnection.chain`, it is asked for the next message right after a message's
+content has been handed to the transport, so the next transaction travels with the end of
+the previous one (see the client session's "chained transactions").
 
 Timeouts are RFC 5321 section 4.5.3.2's, chosen by ``ClientSession.phase`` and re-armed
 whenever the server sends anything; a write that cannot drain (the server stopped reading)
@@ -177,11 +177,6 @@ class SmtpConnection(asyncio.Protocol):
         self._closed = True
 
     # --- the conversation ---------------------------------------------------------------------
-    async def transact(self, msg: Message) -> TransactionResult:
-        """One transaction (IDLE phase only): :meth:`send`, then :meth:`result`."""
-        self.send(msg)
-        return await self.result()
-
     def send(self, msg: Message) -> None:
         """Start a transaction (IDLE phase only); :meth:`result` returns its outcome."""
         self._start(msg)
