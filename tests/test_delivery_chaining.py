@@ -79,8 +79,9 @@ def test_server_dropping_a_chained_transaction(tmp_path):
 
 
 def test_stalled_server_times_out_the_chained_transactions_too(tmp_path):
-    """The server never answers the first message's dot: after data_done_timeout the first
-    and the one chained behind it are deferred (the server is hung: no immediate retry)."""
+    """The server never answers the first message's dot: after data_done_timeout it is
+    deferred; the one chained behind it was never answered, so it goes once more over a new
+    connection (not chained: the site stopped), where it stalls and is deferred in turn."""
 
     async def main():
         overrides = {"delivery": {"max_connections_per_site": 1, "data_done_timeout": 0.5}}
@@ -91,9 +92,34 @@ def test_stalled_server_times_out_the_chained_transactions_too(tmp_path):
                 await h.send("a@sender.test", [f"u{i}@example.test"])
             await h.until(lambda: h.engine.stats.deferred == 2)
             recs = h.records()
-            assert [(r["outcome"], r["code"]) for r in recs] == [("deferred", 451)] * 2
+            assert [(r["outcome"], r["code"], r["attempt"]) for r in recs] == [
+                ("deferred", 451, 1)
+            ] * 2
             assert all("Timeout waiting for the data_done reply" in r["text"] for r in recs)
-            assert h.engine.pool.stats.chained == 1 and len(h.spool) == 2
+            st = h.engine.pool.stats
+            assert st.chained == 1 and st.connections_opened == 2 and len(h.spool) == 2
+
+    asyncio.run(main())
+
+
+def test_server_losing_commands_pipelined_after_the_dot(tmp_path):
+    """A server that drops what follows the final dot never answers the chained MAIL: after
+    mail_timeout that message goes once more over a new connection, the site stops chaining,
+    and every message is delivered at its first attempt."""
+
+    async def main():
+        overrides = {"delivery": {"max_connections_per_site": 1, "mail_timeout": 0.5}}
+        sinks = {"127.0.0.2": Behaviour(chunking=False, drop_after_dot=True)}
+        async with Harness(tmp_path, sinks, overrides=overrides) as h:
+            h.mx("example.test", (10, "mx1.example.test", "127.0.0.2"))
+            for i in range(5):
+                await h.send("a@sender.test", [f"u{i}@example.test"])
+            sink = h.sinks["127.0.0.2"]
+            await h.until(lambda: sink.count == 5 and len(h.spool) == 0)
+            recs = h.records()
+            assert [(r["outcome"], r["attempt"]) for r in recs] == [("delivered", 1)] * 5
+            st = h.engine.pool.stats
+            assert st.chained == 1 and st.connections_opened == 2
 
     asyncio.run(main())
 

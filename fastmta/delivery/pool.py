@@ -8,8 +8,9 @@ hands the replies to ``on_result``, and takes the next job over the same connect
 session sends RSET when needed). While a job's content is going out, the next queued job is
 chained behind it (``chain_transactions``: its MAIL/RCPT/DATA leave with the previous ".", so a
 backlog costs one round trip per message, not two); a site whose server drops a chained
-transaction unanswered stops chaining, and a job the server never answered (a chained one, or
-the first over a reused connection) is queued once more instead of counted as an attempt.
+transaction unanswered (closes, or never answers its MAIL) stops chaining, and a job whose MAIL
+was never answered (a chained one, or the first over a reused connection, which may have died
+silently) is queued once more instead of counted as an attempt.
 With no job, a connected worker waits ``idle_timeout``
 seconds, then says QUIT (Postfix smtp_connection_cache_time_limit). A connection is retired after
 ``messages_per_connection`` transactions. The per-site rate limit is a token bucket. A site
@@ -189,12 +190,13 @@ class SitePool:
                     result = await conn.result()
                     job, info, chained = inflight.popleft()
                     if result.mail is NO_RESPONSE and not conn.usable and not job.retried:
+                        # the connection died (closed, or silent until a timeout) before the
+                        # server answered this MAIL
                         if chained:
-                            self.chaining = False  # the server dropped it: no more for this site
+                            self.chaining = False  # it lost a chained one: no more for this site
                         if chained or reused:
-                            # the server closed the connection before it answered this one: not
-                            # a real attempt; once more over a fresh connection (Postfix does
-                            # the same for a cached connection)
+                            # not a real attempt: once more over a fresh connection (Postfix
+                            # does the same for a cached connection)
                             job.retried = True
                             self.queue.appendleft(job)
                             continue

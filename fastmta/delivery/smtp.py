@@ -191,7 +191,7 @@ class SmtpConnection(asyncio.Protocol):
     async def result(self) -> TransactionResult:
         """The outcome of the oldest transaction sent. Never raises for SMTP-level failures:
         a lost connection or timeout becomes transient replies for every recipient not yet
-        final (``NO_RESPONSE`` as ``mail`` for a chained one the server never answered)."""
+        final; ``mail`` is ``NO_RESPONSE`` when the server never answered the MAIL."""
         while True:
             ev = await self.next_event()
             if isinstance(ev, TransactionResult):
@@ -315,8 +315,10 @@ class SmtpConnection(asyncio.Protocol):
         return r
 
     def _timeout_result(self, ev: TransactionResult) -> TransactionResult:
+        """The recipients get the timeout reply; ``mail`` stays NO_RESPONSE when the MAIL was
+        never answered (the pool may then try the message over another connection)."""
         return TransactionResult(
-            self._failure_reply(ev.mail),
+            ev.mail if ev.mail is NO_RESPONSE else self._failure_reply(ev.mail),
             [self._failure_reply(r) for r in ev.rcpts],
             self._failure_reply(ev.data) if ev.data is not None else None,
         )

@@ -5,7 +5,7 @@ protocol here only moves bytes and answers events, as ``fastmta/server.py`` does
 answers come from a :class:`Behaviour` instead of a spool and a policy. Every fault a delivery
 test needs is a field of it: 421 or 554 at the greeting, 4xx/5xx per sender or recipient, 5xx
 after the content, a disconnect in the middle of the content, a slow server, a final dot never
-answered, no EHLO, no PIPELINING, no CHUNKING, STARTTLS. A dead first MX is a port where nothing
+answered, commands pipelined after the final dot lost, no EHLO, no PIPELINING, no CHUNKING, STARTTLS. A dead first MX is a port where nothing
 listens: :func:`unused_port`.
 
 The server runs in its own thread with its own event loop (uvloop when installed), so plain
@@ -116,6 +116,7 @@ class Behaviour(msgspec.Struct):
     disconnect_in_data: bool = False  # close in the middle of the content, no reply
     delay: float = 0.0  # seconds before every reply (a pipelined group: once per group)
     stall_after_data: bool = False  # never answer the end of the content (timeouts)
+    drop_after_dot: bool = False  # discard what a read holds after the content's final "."
     keep: bool = True  # keep messages (False: count only, for benchmarks)
 
 
@@ -201,6 +202,10 @@ class _SinkProtocol(asyncio.Protocol):
         if self.b.disconnect_in_data and self.session.state in (State.DATA, State.BDAT):
             self._close()  # content has started to arrive: hang up, no reply
             return
+        if self.b.drop_after_dot and self.session.state is State.DATA:
+            end = data.find(b"\r\n.\r\n")
+            if end >= 0:
+                data = data[: end + 5]  # a server that loses commands pipelined after the "."
         self.session.receive(data)
         self._pump()
 
