@@ -43,6 +43,29 @@ def test_backlog_is_chained_over_one_connection(tmp_path, chain):
     asyncio.run(main())
 
 
+def test_big_messages_chained_over_tls(tmp_path):
+    """Chaining under STARTTLS with messages far bigger than a socket buffer (the transport
+    pauses writing): each arrives whole, in order of the queue, byte for byte."""
+    line = b"0123456789" * 9 + b"\r\n"
+    bodies = [b"Subject: big %d\r\n\r\n" % i + line * 3000 for i in range(6)]  # ~300 KB each
+
+    async def main():
+        overrides = {"delivery": {"max_connections_per_site": 1, "tls": "required"}}
+        sinks = {"127.0.0.2": Behaviour(chunking=False, starttls=True)}
+        async with Harness(tmp_path, sinks, overrides=overrides) as h:
+            h.mx("example.test", (10, "mx1.example.test", "127.0.0.2"))
+            for i, body in enumerate(bodies):
+                await h.send("a@sender.test", [f"u{i}@example.test"], body)
+            sink = h.sinks["127.0.0.2"]
+            await h.until(lambda: sink.count == 6 and len(h.spool) == 0, 20)
+            got = sorted(sink.messages, key=lambda m: m.recipients[0])
+            for i, m in enumerate(got):
+                assert m.tls and m.data.endswith(bodies[i]), i
+            assert h.engine.pool.stats.chained == 5
+
+    asyncio.run(main())
+
+
 def test_server_dropping_a_chained_transaction(tmp_path):
     """The first message's dot gets 421 (the server closes): that message is deferred as the
     server said; the chained one was never answered, so it goes again at once over a new
