@@ -256,6 +256,7 @@ class DomainPolicy(msgspec.Struct, **_STRUCT):
     messages_per_second: float | None = None
     messages_per_connection: int | None = None
     tls: str | None = None
+    chain_transactions: bool | None = None
     route: str | None = None  # "[10.1.2.3]:2525" or "host:port"
 
 

@@ -172,3 +172,25 @@ def test_a_worker_bug_sends_its_chained_jobs_again(tmp_path, monkeypatch):
             assert pool.stats.chained >= 1
 
     asyncio.run(main())
+
+
+def test_per_domain_override(tmp_path):
+    """[domain."x"] chain_transactions overrides [delivery] for that domain's own site."""
+
+    async def main():
+        overrides = {
+            "delivery": {"max_connections_per_site": 1, "chain_transactions": False},
+            "domain": {"chained.test": {"chain_transactions": True}},
+        }
+        sinks = {"127.0.0.2": DATA_ONLY, "127.0.0.3": DATA_ONLY}
+        async with Harness(tmp_path, sinks, overrides=overrides) as h:
+            h.mx("plain.test", (10, "mx.plain.test", "127.0.0.2"))
+            h.mx("chained.test", (10, "mx.chained.test", "127.0.0.3"))
+            for i in range(5):
+                await h.send("a@sender.test", [f"u{i}@plain.test"])
+                await h.send("a@sender.test", [f"u{i}@chained.test"])
+            await h.until(lambda: len(h.spool) == 0)
+            assert h.sinks["127.0.0.2"].count == 5 and h.sinks["127.0.0.3"].count == 5
+            assert h.engine.pool.stats.chained == 4  # only chained.test's backlog
+
+    asyncio.run(main())

@@ -146,7 +146,6 @@ class DeliveryEngine:
             tls_context=client_context(d.tls_verify),
             tls_verify=d.tls_verify,
             source_address=d.source_address or None,
-            chain_transactions=d.chain_transactions,
         )
         lc = config.local
         users = lc.users_by_domain() or None

@@ -6,7 +6,7 @@ a job, connects if it has no usable connection (MX hosts and their addresses in 
 one on a connect failure, a 4xx/5xx greeting, 421, or a TLS failure), runs the transaction,
 hands the replies to ``on_result``, and takes the next job over the same connection (the client
 session sends RSET when needed). While a job's content is going out, the next queued job is
-chained behind it (``chain_transactions``: its MAIL/RCPT/DATA leave with the previous ".", so a
+chained behind it (``SiteLimits.chain``: its MAIL/RCPT/DATA leave with the previous ".", so a
 backlog costs one round trip per message, not two); a site whose server drops a chained
 transaction unanswered (closes, or never answers its MAIL) stops chaining, and a job whose MAIL
 was never answered (a chained one, or the first over a reused connection, which may have died
@@ -112,7 +112,8 @@ class SitePool:
         self._loop = asyncio.get_running_loop()
         self._starting = 0
         self.connected = 0  # workers holding a live connection
-        self.chaining = pool.chain_transactions  # off once the site dropped a chained one
+        # the site's policy; off once its server lost a chained transaction
+        self.chaining = limits.chain
 
     def put(self, job: Job) -> None:
         """Queue a job; wake an idle worker or start one within the connection limit."""
@@ -178,7 +179,7 @@ class SitePool:
                         await self._unreachable(job, e.reply)
                         continue
                     self.connected += 1
-                    if pool.chain_transactions:
+                    if self.chaining:
                         conn.chain = self._chainer(conn, inflight)
                 else:
                     pool.stats.reused += 1
@@ -288,7 +289,6 @@ class ConnectionPool:
         max_addresses: int = 10,
         use_pipelining: bool = True,
         use_chunking: bool = True,
-        chain_transactions: bool = True,
     ) -> None:
         self.on_result = on_result
         self.helo_name = helo_name
@@ -300,7 +300,6 @@ class ConnectionPool:
         self.max_addresses = max_addresses  # Postfix smtp_mx_address_limit-like bound
         self.use_pipelining = use_pipelining
         self.use_chunking = use_chunking
-        self.chain_transactions = chain_transactions and use_pipelining
         self.sites: dict[str, SitePool] = {}
         self.stats = PoolStats()
         self.closing = False

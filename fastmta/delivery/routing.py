@@ -109,6 +109,7 @@ class Router:
                 or policy.messages_per_second is not None
                 or policy.messages_per_connection is not None
                 or policy.tls is not None
+                or policy.chain_transactions is not None
             ):
                 tag = domain  # its own limits: its own site
             if policy.route:

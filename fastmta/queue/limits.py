@@ -65,7 +65,8 @@ class SiteLimits:
     ``max_connections`` concurrent connections (default 20, Postfix's
     default_destination_concurrency_limit); ``messages_per_connection`` before a connection
     is retired (0 = unlimited; default 1000); ``messages_per_second`` across the site
-    (0 = unlimited), with ``burst`` as in :class:`TokenBucket`.
+    (0 = unlimited), with ``burst`` as in :class:`TokenBucket`; ``chain``: whether the next
+    queued message may be sent with the end of the previous one (delivery.chain_transactions).
     """
 
     def __init__(
@@ -74,6 +75,7 @@ class SiteLimits:
         messages_per_connection: int = 1000,
         messages_per_second: float = 0.0,
         *,
+        chain: bool = True,
         burst: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -84,6 +86,7 @@ class SiteLimits:
         self.max_connections = max_connections
         self.messages_per_connection = messages_per_connection
         self.bucket = TokenBucket(messages_per_second, burst, clock)
+        self.chain = chain
         self.active = 0
 
     def can_open(self) -> bool:

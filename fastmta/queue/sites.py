@@ -24,6 +24,7 @@ def limits_for(
     max_conn = d.max_connections_per_site
     per_conn = d.messages_per_connection
     rate = d.messages_per_second
+    chain = d.chain_transactions
     policy = config.domain.get(domain.lower().rstrip(".")) if domain else None
     if policy is not None:
         if policy.max_connections is not None:
@@ -32,4 +33,6 @@ def limits_for(
             per_conn = policy.messages_per_connection
         if policy.messages_per_second is not None:
             rate = policy.messages_per_second
-    return SiteLimits(max_conn, per_conn, rate, clock=clock)
+        if policy.chain_transactions is not None:
+            chain = policy.chain_transactions
+    return SiteLimits(max_conn, per_conn, rate, chain=chain, clock=clock)
