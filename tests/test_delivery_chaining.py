@@ -24,8 +24,10 @@ def test_backlog_is_chained_over_one_connection(tmp_path, chain):
         overrides = {"delivery": {"max_connections_per_site": 1, "chain_transactions": chain}}
         async with Harness(tmp_path, {"127.0.0.2": DATA_ONLY}, overrides=overrides) as h:
             h.mx("example.test", (10, "mx1.example.test", "127.0.0.2"))
-            for i in range(N):  # queued before the first connection is up: a backlog
+            h.engine.hold = True  # a backlog: everything queued before the first connection
+            for i in range(N):
                 await h.send("a@sender.test", [f"u{i}@example.test"])
+            h.engine.hold = False
             sink = h.sinks["127.0.0.2"]
             await h.until(lambda: sink.count == N and len(h.spool) == 0)
             assert sorted(m.recipients[0] for m in sink.messages) == sorted(
@@ -54,8 +56,10 @@ def test_big_messages_chained_over_tls(tmp_path):
         sinks = {"127.0.0.2": Behaviour(chunking=False, starttls=True)}
         async with Harness(tmp_path, sinks, overrides=overrides) as h:
             h.mx("example.test", (10, "mx1.example.test", "127.0.0.2"))
+            h.engine.hold = True
             for i, body in enumerate(bodies):
                 await h.send("a@sender.test", [f"u{i}@example.test"], body)
+            h.engine.hold = False
             sink = h.sinks["127.0.0.2"]
             await h.until(lambda: sink.count == 6 and len(h.spool) == 0, 20)
             got = sorted(sink.messages, key=lambda m: m.recipients[0])
@@ -83,8 +87,10 @@ def test_server_dropping_a_chained_transaction(tmp_path):
         sinks = {"127.0.0.2": Behaviour(chunking=False, data_reply=data_reply)}
         async with Harness(tmp_path, sinks, overrides=overrides, retry=0.3) as h:
             h.mx("example.test", (10, "mx1.example.test", "127.0.0.2"))
+            h.engine.hold = True
             drop = await h.send("a@sender.test", ["d@example.test"], b"Subject: drop\r\n\r\nx\r\n")
             rest = [await h.send("a@sender.test", [f"u{i}@example.test"]) for i in range(5)]
+            h.engine.hold = False
             sink = h.sinks["127.0.0.2"]
             await h.until(lambda: sink.count == 6 and len(h.spool) == 0)
             recs = h.records()
@@ -111,8 +117,10 @@ def test_stalled_server_times_out_the_chained_transactions_too(tmp_path):
         sinks = {"127.0.0.2": Behaviour(chunking=False, stall_after_data=True)}
         async with Harness(tmp_path, sinks, overrides=overrides, retry=3600) as h:
             h.mx("example.test", (10, "mx1.example.test", "127.0.0.2"))
+            h.engine.hold = True
             for i in range(2):
                 await h.send("a@sender.test", [f"u{i}@example.test"])
+            h.engine.hold = False
             await h.until(lambda: h.engine.stats.deferred == 2)
             recs = h.records()
             assert [(r["outcome"], r["code"], r["attempt"]) for r in recs] == [
@@ -135,8 +143,10 @@ def test_server_losing_commands_pipelined_after_the_dot(tmp_path):
         sinks = {"127.0.0.2": Behaviour(chunking=False, drop_after_dot=True)}
         async with Harness(tmp_path, sinks, overrides=overrides) as h:
             h.mx("example.test", (10, "mx1.example.test", "127.0.0.2"))
+            h.engine.hold = True
             for i in range(5):
                 await h.send("a@sender.test", [f"u{i}@example.test"])
+            h.engine.hold = False
             sink = h.sinks["127.0.0.2"]
             await h.until(lambda: sink.count == 5 and len(h.spool) == 0)
             recs = h.records()
@@ -166,7 +176,9 @@ def test_a_worker_bug_sends_its_chained_jobs_again(tmp_path, monkeypatch):
                 await real(job, replies, info)
 
             monkeypatch.setattr(pool, "on_result", flaky)
+            h.engine.hold = True
             sms = [await h.send("a@sender.test", [f"u{i}@example.test"]) for i in range(4)]
+            h.engine.hold = False
             await h.until(lambda: len(h.spool) == 1)  # all but the one whose result was lost
             assert h.live(sms[0].envelope.id) is not None
             assert pool.stats.chained >= 1
@@ -186,9 +198,11 @@ def test_per_domain_override(tmp_path):
         async with Harness(tmp_path, sinks, overrides=overrides) as h:
             h.mx("plain.test", (10, "mx.plain.test", "127.0.0.2"))
             h.mx("chained.test", (10, "mx.chained.test", "127.0.0.3"))
+            h.engine.hold = True
             for i in range(5):
                 await h.send("a@sender.test", [f"u{i}@plain.test"])
                 await h.send("a@sender.test", [f"u{i}@chained.test"])
+            h.engine.hold = False
             await h.until(lambda: len(h.spool) == 0)
             assert h.sinks["127.0.0.2"].count == 5 and h.sinks["127.0.0.3"].count == 5
             assert h.engine.pool.stats.chained == 4  # only chained.test's backlog

@@ -338,8 +338,10 @@ def test_private_postfix_takes_chained_transactions(tmp_path, public_tmp):
                 }
             }
             async with Harness(tmp_path, {}, overrides=overrides) as h:
+                h.engine.hold = True  # a backlog: all queued before the first connection
                 for i in range(n):
                     await h.send("alice@sender.test", ["bob@pf.test"], content(b"ch%d" % i))
+                h.engine.hold = False
                 await h.until(lambda: len(h.spool) == 0, 30)
                 assert [r["outcome"] for r in h.records()] == ["delivered"] * n, h.records()
                 st = h.engine.pool.stats
