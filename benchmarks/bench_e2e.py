@@ -19,7 +19,6 @@ goes to stdout and into benchmarks/RESULTS.md (section "e2e").
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -428,30 +427,20 @@ def report(rows: Sequence[Row], smoke: bool) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="bench_e2e.py", description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="tiny counts (also FASTMTA_BENCH_SMOKE=1)")
-    ap.add_argument("--workers", default="2,1", help="fastmta worker counts to run (2,1)")
-    ap.add_argument("--no-postfix", action="store_true", help="skip Postfix")
+    ap = h.bench_args("bench_e2e.py", __doc__)
     ap.add_argument("--case", action="append", choices=[c.name for c in FULL])
-    ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
-    ap.add_argument("--repeat", type=int, default=1, help="rounds per case; the best is kept")
     ap.add_argument("--profile", action="store_true", help="only profile fastmta (1 KiB, py-spy)")
     ap.add_argument("--native", action="store_true", help="with --profile: C frames too")
     args = ap.parse_args(argv)
     smoke = args.smoke or h.smoke_requested([])
     if args.profile:
         text = profile_fastmta((SMOKE if smoke else FULL)[0], native=args.native)
-        print("\n" + text, flush=True)
-        if not args.no_write and not smoke:
-            h.write_section("profile-native" if args.native else "profile", text)
+        h.publish("profile-native" if args.native else "profile", text, args, smoke)
         return 0
     with_postfix = not args.no_postfix and ensure_postfix(h.say)
     workers = [int(w) for w in args.workers.split(",") if w]
     rows = run(smoke, workers, with_postfix, args.case, max(1, args.repeat))
-    text = report(rows, smoke)
-    print("\n" + text, flush=True)
-    if not args.no_write and not smoke:
-        h.write_section("e2e", text)
+    h.publish("e2e", report(rows, smoke), args, smoke)
     return 0 if all(r.ok for r in rows) else 1
 
 

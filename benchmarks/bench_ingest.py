@@ -16,7 +16,6 @@ benchmarks/RESULTS.md (section "ingest").
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness as h  # noqa: E402
-from postfix import PostfixInstance, ensure_postfix  # noqa: E402
+from postfix import PostfixInstance  # noqa: E402
 
 RUN_TIMEOUT = 600.0  # seconds one MTA run may take
 CEILING_NEAR = 0.9  # fastmta at >= 90% of the tool's ceiling: the tool is the limit
@@ -239,22 +238,7 @@ def report(rows: Sequence[Row], smoke: bool) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="bench_ingest.py", description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="tiny counts (also FASTMTA_BENCH_SMOKE=1)")
-    ap.add_argument("--workers", default="2,1", help="fastmta worker counts to run (2,1)")
-    ap.add_argument("--no-postfix", action="store_true", help="skip Postfix")
-    ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
-    ap.add_argument("--repeat", type=int, default=1, help="rounds per case; the best is kept")
-    args = ap.parse_args(argv)
-    smoke = args.smoke or h.smoke_requested([])
-    with_postfix = not args.no_postfix and ensure_postfix(h.say)
-    workers = [int(w) for w in args.workers.split(",") if w]
-    rows = run(smoke, workers, with_postfix, max(1, args.repeat))
-    text = report(rows, smoke)
-    print("\n" + text, flush=True)
-    if not args.no_write and not smoke:
-        h.write_section("ingest", text)
-    return 0 if all(r.ok for r in rows) else 1
+    return h.bench_main("ingest", __doc__, run, report, argv)
 
 
 if __name__ == "__main__":

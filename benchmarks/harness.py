@@ -78,6 +78,38 @@ def smoke_requested(argv: Sequence[str] | None = None) -> bool:
     return env or "--smoke" in argv
 
 
+def bench_args(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The options every fastmta-vs-Postfix benchmark takes (a benchmark may add its own)."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny counts (also FASTMTA_BENCH_SMOKE=1)")
+    ap.add_argument("--workers", default="2,1", help="fastmta worker counts to run (2,1)")
+    ap.add_argument("--no-postfix", action="store_true", help="skip Postfix")
+    ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds per case; the best is kept")
+    return ap
+
+
+def bench_main(section: str, doc: str, run: Callable, report: Callable, argv=None) -> int:
+    """``main`` of a benchmark with only the common options: ``run(smoke, workers,
+    with_postfix, repeat)`` -> rows, ``report(rows, smoke)`` -> text for section ``section``."""
+    from postfix import ensure_postfix
+
+    args = bench_args(f"bench_{section}.py", doc).parse_args(argv)
+    smoke = args.smoke or smoke_requested([])
+    with_postfix = not args.no_postfix and ensure_postfix(say)
+    workers = [int(w) for w in args.workers.split(",") if w]
+    rows = run(smoke, workers, with_postfix, max(1, args.repeat))
+    publish(section, report(rows, smoke), args, smoke)
+    return 0 if all(r.ok for r in rows) else 1
+
+
+def publish(section: str, text: str, args: argparse.Namespace, smoke: bool) -> None:
+    """Print a benchmark's report and (unless smoke or --no-write) put it into RESULTS.md."""
+    print("\n" + text, flush=True)
+    if not args.no_write and not smoke:
+        write_section(section, text)
+
+
 def say(text: str) -> None:
     """A progress line (flushed, timestamped)."""
     print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
