@@ -221,6 +221,7 @@ class ClientSession:
         return (
             self._msg is not None
             and self.phase is Phase.DATA_DONE
+            and bool(self._expect)
             and self._expect[-1] == "done"
             and self.use_pipelining
             and self.capabilities.pipelining
