@@ -208,3 +208,26 @@ def test_per_domain_override(tmp_path):
             assert h.engine.pool.stats.chained == 4  # only chained.test's backlog
 
     asyncio.run(main())
+
+
+def test_cached_connection_gone_silent(tmp_path):
+    """A cached connection whose server stopped answering (no close: a NAT that forgot it):
+    the next message's MAIL times out and it goes once more over a fresh connection, as a
+    closed cached connection would; it is not deferred."""
+
+    async def main():
+        overrides = {"delivery": {"max_connections_per_site": 1, "mail_timeout": 0.5}}
+        sinks = {"127.0.0.2": Behaviour(silent_after=1)}
+        async with Harness(tmp_path, sinks, overrides=overrides) as h:
+            h.mx("example.test", (10, "mx1.example.test", "127.0.0.2"))
+            sink = h.sinks["127.0.0.2"]
+            await h.send("a@sender.test", ["u1@example.test"])
+            await h.until(lambda: sink.count == 1 and len(h.spool) == 0)
+            await h.send("a@sender.test", ["u2@example.test"])  # over the cached connection
+            await h.until(lambda: sink.count == 2 and len(h.spool) == 0)
+            recs = h.records()
+            assert [(r["outcome"], r["attempt"]) for r in recs] == [("delivered", 1)] * 2
+            st = h.engine.pool.stats
+            assert st.connections_opened == 2 and st.reused == 1 and st.chained == 0
+
+    asyncio.run(main())

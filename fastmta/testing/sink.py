@@ -5,7 +5,7 @@ protocol here only moves bytes and answers events, as ``fastmta/server.py`` does
 answers come from a :class:`Behaviour` instead of a spool and a policy. Every fault a delivery
 test needs is a field of it: 421 or 554 at the greeting, 4xx/5xx per sender or recipient, 5xx
 after the content, a disconnect in the middle of the content, a slow server, a final dot never
-answered, commands pipelined after the final dot lost, no EHLO, no PIPELINING, no CHUNKING, STARTTLS. A dead first MX is a port where nothing
+answered, commands pipelined after the final dot lost, a connection gone silent, no EHLO, no PIPELINING, no CHUNKING, STARTTLS. A dead first MX is a port where nothing
 listens: :func:`unused_port`.
 
 The server runs in its own thread with its own event loop (uvloop when installed), so plain
@@ -117,6 +117,7 @@ class Behaviour(msgspec.Struct):
     delay: float = 0.0  # seconds before every reply (a pipelined group: once per group)
     stall_after_data: bool = False  # never answer the end of the content (timeouts)
     drop_after_dot: bool = False  # discard what a read holds after the content's final "."
+    silent_after: int = 0  # > 0: after this many messages on a connection, ignore all input
     keep: bool = True  # keep messages (False: count only, for benchmarks)
 
 
@@ -187,6 +188,7 @@ class _SinkProtocol(asyncio.Protocol):
         self.tls = False
         self._busy = False  # a delayed write or a TLS handshake is pending
         self._tls_task: asyncio.Task[None] | None = None
+        self.messages = 0  # accepted over this connection
 
     # ------------------------------------------------------------------ asyncio side
 
@@ -199,6 +201,8 @@ class _SinkProtocol(asyncio.Protocol):
         self._pump()
 
     def data_received(self, data: bytes) -> None:
+        if 0 < self.b.silent_after <= self.messages:
+            return  # a connection that died silently (a NAT that forgot it, a hung server)
         if self.b.disconnect_in_data and self.session.state in (State.DATA, State.BDAT):
             self._close()  # content has started to arrive: hang up, no reply
             return
@@ -347,6 +351,7 @@ class _SinkProtocol(asyncio.Protocol):
             self.session.reject(r)
             return
         n = self.sink._add(msg if b.keep else None)
+        self.messages += 1
         self.session.accept(r or reply(250, "2.0.0", f"Ok: queued as S{n}"))
 
 
