@@ -7,6 +7,7 @@ chaining."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 from delivery_harness import Harness
@@ -133,7 +134,7 @@ def test_stalled_server_times_out_the_chained_transactions_too(tmp_path):
     asyncio.run(main())
 
 
-def test_server_losing_commands_pipelined_after_the_dot(tmp_path):
+def test_server_losing_commands_pipelined_after_the_dot(tmp_path, caplog):
     """A server that drops what follows the final dot never answers the chained MAIL: after
     mail_timeout that message goes once more over a new connection, the site stops chaining,
     and every message is delivered at its first attempt."""
@@ -154,7 +155,9 @@ def test_server_losing_commands_pipelined_after_the_dot(tmp_path):
             st = h.engine.pool.stats
             assert st.chained == 1 and st.connections_opened == 2
 
-    asyncio.run(main())
+    with caplog.at_level(logging.WARNING, logger="fastmta.delivery"):
+        asyncio.run(main())
+    assert caplog.text.count("no more chained transactions to it") == 1
 
 
 def test_a_worker_bug_sends_its_chained_jobs_again(tmp_path, monkeypatch):

@@ -193,8 +193,13 @@ class SitePool:
                     if result.mail is NO_RESPONSE and not conn.usable and not job.retried:
                         # the connection died (closed, or silent until a timeout) before the
                         # server answered this MAIL
-                        if chained:
+                        if chained and self.chaining:
                             self.chaining = False  # it lost a chained one: no more for this site
+                            log.warning(
+                                "site %s (%s[%s]): a transaction sent with the previous one's "
+                                "final dot got no answer; no more chained transactions to it",
+                                self.key, conn.host, conn.ip,
+                            )  # fmt: skip
                         if chained or reused:
                             # not a real attempt: once more over a fresh connection (Postfix
                             # does the same for a cached connection)
