@@ -156,14 +156,9 @@ def run(
     for case in SMOKE if smoke else FULL:
         for rnd in range(1, repeat + 1):
             h.say(f"drain {case.name}: {case.title}" + (f" (round {rnd}/{repeat})" * (repeat > 1)))
-            runs = [functools.partial(run_fastmta, case, w) for w in workers]
-            runs.append(functools.partial(run_fastmta, case, workers[0], chain=False))
-            if with_postfix:
-                runs.append(functools.partial(run_postfix, case))
-            for fn in runs:
-                rows.append(fn())
-                h.say(f"  -> {_line(rows[-1])}")
-                time.sleep(pause)  # let the disk settle (queue files just deleted)
+            no_chain = functools.partial(run_fastmta, workers=workers[0], chain=False)
+            h.run_mtas(rows, case, workers, with_postfix, run_fastmta, run_postfix, _line, pause,
+                       variants=[no_chain])  # fmt: skip
     return h.best_of(rows)
 
 

@@ -944,15 +944,17 @@ def run_mtas(
     case: object,
     workers: Sequence[int],
     with_postfix: bool,
-    run_fastmta: Callable[[object, int], object],
-    run_postfix: Callable[[object], object],
+    run_fastmta: Callable[[Any, int], object],
+    run_postfix: Callable[[Any], object],
     line: Callable[[object], str],
     pause: float,
+    variants: Sequence[Callable[[Any], object]] = (),
 ) -> None:
-    """One round of a case for the MTAs: fastmta per worker count, then Postfix, each row
-    appended to ``rows`` and printed, the disk settling after each."""
-    for w in workers:
-        rows.append(run_fastmta(case, w))
+    """One round of a case for the MTAs: fastmta per worker count, then each of ``variants``
+    (other fastmta set-ups), then Postfix, each row appended to ``rows`` and printed, the disk
+    settling after each."""
+    for run in [*(lambda c, w=w: run_fastmta(c, w) for w in workers), *variants]:
+        rows.append(run(case))
         say(f"  -> {line(rows[-1])}")
         settle(pause)
     if with_postfix:

@@ -188,8 +188,9 @@ class SitePool:
                 )
                 conn.send(job.message)
                 while inflight:
-                    result = await conn.result()
-                    job, info, chained = inflight.popleft()
+                    job, info, chained = inflight[0]
+                    result = await conn.result(job.message)
+                    inflight.popleft()
                     if result.mail is NO_RESPONSE and not conn.usable and not job.retried:
                         # the connection died (closed, or silent until a timeout) before the
                         # server answered this MAIL

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import ssl
-from collections import deque
 from collections.abc import Callable
 
 import msgspec
@@ -108,7 +107,6 @@ class SmtpConnection(asyncio.Protocol):
         self.transactions = 0  # transactions started on this connection
         # asked for a message to chain when the session can_chain (None: never chain)
         self.chain: Callable[[], Message | None] | None = None
-        self._inflight: deque[Message] = deque()  # sent, result not yet returned
         self.transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self._waiter: asyncio.Future[None] | None = None
@@ -185,23 +183,20 @@ class SmtpConnection(asyncio.Protocol):
 
     def _start(self, msg: Message) -> None:
         self.session.send(msg)
-        self._inflight.append(msg)
         self.transactions += 1
 
-    async def result(self) -> TransactionResult:
-        """The outcome of the oldest transaction sent. Never raises for SMTP-level failures:
-        a lost connection or timeout becomes transient replies for every recipient not yet
-        final; ``mail`` is ``NO_RESPONSE`` when the server never answered the MAIL."""
+    async def result(self, msg: Message) -> TransactionResult:
+        """The outcome of the oldest transaction sent (``msg``). Never raises for SMTP-level
+        failures: a lost connection or timeout becomes transient replies for every recipient
+        not yet final; ``mail`` is ``NO_RESPONSE`` when the server never answered the MAIL."""
         while True:
             ev = await self.next_event()
             if isinstance(ev, TransactionResult):
-                self._inflight.popleft()
                 if self._timed_out is not None:
                     ev = self._timeout_result(ev)
                 return ev
             if isinstance(ev, Failed | Closed):
                 # a failure without a result: nothing of this message was answered
-                msg = self._inflight.popleft()
                 r = self._failure_reply(ev.reply if isinstance(ev, Failed) else NO_RESPONSE)
                 return TransactionResult(r, [r] * len(msg.recipients), None)
 
