@@ -243,6 +243,7 @@ class DeliveryConfig(msgspec.Struct, **_STRUCT):
     messages_per_connection: int = 1000
     messages_per_second: float = 0.0  # 0 = unlimited
     chain_transactions: bool = True
+    backlog_per_connection: int = 4
     relayhost: str = ""
     relay_username: str = ""
     relay_password: str = ""
@@ -257,6 +258,7 @@ class DomainPolicy(msgspec.Struct, **_STRUCT):
     messages_per_connection: int | None = None
     tls: str | None = None
     chain_transactions: bool | None = None
+    backlog_per_connection: int | None = None
     route: str | None = None  # "[10.1.2.3]:2525" or "host:port"
 
 
@@ -622,6 +624,7 @@ def validate(config: Config) -> None:
     _at_least("delivery.max_connections_per_site", dl.max_connections_per_site, 1)
     _at_least("delivery.messages_per_connection", dl.messages_per_connection, 1)
     _at_least("delivery.messages_per_second", dl.messages_per_second, 0)
+    _at_least("delivery.backlog_per_connection", dl.backlog_per_connection, 1)
     if dl.relayhost:
         _hostport("delivery.relayhost", dl.relayhost, 25)
     if bool(dl.relay_username) != bool(dl.relay_password):
@@ -641,6 +644,8 @@ def validate(config: Config) -> None:
             _at_least(f"{k}.messages_per_connection", pol.messages_per_connection, 1)
         if pol.messages_per_second is not None:
             _at_least(f"{k}.messages_per_second", pol.messages_per_second, 0)
+        if pol.backlog_per_connection is not None:
+            _at_least(f"{k}.backlog_per_connection", pol.backlog_per_connection, 1)
         if pol.tls is not None:
             _choice(f"{k}.tls", pol.tls, ("opportunistic", "none", "required"))
         if pol.route is not None:

@@ -317,6 +317,14 @@ def test_overrides_are_validated_like_the_file(tmp_path):
             'config error: domain."a.com".max_connectionz: unknown key',
         ),
         (
+            "[delivery]\nbacklog_per_connection = 0",
+            "config error: delivery.backlog_per_connection: must be >= 1, got 0",
+        ),
+        (
+            '[domain."a.com"]\nbacklog_per_connection = 0',
+            'config error: domain."a.com".backlog_per_connection: must be >= 1, got 0',
+        ),
+        (
             '[domain."a.com"]\nmax_connections = 0',
             'config error: domain."a.com".max_connections: must be >= 1, got 0',
         ),

@@ -234,3 +234,50 @@ def test_cached_connection_gone_silent(tmp_path):
             assert st.connections_opened == 2 and st.reused == 1 and st.chained == 0
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("backlog, connections", [(4, 5), (1, N)])
+def test_a_burst_rides_few_connections(tmp_path, backlog, connections):
+    """delivery.backlog_per_connection: a burst of N queued messages waits for the workers at
+    work (up to ``backlog`` per worker, chained) before another connection opens; 1 spreads
+    it over a connection each, up to max_connections_per_site."""
+
+    async def main():
+        overrides = {"delivery": {"max_connections_per_site": N, "backlog_per_connection": backlog}}
+        async with Harness(tmp_path, {"127.0.0.2": DATA_ONLY}, overrides=overrides) as h:
+            h.mx("example.test", (10, "mx1.example.test", "127.0.0.2"))
+            h.engine.hold = True
+            for i in range(N):
+                await h.send("a@sender.test", [f"u{i}@example.test"])
+            h.engine.hold = False
+            sink = h.sinks["127.0.0.2"]
+            await h.until(lambda: sink.count == N and len(h.spool) == 0)
+            st = h.engine.pool.stats
+            # N jobs at once: a new worker for each ``backlog`` of them (the first included)
+            assert st.connections_opened == connections
+            assert st.chained == N - connections  # each worker's later jobs all chained
+            assert [r["outcome"] for r in h.records()] == ["delivered"] * N
+
+    asyncio.run(main())
+
+
+def test_a_server_without_pipelining_gets_the_burst_spread(tmp_path):
+    """No PIPELINING, no chaining: once the first connection shows it, the queued burst no
+    longer waits for busy workers but gets connections of its own."""
+
+    async def main():
+        overrides = {"delivery": {"max_connections_per_site": N}}
+        sinks = {"127.0.0.2": Behaviour(chunking=False, pipelining=False)}
+        async with Harness(tmp_path, sinks, overrides=overrides) as h:
+            h.mx("example.test", (10, "mx1.example.test", "127.0.0.2"))
+            h.engine.hold = True
+            for i in range(N):
+                await h.send("a@sender.test", [f"u{i}@example.test"])
+            h.engine.hold = False
+            sink = h.sinks["127.0.0.2"]
+            await h.until(lambda: sink.count == N and len(h.spool) == 0)
+            st = h.engine.pool.stats
+            assert st.chained == 0
+            assert st.connections_opened > N // 4 + 1  # more than the chaining bound (5)
+
+    asyncio.run(main())

@@ -7,8 +7,10 @@ import time
 
 import pytest
 
+from fastmta.config import load_config
 from fastmta.queue.limits import SiteLimits, TokenBucket
 from fastmta.queue.retry import RetrySchedule
+from fastmta.queue.sites import limits_for
 from fastmta.queue.timers import TimerQueue
 
 
@@ -208,6 +210,23 @@ def test_site_limits_connection_counters():
     assert not SiteLimits(messages_per_connection=0).connection_spent(10**9)
     with pytest.raises(ValueError):
         SiteLimits(max_connections=0)
+    with pytest.raises(ValueError):
+        SiteLimits(backlog=0)
+
+
+def test_site_limits_from_config_with_domain_overrides():
+    c = load_config(
+        None,
+        {
+            "delivery": {"max_connections_per_site": 7, "backlog_per_connection": 3},
+            "domain": {"big.example": {"max_connections": 2, "backlog_per_connection": 1}},
+        },
+    )
+    plain = limits_for(c, "other.example")
+    assert (plain.max_connections, plain.backlog, plain.chain) == (7, 3, True)
+    big = limits_for(c, "Big.Example.")
+    assert (big.max_connections, big.backlog) == (2, 1)
+    assert limits_for(load_config(None, {}), None).backlog == 4  # the default
 
 
 def test_site_limits_message_rate_uses_its_bucket():

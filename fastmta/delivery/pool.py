@@ -11,6 +11,15 @@ backlog costs one round trip per message, not two); a site whose server drops a 
 transaction unanswered (closes, or never answers its MAIL) stops chaining, and a job whose MAIL
 was never answered (a chained one, or the first over a reused connection, which may have died
 silently) is queued once more instead of counted as an attempt.
+
+How many connections work: a queued job waits for a worker already at work (starting, woken,
+or, on a chaining site, busy with a transaction it will chain the job to) as long as there are
+at most ``SiteLimits.backlog`` queued jobs per such worker; beyond that, put() wakes the most
+recently idle worker (so surplus connections stay idle and time out) or starts a new one.
+Chaining a job costs one round trip and no set-up, so a burst rides a few connections instead
+of one per job (KumoMTA also sizes its connection count by the ready queue). A site whose
+server does not offer PIPELINING does not chain, and spreads its jobs over idle workers.
+
 With no job, a connected worker waits ``idle_timeout``
 seconds, then says QUIT (Postfix smtp_connection_cache_time_limit). A connection is retired after
 ``messages_per_connection`` transactions. The per-site rate limit is a token bucket. A site
@@ -110,22 +119,41 @@ class SitePool:
         self.workers: set[asyncio.Task[None]] = set()
         self._idle: deque[asyncio.Future[bool]] = deque()
         self._loop = asyncio.get_running_loop()
-        self._starting = 0
+        self._starting = 0  # workers started that have not yet asked for a job
+        self._woken = 0  # idle workers woken by put() that have not yet run
         self.connected = 0  # workers holding a live connection
+        self.busy = 0  # workers between taking a job and handling its (and chained) results
         # the site's policy; off once its server lost a chained transaction
         self.chaining = limits.chain
 
     def put(self, job: Job) -> None:
-        """Queue a job; wake an idle worker or start one within the connection limit."""
+        """Queue a job, and put another worker to work if it is needed."""
         job.site = self.key
         self.queue.append(job)
-        while self._idle:
-            w = self._idle.popleft()
-            if not w.done():
-                w.set_result(True)
+        self._staff()
+
+    def _staff(self) -> None:
+        """Put workers to work until those at work will take every queued job soon (see the
+        module docstring): the most recently idle first, then new ones (connection limit)."""
+        queue = self.queue
+        idle = self._idle
+        while True:
+            working = self._starting + self._woken  # each takes a queued job first thing
+            if self.chaining:
+                # a busy worker chains the next job to its current one: up to ``backlog`` each
+                working = (working + self.busy) * self.limits.backlog
+            if len(queue) <= working:
                 return
-        if self.limits.can_open() and len(self.queue) > self._starting and not self.pool.closing:
-            self._spawn()
+            while idle:
+                w = idle.pop()
+                if not w.done():  # (a done one timed out; its worker has not run yet)
+                    w.set_result(True)
+                    self._woken += 1
+                    break
+            else:
+                if not self.limits.can_open() or self.pool.closing:
+                    return
+                self._spawn()
 
     def _spawn(self) -> None:
         self.limits.opened()
@@ -143,12 +171,17 @@ class SitePool:
             # the site's queue drains as fast as it fills (wait_for wraps and looks up the loop).
             loop = self._loop
             fut = loop.create_future()
-            self._idle.append(fut)
+            idle = self._idle
+            idle.append(fut)
             timer = loop.call_later(self.pool.idle_timeout, _idle_expired, fut)
             try:
                 woken = await fut
             finally:
                 timer.cancel()
+                if fut.done() and not fut.cancelled() and fut.result():
+                    self._woken -= 1  # put() popped it
+                elif fut in idle:  # expired, or the pool is closing
+                    idle.remove(fut)
             if not woken:
                 return None
         return self.queue.popleft()
@@ -159,14 +192,20 @@ class SitePool:
         # sent over conn, result not yet handled: (job, info, chained)
         inflight: deque[tuple[Job, AttemptInfo, bool]] = deque()
         first = True
+        busy = False
         try:
             while not pool.closing:
+                if busy:
+                    self.busy -= 1
+                    busy = False
                 job = await self._next_job(conn is not None)
                 if first:
                     self._starting -= 1
                     first = False
                 if job is None:
                     break
+                self.busy += 1
+                busy = True
                 await self._rate_limit()
                 if conn is not None and not conn.usable:
                     self._drop(conn)
@@ -179,6 +218,9 @@ class SitePool:
                         await self._unreachable(job, e.reply)
                         continue
                     self.connected += 1
+                    if self.chaining and not conn.session.pipelining:
+                        self.chaining = False  # the server does not pipeline: no chaining,
+                        self._staff()  # so no backlog waits for busy workers
                     if self.chaining:
                         conn.chain = self._chainer(conn, inflight)
                 else:
@@ -221,6 +263,8 @@ class SitePool:
         finally:
             if first:
                 self._starting -= 1
+            if busy:
+                self.busy -= 1
             if conn is not None:
                 self._drop(conn)
             self.limits.closed()

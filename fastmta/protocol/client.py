@@ -214,6 +214,11 @@ class ClientSession:
         return None
 
     @property
+    def pipelining(self) -> bool:
+        """Commands are pipelined: the server offers PIPELINING and the caller allows it."""
+        return self.use_pipelining and self.capabilities.pipelining
+
+    @property
     def can_chain(self) -> bool:
         """True when :meth:`send` may start the next transaction before this one's final
         reply: the server offers PIPELINING and the content after DATA has been sent (never
@@ -223,8 +228,7 @@ class ClientSession:
             and self.phase is Phase.DATA_DONE
             and bool(self._expect)
             and self._expect[-1] == "done"
-            and self.use_pipelining
-            and self.capabilities.pipelining
+            and self.pipelining
         )
 
     def send(self, msg: Message) -> None:
@@ -260,7 +264,7 @@ class ClientSession:
     def _send_transaction(self, msg: Message) -> None:
         self._out.append(self._mail_command(msg))
         self._expect.append("mail")
-        if self.capabilities.pipelining and self.use_pipelining:
+        if self.pipelining:
             self._send_rcpts_and_content(msg)
 
     def quit(self) -> None:
@@ -401,7 +405,7 @@ class ClientSession:
         what = self._expect.pop(0)
         msg = self._msg
         assert msg is not None
-        pipelined = self.capabilities.pipelining and self.use_pipelining
+        pipelined = self.pipelining
         if what == "rset":
             return
         if what == "mail":

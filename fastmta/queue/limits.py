@@ -66,7 +66,9 @@ class SiteLimits:
     default_destination_concurrency_limit); ``messages_per_connection`` before a connection
     is retired (0 = unlimited; default 1000); ``messages_per_second`` across the site
     (0 = unlimited), with ``burst`` as in :class:`TokenBucket`; ``chain``: whether the next
-    queued message may be sent with the end of the previous one (delivery.chain_transactions).
+    queued message may be sent with the end of the previous one (delivery.chain_transactions);
+    ``backlog``: while chaining, how many queued messages may wait per working connection
+    before another connection is put to work (delivery.backlog_per_connection).
     """
 
     def __init__(
@@ -76,17 +78,21 @@ class SiteLimits:
         messages_per_second: float = 0.0,
         *,
         chain: bool = True,
+        backlog: int = 4,
         burst: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be >= 1")
+        if backlog < 1:
+            raise ValueError("backlog must be >= 1")
         if messages_per_connection < 0:
             raise ValueError("messages_per_connection must be >= 0 (0 = unlimited)")
         self.max_connections = max_connections
         self.messages_per_connection = messages_per_connection
         self.bucket = TokenBucket(messages_per_second, burst, clock)
         self.chain = chain
+        self.backlog = backlog
         self.active = 0
 
     def can_open(self) -> bool:

@@ -25,6 +25,7 @@ def limits_for(
     per_conn = d.messages_per_connection
     rate = d.messages_per_second
     chain = d.chain_transactions
+    backlog = d.backlog_per_connection
     policy = config.domain.get(domain.lower().rstrip(".")) if domain else None
     if policy is not None:
         if policy.max_connections is not None:
@@ -35,4 +36,6 @@ def limits_for(
             rate = policy.messages_per_second
         if policy.chain_transactions is not None:
             chain = policy.chain_transactions
-    return SiteLimits(max_conn, per_conn, rate, chain=chain, clock=clock)
+        if policy.backlog_per_connection is not None:
+            backlog = policy.backlog_per_connection
+    return SiteLimits(max_conn, per_conn, rate, chain=chain, backlog=backlog, clock=clock)
