@@ -281,3 +281,29 @@ def test_a_server_without_pipelining_gets_the_burst_spread(tmp_path):
             assert st.connections_opened > N // 4 + 1  # more than the chaining bound (5)
 
     asyncio.run(main())
+
+
+def test_a_trickle_reuses_the_most_recently_idle_connection(tmp_path):
+    """After a burst spread over several connections, messages one at a time all go over the
+    most recently idle one, so the burst's surplus connections sit idle and time out (waking
+    the longest idle would rotate through all of them and keep them alive)."""
+
+    async def main():
+        overrides = {"delivery": {"max_connections_per_site": 5, "backlog_per_connection": 1}}
+        async with Harness(tmp_path, {"127.0.0.2": DATA_ONLY}, overrides=overrides) as h:
+            h.mx("example.test", (10, "mx1.example.test", "127.0.0.2"))
+            h.engine.hold = True
+            for i in range(5):
+                await h.send("a@sender.test", [f"burst{i}@example.test"])
+            h.engine.hold = False
+            sink = h.sinks["127.0.0.2"]
+            await h.until(lambda: sink.count == 5 and len(h.spool) == 0)
+            assert h.engine.pool.stats.connections_opened == 5
+            for i in range(6):
+                await h.send("a@sender.test", [f"trickle{i}@example.test"])
+                await h.until(lambda: len(h.spool) == 0)
+            trickle = [m.peer for m in sink.messages if m.recipients[0].startswith("trickle")]
+            assert len(trickle) == 6 and len(set(trickle)) == 1
+            assert h.engine.pool.stats.connections_opened == 5
+
+    asyncio.run(main())
