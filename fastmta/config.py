@@ -261,6 +261,11 @@ class DomainPolicy(msgspec.Struct, **_STRUCT):
     backlog_per_connection: int | None = None
     route: str | None = None  # "[10.1.2.3]:2525" or "host:port"
 
+    def has_own_limits(self) -> bool:
+        """True when anything but the route is overridden: the domain then gets a delivery
+        site of its own, so its limits never apply to other domains sharing its MX hosts."""
+        return any(getattr(self, f) is not None for f in self.__struct_fields__ if f != "route")
+
 
 class Config(msgspec.Struct, **_STRUCT):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from fastmta.config import load_config
+from fastmta.delivery.routing import Router
 from fastmta.queue.limits import SiteLimits, TokenBucket
 from fastmta.queue.retry import RetrySchedule
 from fastmta.queue.sites import limits_for
@@ -227,6 +228,26 @@ def test_site_limits_from_config_with_domain_overrides():
     big = limits_for(c, "Big.Example.")
     assert (big.max_connections, big.backlog) == (2, 1)
     assert limits_for(load_config(None, {}), None).backlog == 4  # the default
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"max_connections": 2},
+        {"messages_per_second": 1.0},
+        {"messages_per_connection": 5},
+        {"tls": "required"},
+        {"chain_transactions": False},
+        {"backlog_per_connection": 1},
+    ],
+)
+def test_a_domain_with_its_own_limits_gets_its_own_site(override):
+    """Its limits (limits_for) apply only to a site of its own: the route carries a tag."""
+    c = load_config(None, {"domain": {"big.example": override, "routed.example": {"route": "x"}}})
+    router = Router(c)
+    assert router.route("Big.Example").tag == "big.example"
+    assert router.route("routed.example").tag == ""  # a route alone is no limit
+    assert router.route("other.example").tag == ""
 
 
 def test_site_limits_message_rate_uses_its_bucket():

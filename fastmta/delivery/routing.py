@@ -104,13 +104,7 @@ class Router:
         if policy is not None:
             if policy.tls is not None:
                 tls = policy.tls
-            if (
-                policy.max_connections is not None
-                or policy.messages_per_second is not None
-                or policy.messages_per_connection is not None
-                or policy.tls is not None
-                or policy.chain_transactions is not None
-            ):
+            if policy.has_own_limits():
                 tag = domain  # its own limits: its own site
             if policy.route:
                 host, bracketed, port = _split_next_hop(policy.route, self._port)
