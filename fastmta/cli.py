@@ -146,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser(
         "passwd",
         help="add a user to the SMTP AUTH users file, or change a password",
-        description="Set USER's password in the users file (scrypt hash; atomic rewrite, mode "
-        "0600). The password is asked for on a terminal, else read as one line from stdin.",
+        description="Set USER's password in the users file (a scrypt hash for AUTH PLAIN and "
+        "LOGIN, SCRAM-SHA-256 keys for AUTH SCRAM-SHA-256; atomic rewrite, mode 0600). The password is asked for on a terminal, else read as one line from stdin.",
     )
     w.add_argument("user", metavar="USER")
     w.add_argument(

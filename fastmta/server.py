@@ -197,7 +197,7 @@ class SmtpConnection(asyncio.Protocol):
             elif isinstance(ev, S.StartTLSEvent):
                 self._start(self._starttls())
             elif isinstance(ev, S.AuthEvent):
-                self._sasl = auth.start(ev.mechanism, ev.initial)
+                self._sasl = auth.start(ev.mechanism, ev.initial, self.ctx.users)
                 self._on_sasl(self._sasl.initial)
             elif isinstance(ev, S.AuthResponseEvent):
                 assert self._sasl is not None
@@ -232,6 +232,8 @@ class SmtpConnection(asyncio.Protocol):
             self.session.challenge(result.data)
         elif isinstance(result, auth.SaslError):
             self.session.reject(reply(result.code, result.enhanced, result.text))
+        elif isinstance(result, auth.SaslVerified):
+            self._start(self._auth_outcome(result.username, result.ok))
         else:
             self._start(self._verify(result))
 
@@ -371,12 +373,16 @@ class SmtpConnection(asyncio.Protocol):
         assert users is not None
         loop = asyncio.get_running_loop()
         ok = await loop.run_in_executor(None, users.verify, creds.username, creds.password)
+        await self._auth_outcome(creds.username, ok)
+
+    async def _auth_outcome(self, username: str, ok: bool) -> None:
+        """235, or a failure: counted, answered later each time, the last one with 421."""
         if ok:
-            self.session.auth_success(creds.username)
+            self.session.auth_success(username)
             return
         self.auth_failures += 1
         lim = self.ctx.config.limits
-        log.warning("AUTH failed for %r from [%s]", creds.username, self.peer_ip)
+        log.warning("AUTH failed for %r from [%s]", username, self.peer_ip)
         await asyncio.sleep(auth.failure_delay(lim.auth_failure_delay, self.auth_failures))
         if self.auth_failures >= lim.max_auth_failures:
             self.session.reject(AUTH_TOO_MANY)

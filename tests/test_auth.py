@@ -1,4 +1,4 @@
-"""fastmta.auth: scrypt users file, verification, set_password, SASL PLAIN and LOGIN."""
+"""fastmta.auth: scrypt users file, verification, set_password, SASL PLAIN, LOGIN, SCRAM-SHA-256."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import stat
 import time
 
 import pytest
+from scram_client import ScramClient
 
 from fastmta import auth
 from fastmta.auth import (
@@ -15,10 +16,12 @@ from fastmta.auth import (
     SaslChallenge,
     SaslDone,
     SaslError,
+    SaslVerified,
     Users,
     UsersFileError,
     failure_delay,
     hash_password,
+    scram_keys,
     set_password,
     start,
 )
@@ -217,4 +220,142 @@ def test_end_to_end_with_users(tmp_path):
     assert isinstance(bad, SaslDone) and not users.verify(bad.username, bad.password)
     assert (AUTH_FAILED.code, AUTH_FAILED.enhanced) == (535, "5.7.8")
     assert auth.AUTH_OK == (235, "2.7.0", "Authentication successful")
-    assert auth.MECHANISMS == ("PLAIN", "LOGIN")
+    assert auth.MECHANISMS == ("SCRAM-SHA-256", "PLAIN", "LOGIN")
+
+
+# --------------------------------------------------------------------------- SCRAM-SHA-256
+
+# RFC 7677 3: user "user", password "pencil"
+RFC_SALT = base64.b64decode("W22ZaJ0SNY7soEsUEjb6gQ==")
+RFC_SERVER_NONCE = "%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0"
+RFC_NONCE = "rOprNGfwEbeRWgbNEkqO" + RFC_SERVER_NONCE
+
+
+def scram_users(tmp_path, *lines: str) -> Users:
+    path = tmp_path / "users"
+    path.write_text("".join(line + "\n" for line in lines))
+    return Users(path)
+
+
+def test_scram_rfc7677_example(tmp_path):
+    users = scram_users(
+        tmp_path, f"user:{hash_password('pencil')}:{scram_keys('pencil', RFC_SALT, 4096)}"
+    )
+    s = start("SCRAM-SHA-256", b64(b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO"), users, RFC_SERVER_NONCE)
+    assert s.initial == SaslChallenge(f"r={RFC_NONCE},s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096".encode())
+    final = f"c=biws,r={RFC_NONCE},p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ="
+    assert s.step(b64(final.encode())) == SaslChallenge(
+        b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="
+    )
+    assert s.step(b"") == SaslVerified("user", True) and s.done
+
+
+def scram_exchange(users: Users, user: str, password: str, mech: str = "scram-sha-256"):
+    """Run a whole exchange with the independent test client; returns the last result."""
+    c = ScramClient(user, password)
+    s = start(mech, None, users)
+    assert s.initial == SaslChallenge(b"")  # no initial response: the client goes first
+    first = s.step(b64(c.first()))
+    assert isinstance(first, SaslChallenge)
+    final = s.step(b64(c.final(first.data)))
+    if not isinstance(final, SaslChallenge):
+        return final
+    assert c.check(final.data)  # the server proved it holds the keys
+    return s.step(b"")
+
+
+def test_scram_with_set_password_and_failures(tmp_path):
+    set_password(tmp_path / "users", "alice", "s3cret")
+    (tmp_path / "users").write_text(
+        (tmp_path / "users").read_text() + f"old:{hash_password('s3cret')}\n"  # no SCRAM keys
+    )
+    users = Users(tmp_path / "users")
+    assert users.verify("alice", "s3cret")  # PLAIN/LOGIN still check the scrypt hash
+    assert scram_exchange(users, "alice", "s3cret") == SaslVerified("alice", True)
+    assert scram_exchange(users, "alice", "guess") == SaslVerified("alice", False)
+    assert scram_exchange(users, "nobody", "s3cret") == SaslVerified("nobody", False)
+    assert scram_exchange(users, "old", "s3cret") == SaslVerified("old", False)
+
+
+def test_scram_salt_does_not_tell_whether_a_user_exists(tmp_path):
+    users = scram_users(tmp_path, f"alice:{hash_password('x')}:{scram_keys('x')}")
+
+    def salt_of(user: str) -> bytes:
+        first = start("SCRAM-SHA-256", b64(f"n,,n={user},r=abc".encode()), users).initial
+        assert isinstance(first, SaslChallenge)
+        return first.data.split(b",s=")[1]
+
+    assert salt_of("mallory") == salt_of("mallory") != salt_of("trudy")
+    assert salt_of("alice") == salt_of("alice")
+
+
+@pytest.mark.parametrize(
+    "first, error",
+    [
+        (b"p=tls-unique,,n=user,r=abc", (504, "5.5.4")),  # channel binding: no -PLUS offered
+        (b"n,,m=ext,n=user,r=abc", (504, "5.5.4")),  # unknown mandatory extension
+        (b"n,a=admin,n=user,r=abc", (535, "5.7.8")),  # authorization identity of another user
+        (b"n,,n=user", (501, "5.5.2")),  # no nonce
+        (b"n,,n=us=3Xer,r=abc", (501, "5.5.2")),  # "=" not followed by 2C or 3D
+        (b"x,,n=user,r=abc", (501, "5.5.2")),
+        (b"n,,r=abc,n=user", (501, "5.5.2")),
+        (b"n,,n=user,r=a\x01c", (501, "5.5.2")),  # nonce not printable
+        (b"\xff,,", (501, "5.5.2")),  # not UTF-8
+    ],
+)
+def test_scram_client_first_errors(tmp_path, first, error):
+    users = scram_users(tmp_path, f"user:{hash_password('x')}:{scram_keys('x')}")
+    r = start("SCRAM-SHA-256", b64(first), users).initial
+    assert isinstance(r, SaslError) and (r.code, r.enhanced) == error
+
+
+def test_scram_client_final_must_match_the_exchange(tmp_path):
+    users = scram_users(tmp_path, f"u=,x:{hash_password('pw')}:{scram_keys('pw')}")
+    c = ScramClient("u=,x", "pw")
+    assert c.bare.startswith("n=u=3D=2Cx,")  # saslname escapes
+    good = None
+    for tamper in ("nonce", "binding", "malformed", None):
+        s = start("SCRAM-SHA-256", b64(c.first()), users)
+        assert isinstance(s.initial, SaslChallenge)
+        final = c.final(s.initial.data)
+        if tamper == "nonce":
+            final = final.replace(b"r=", b"r=x", 1)
+        elif tamper == "binding":
+            final = final.replace(b"c=biws", b"c=eSws")  # "y,,"
+        elif tamper == "malformed":
+            final = final.replace(b",p=", b",q=")
+        r = s.step(b64(final))
+        if tamper == "malformed":
+            assert isinstance(r, SaslError) and r.code == 501
+        elif tamper:
+            assert r == SaslVerified("u=,x", False)
+        else:
+            good = s
+            assert isinstance(r, SaslChallenge) and c.check(r.data)
+    assert good is not None
+    r = good.step(b64(b"unexpected"))  # the answer to the server signature must be empty
+    assert isinstance(r, SaslError) and r.code == 501
+
+
+def test_scram_needs_users_and_aborts_on_star(tmp_path):
+    assert start("SCRAM-SHA-256", None).initial.code == 504  # type: ignore[union-attr]
+    users = scram_users(tmp_path, f"user:{hash_password('x')}:{scram_keys('x')}")
+    s = start("SCRAM-SHA-256", None, users)
+    r = s.step(b"*")
+    assert isinstance(r, SaslError) and r.code == 501 and s.done
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "scram-sha-1$4096$c2FsdA==$AAAA$AAAA",
+        "scram-sha-256$0$c2FsdA==$" + "A" * 44 + "$" + "A" * 44,
+        "scram-sha-256$4096$c2FsdA==$AAAA$AAAA",  # keys not 32 bytes
+        "scram-sha-256$4096$c2FsdA==",
+    ],
+)
+def test_bad_scram_field_names_the_line(tmp_path, field):
+    path = tmp_path / "users"
+    path.write_text(f"# c\nalice:{hash_password('x')}:{field}\n")
+    with pytest.raises(UsersFileError, match=r"users:2: "):
+        Users(path)

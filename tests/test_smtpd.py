@@ -13,6 +13,7 @@ import subprocess
 import time
 
 import pytest
+from scram_client import ScramClient
 
 from fastmta.auth import set_password
 from fastmta.spool import Spool, SpoolError
@@ -170,6 +171,39 @@ def test_auth_login_mechanism(smtpd, tls_files):
         c.user, c.password = "alice", "s3cret"
         code, _ = c.auth("LOGIN", c.auth_login, initial_response_ok=False)
         assert code == 235
+
+
+def test_auth_scram_sha_256(smtpd, tls_files):
+    """SCRAM-SHA-256 (RFC 7677) over STARTTLS: the client proves the password without sending
+    it, the server proves it holds the keys (its signature in a 334, answered by an empty
+    line), then 235; a wrong password gets 535."""
+    cert, key, users = tls_files
+    d = smtpd(
+        {
+            "tls": {"cert_file": cert, "key_file": key},
+            "policy": {"users_file": users},
+            "listener": [{"address": "127.0.0.1:2525", "tls": "starttls"}],
+        }
+    )
+    b64 = base64.b64encode
+
+    def exchange(password: str) -> tuple[int, bool]:
+        with smtplib.SMTP("127.0.0.1", d.port) as c:
+            c.starttls(context=client_tls())
+            c.ehlo("x")
+            assert c.esmtp_features["auth"].split()[0] == "SCRAM-SHA-256"
+            client = ScramClient("alice", password)
+            code, first = c.docmd("AUTH", "SCRAM-SHA-256 " + b64(client.first()).decode())
+            assert code == 334
+            code, final = c.docmd(b64(client.final(base64.b64decode(first))).decode())
+            if code != 334:
+                return code, False
+            signed = client.check(base64.b64decode(final))
+            code, text = c.docmd("")
+            return code, signed
+
+    assert exchange("s3cret") == (235, True)
+    assert exchange("wrong") == (535, False)
 
 
 def test_submission_requires_auth_and_adds_missing_fields(smtpd, tls_files):
