@@ -155,6 +155,11 @@ class SitePool:
                     return
                 self._spawn()
 
+    def _stop_chaining(self) -> None:
+        """No more chaining for this site: queued jobs no longer wait for busy workers."""
+        self.chaining = False
+        self._staff()
+
     def _spawn(self) -> None:
         self.limits.opened()
         self._starting += 1
@@ -219,8 +224,7 @@ class SitePool:
                         continue
                     self.connected += 1
                     if self.chaining and not conn.session.pipelining:
-                        self.chaining = False  # the server does not pipeline: no chaining,
-                        self._staff()  # so no backlog waits for busy workers
+                        self._stop_chaining()  # the server does not pipeline
                     if self.chaining:
                         conn.chain = self._chainer(conn, inflight)
                 else:
@@ -237,7 +241,7 @@ class SitePool:
                         # the connection died (closed, or silent until a timeout) before the
                         # server answered this MAIL
                         if chained and self.chaining:
-                            self.chaining = False  # it lost a chained one: no more for this site
+                            self._stop_chaining()  # it lost a chained one: no more for this site
                             log.warning(
                                 "site %s (%s[%s]): a transaction sent with the previous one's "
                                 "final dot got no answer; no more chained transactions to it",
