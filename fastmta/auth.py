@@ -24,7 +24,9 @@ import hmac
 import os
 import re
 import secrets
+import stringprep
 import tempfile
+import unicodedata
 
 import msgspec
 
@@ -42,6 +44,7 @@ __all__ = [
     "UsersFileError",
     "failure_delay",
     "hash_password",
+    "saslprep",
     "scram_keys",
     "set_password",
     "start",
@@ -99,10 +102,46 @@ def _hmac(key: bytes, msg: bytes) -> bytes:
     return hmac.digest(key, msg, "sha256")
 
 
+_PROHIBITED = (
+    stringprep.in_table_c12,  # non-ASCII space (mapped to " " first; none may remain)
+    stringprep.in_table_c21_c22,  # control characters
+    stringprep.in_table_c3,  # private use
+    stringprep.in_table_c4,  # non-character code points
+    stringprep.in_table_c5,  # surrogates
+    stringprep.in_table_c6,  # inappropriate for plain text
+    stringprep.in_table_c7,  # inappropriate for canonical representation
+    stringprep.in_table_c8,  # change display properties, deprecated
+    stringprep.in_table_c9,  # tagging characters
+    stringprep.in_table_a1,  # unassigned (stored strings)
+)
+
+
+def saslprep(text: str) -> str:
+    """RFC 4013 SASLprep for stored strings; ValueError for a string it prohibits."""
+    mapped = "".join(
+        " " if stringprep.in_table_c12(c) else c for c in text if not stringprep.in_table_b1(c)
+    )
+    s = unicodedata.normalize("NFKC", mapped)
+    for c in s:
+        if any(table(c) for table in _PROHIBITED):
+            raise ValueError(f"character U+{ord(c):04X} is prohibited by SASLprep")
+    if any(stringprep.in_table_d1(c) for c in s) and (  # RFC 3454 6: bidirectional text
+        any(stringprep.in_table_d2(c) for c in s)
+        or not (stringprep.in_table_d1(s[0]) and stringprep.in_table_d1(s[-1]))
+    ):
+        raise ValueError("mixed or badly delimited right-to-left text")
+    return s
+
+
 def scram_keys(pw: str, salt: bytes | None = None, iterations: int = SCRAM_ITERATIONS) -> str:
     """``scram-sha-256$<i>$<salt>$<StoredKey>$<ServerKey>`` for ``pw`` (random 16-byte salt).
-    The password is used as UTF-8 without SASLprep, as by PLAIN and LOGIN here."""
+    The password goes through SASLprep first, as SCRAM clients do (RFC 5802 2.2 Normalize);
+    one SASLprep refuses is used as it is (as PostgreSQL does)."""
     salt = secrets.token_bytes(_SALT_BYTES) if salt is None else salt
+    try:
+        pw = saslprep(pw)
+    except ValueError:
+        pass
     salted = hashlib.pbkdf2_hmac("sha256", pw.encode(), salt, iterations)  # Hi()
     stored = hashlib.sha256(_hmac(salted, b"Client Key")).digest()
     server = _hmac(salted, b"Server Key")

@@ -359,3 +359,31 @@ def test_bad_scram_field_names_the_line(tmp_path, field):
     path.write_text(f"# c\nalice:{hash_password('x')}:{field}\n")
     with pytest.raises(UsersFileError, match=r"users:2: "):
         Users(path)
+
+
+@pytest.mark.parametrize(
+    "text, prepared",
+    [
+        ("I\u00adX", "IX"),  # RFC 4013 3: soft hyphen mapped to nothing
+        ("user", "user"),
+        ("USER", "USER"),  # case preserved
+        ("\u00aa", "a"),  # NFKC
+        ("\u2168", "IX"),  # NFKC
+        ("a\u00a0b", "a b"),  # non-ASCII space mapped to space
+    ],
+)
+def test_saslprep_rfc4013_examples(text, prepared):
+    assert auth.saslprep(text) == prepared
+
+
+@pytest.mark.parametrize("text", ["\u0007", "\u0627\u0031"])  # control; RTL not last
+def test_saslprep_refuses(text):
+    with pytest.raises(ValueError):
+        auth.saslprep(text)
+
+
+def test_scram_keys_use_the_prepared_password():
+    """A client sends SASLprep(password) through SCRAM: the keys are made from the same."""
+    assert scram_keys("I\u00adX", RFC_SALT) == scram_keys("IX", RFC_SALT)
+    assert scram_keys("\u2168", RFC_SALT) == scram_keys("IX", RFC_SALT)
+    assert scram_keys("a\u0007", RFC_SALT) != scram_keys("a", RFC_SALT)  # refused: used as is
