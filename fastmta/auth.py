@@ -386,6 +386,17 @@ class Sasl:
         self.done = False
         self.initial: SaslResult = _UNSUPPORTED
 
+    def _begin(self, initial: bytes | None, challenge: bytes) -> None:
+        """The answer to ``AUTH <mechanism> [initial]``: ``challenge`` without an initial
+        response, else the result of the initial response."""
+        if initial is None:
+            self.initial = SaslChallenge(challenge)
+        else:
+            decoded = _decode(initial)
+            self.initial = self._finish(
+                decoded if isinstance(decoded, SaslError) else self._on_data(decoded)
+            )
+
     def _finish(self, result: SaslResult) -> SaslResult:
         if not isinstance(result, SaslChallenge):
             self.done = True
@@ -418,13 +429,7 @@ class _Plain(Sasl):
 
     def __init__(self, initial: bytes | None) -> None:
         super().__init__()
-        if initial is None:
-            self.initial = SaslChallenge(b"")
-        else:
-            decoded = _decode(initial)
-            self.initial = self._finish(
-                decoded if isinstance(decoded, SaslError) else self._on_data(decoded)
-            )
+        self._begin(initial, b"")
 
     def _on_data(self, data: bytes) -> SaslResult:
         parts = data.split(b"\0")
@@ -446,13 +451,7 @@ class _Login(Sasl):
     def __init__(self, initial: bytes | None) -> None:
         super().__init__()
         self._user: str | None = None
-        if initial is None:
-            self.initial = SaslChallenge(b"Username:")
-        else:  # AUTH LOGIN <base64 username> (sent by many clients)
-            decoded = _decode(initial)
-            self.initial = self._finish(
-                decoded if isinstance(decoded, SaslError) else self._on_data(decoded)
-            )
+        self._begin(initial, b"Username:")  # many clients send AUTH LOGIN <base64 username>
 
     def _on_data(self, data: bytes) -> SaslResult:
         text = _text(data)
@@ -494,13 +493,7 @@ class _Scram(Sasl):
         self._known = False
         self._messages = ""  # client-first-message-bare "," server-first-message
         self._verified = False
-        if initial is None:
-            self.initial = SaslChallenge(b"")
-        else:
-            decoded = _decode(initial)
-            self.initial = self._finish(
-                decoded if isinstance(decoded, SaslError) else self._on_data(decoded)
-            )
+        self._begin(initial, b"")
 
     def _on_data(self, data: bytes) -> SaslResult:
         if self._verified:  # the answer to the server signature: empty (RFC 4954 4)

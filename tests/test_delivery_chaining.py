@@ -19,18 +19,30 @@ N = 20
 DATA_ONLY = Behaviour(chunking=False)  # with CHUNKING, BDAT carries each message in one write
 
 
+async def queued_burst(h: Harness, n: int, prefix: str = "u") -> list:
+    """``n`` one-recipient messages to example.test queued while delivery is held, then let go
+    at once: the site's queue has them all before its first connection."""
+    h.engine.hold = True
+    sent = [await h.send("a@sender.test", [f"{prefix}{i}@example.test"]) for i in range(n)]
+    h.engine.hold = False
+    return sent
+
+
+async def all_delivered(h: Harness, n: int, timeout: float = 10.0):
+    """Wait until the sink on 127.0.0.2 has ``n`` messages and the spool is empty."""
+    sink = h.sinks["127.0.0.2"]
+    await h.until(lambda: sink.count == n and len(h.spool) == 0, timeout)
+    return sink
+
+
 @pytest.mark.parametrize("chain", [True, False])
 def test_backlog_is_chained_over_one_connection(tmp_path, chain):
     async def main():
         overrides = {"delivery": {"max_connections_per_site": 1, "chain_transactions": chain}}
         async with Harness(tmp_path, {"127.0.0.2": DATA_ONLY}, overrides=overrides) as h:
             h.mx("example.test", (10, "mx1.example.test", "127.0.0.2"))
-            h.engine.hold = True  # a backlog: everything queued before the first connection
-            for i in range(N):
-                await h.send("a@sender.test", [f"u{i}@example.test"])
-            h.engine.hold = False
-            sink = h.sinks["127.0.0.2"]
-            await h.until(lambda: sink.count == N and len(h.spool) == 0)
+            await queued_burst(h, N)
+            sink = await all_delivered(h, N)
             assert sorted(m.recipients[0] for m in sink.messages) == sorted(
                 f"u{i}@example.test" for i in range(N)
             )
@@ -61,8 +73,7 @@ def test_big_messages_chained_over_tls(tmp_path):
             for i, body in enumerate(bodies):
                 await h.send("a@sender.test", [f"u{i}@example.test"], body)
             h.engine.hold = False
-            sink = h.sinks["127.0.0.2"]
-            await h.until(lambda: sink.count == 6 and len(h.spool) == 0, 20)
+            sink = await all_delivered(h, 6, 20)
             got = sorted(sink.messages, key=lambda m: m.recipients[0])
             for i, m in enumerate(got):
                 assert m.tls and m.data.endswith(bodies[i]), i
@@ -92,8 +103,7 @@ def test_server_dropping_a_chained_transaction(tmp_path):
             drop = await h.send("a@sender.test", ["d@example.test"], b"Subject: drop\r\n\r\nx\r\n")
             rest = [await h.send("a@sender.test", [f"u{i}@example.test"]) for i in range(5)]
             h.engine.hold = False
-            sink = h.sinks["127.0.0.2"]
-            await h.until(lambda: sink.count == 6 and len(h.spool) == 0)
+            sink = await all_delivered(h, 6)
             recs = h.records()
             by_id = {}
             for r in recs:
@@ -118,10 +128,7 @@ def test_stalled_server_times_out_the_chained_transactions_too(tmp_path):
         sinks = {"127.0.0.2": Behaviour(chunking=False, stall_after_data=True)}
         async with Harness(tmp_path, sinks, overrides=overrides, retry=3600) as h:
             h.mx("example.test", (10, "mx1.example.test", "127.0.0.2"))
-            h.engine.hold = True
-            for i in range(2):
-                await h.send("a@sender.test", [f"u{i}@example.test"])
-            h.engine.hold = False
+            await queued_burst(h, 2)
             await h.until(lambda: h.engine.stats.deferred == 2)
             recs = h.records()
             assert [(r["outcome"], r["code"], r["attempt"]) for r in recs] == [
@@ -144,12 +151,8 @@ def test_server_losing_commands_pipelined_after_the_dot(tmp_path, caplog):
         sinks = {"127.0.0.2": Behaviour(chunking=False, drop_after_dot=True)}
         async with Harness(tmp_path, sinks, overrides=overrides) as h:
             h.mx("example.test", (10, "mx1.example.test", "127.0.0.2"))
-            h.engine.hold = True
-            for i in range(5):
-                await h.send("a@sender.test", [f"u{i}@example.test"])
-            h.engine.hold = False
-            sink = h.sinks["127.0.0.2"]
-            await h.until(lambda: sink.count == 5 and len(h.spool) == 0)
+            await queued_burst(h, 5)
+            await all_delivered(h, 5)
             recs = h.records()
             assert [(r["outcome"], r["attempt"]) for r in recs] == [("delivered", 1)] * 5
             st = h.engine.pool.stats
@@ -179,9 +182,7 @@ def test_a_worker_bug_sends_its_chained_jobs_again(tmp_path, monkeypatch):
                 await real(job, replies, info)
 
             monkeypatch.setattr(pool, "on_result", flaky)
-            h.engine.hold = True
-            sms = [await h.send("a@sender.test", [f"u{i}@example.test"]) for i in range(4)]
-            h.engine.hold = False
+            sms = await queued_burst(h, 4)
             await h.until(lambda: len(h.spool) == 1)  # all but the one whose result was lost
             assert h.live(sms[0].envelope.id) is not None
             assert pool.stats.chained >= 1
@@ -246,12 +247,8 @@ def test_a_burst_rides_few_connections(tmp_path, backlog, connections):
         overrides = {"delivery": {"max_connections_per_site": N, "backlog_per_connection": backlog}}
         async with Harness(tmp_path, {"127.0.0.2": DATA_ONLY}, overrides=overrides) as h:
             h.mx("example.test", (10, "mx1.example.test", "127.0.0.2"))
-            h.engine.hold = True
-            for i in range(N):
-                await h.send("a@sender.test", [f"u{i}@example.test"])
-            h.engine.hold = False
-            sink = h.sinks["127.0.0.2"]
-            await h.until(lambda: sink.count == N and len(h.spool) == 0)
+            await queued_burst(h, N)
+            await all_delivered(h, N)
             st = h.engine.pool.stats
             # N jobs at once: a new worker for each ``backlog`` of them (the first included)
             assert st.connections_opened == connections
@@ -270,12 +267,8 @@ def test_a_server_without_pipelining_gets_the_burst_spread(tmp_path):
         sinks = {"127.0.0.2": Behaviour(chunking=False, pipelining=False)}
         async with Harness(tmp_path, sinks, overrides=overrides) as h:
             h.mx("example.test", (10, "mx1.example.test", "127.0.0.2"))
-            h.engine.hold = True
-            for i in range(N):
-                await h.send("a@sender.test", [f"u{i}@example.test"])
-            h.engine.hold = False
-            sink = h.sinks["127.0.0.2"]
-            await h.until(lambda: sink.count == N and len(h.spool) == 0)
+            await queued_burst(h, N)
+            await all_delivered(h, N)
             st = h.engine.pool.stats
             assert st.chained == 0
             assert st.connections_opened > N // 4 + 1  # more than the chaining bound (5)
@@ -292,12 +285,8 @@ def test_a_trickle_reuses_the_most_recently_idle_connection(tmp_path):
         overrides = {"delivery": {"max_connections_per_site": 5, "backlog_per_connection": 1}}
         async with Harness(tmp_path, {"127.0.0.2": DATA_ONLY}, overrides=overrides) as h:
             h.mx("example.test", (10, "mx1.example.test", "127.0.0.2"))
-            h.engine.hold = True
-            for i in range(5):
-                await h.send("a@sender.test", [f"burst{i}@example.test"])
-            h.engine.hold = False
-            sink = h.sinks["127.0.0.2"]
-            await h.until(lambda: sink.count == 5 and len(h.spool) == 0)
+            await queued_burst(h, 5, "burst")
+            sink = await all_delivered(h, 5)
             assert h.engine.pool.stats.connections_opened == 5
             for i in range(6):
                 await h.send("a@sender.test", [f"trickle{i}@example.test"])
