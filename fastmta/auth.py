@@ -335,10 +335,12 @@ class SaslDone(msgspec.Struct, frozen=True):
 
 class SaslVerified(msgspec.Struct, frozen=True):
     """The mechanism checked the client's proof itself (SCRAM): 235 2.7.0 when ``ok``, else
-    AUTH_FAILED, counted and slowed down like a wrong password."""
+    AUTH_FAILED, counted and slowed down like a wrong password. ``reason``: for the server's
+    log only (never sent to the client)."""
 
     username: str
     ok: bool
+    reason: str = ""
 
 
 class SaslError(msgspec.Struct, frozen=True):
@@ -554,7 +556,10 @@ class _Scram(Sasl):
             and hmac.compare_digest(hashlib.sha256(client_key).digest(), keys.stored_key)
         )
         if not ok:
-            return SaslVerified(self._user, False)
+            why = ""
+            if not self._known and self._user in self._users:
+                why = "no SCRAM keys for it in the users file: run fastmta passwd for it again"
+            return SaslVerified(self._user, False, why)
         self._verified = True
         return SaslChallenge(b"v=" + base64.b64encode(_hmac(keys.server_key, auth_message)))
 

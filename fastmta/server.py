@@ -233,7 +233,7 @@ class SmtpConnection(asyncio.Protocol):
         elif isinstance(result, auth.SaslError):
             self.session.reject(reply(result.code, result.enhanced, result.text))
         elif isinstance(result, auth.SaslVerified):
-            self._start(self._auth_outcome(result.username, result.ok))
+            self._start(self._auth_outcome(result.username, result.ok, result.reason))
         else:
             self._start(self._verify(result))
 
@@ -375,14 +375,15 @@ class SmtpConnection(asyncio.Protocol):
         ok = await loop.run_in_executor(None, users.verify, creds.username, creds.password)
         await self._auth_outcome(creds.username, ok)
 
-    async def _auth_outcome(self, username: str, ok: bool) -> None:
+    async def _auth_outcome(self, username: str, ok: bool, reason: str = "") -> None:
         """235, or a failure: counted, answered later each time, the last one with 421."""
         if ok:
             self.session.auth_success(username)
             return
         self.auth_failures += 1
         lim = self.ctx.config.limits
-        log.warning("AUTH failed for %r from [%s]", username, self.peer_ip)
+        why = f" ({reason})" if reason else ""
+        log.warning("AUTH failed for %r from [%s]%s", username, self.peer_ip, why)
         await asyncio.sleep(auth.failure_delay(lim.auth_failure_delay, self.auth_failures))
         if self.auth_failures >= lim.max_auth_failures:
             self.session.reject(AUTH_TOO_MANY)
