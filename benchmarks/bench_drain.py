@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -71,79 +69,69 @@ def _drained(case: Case, who: str, sink: h.SmtpSink, meter: h.TreeMeter, t0: flo
 
 
 def run_fastmta(case: Case, workers: int, chain: bool = True) -> Row:
-    procs = h.Procs()
-    base = tempfile.mkdtemp(prefix=f"fastmta-drain-{case.name}-")
-    who = f"fastmta w={workers}" + ("" if chain else f" {NO_CHAIN}")
-    try:
-        sink_port = h.free_port()
-        sink = h.start_smtp_sink(procs, "127.0.0.1", sink_port, case.count)
-        h.wait_listening(sink_port, 1, proc=sink.proc)
-        port = h.free_port()
-        kw = dict(
-            workers=workers, relayhost=f"[127.0.0.1]:{sink_port}", delivery_port=sink_port,
-            chain_transactions=chain,
-        )  # fmt: skip
-        cfg = h.fastmta_config(base, port, hold=True, **kw)
-        h.say(f"  {who}: filling the queue with {case.title}")
-        mta = h.start_fastmta(procs, base, cfg, port, workers)
-        _fill(procs, case, port)
-        h.stop_fastmta(procs, mta)
-        cfg = h.fastmta_config(base, port, hold=False, **kw)
-        h.say(f"  {who}: draining")
-        t0 = time.perf_counter()
-        mta = h.launch_fastmta(procs, base, cfg)
-        meter = h.TreeMeter(mta.pid)
-        meter.start()
-        return _drained(case, who, sink, meter, t0)
-    except Exception as e:  # noqa: BLE001 - one failed run must not lose the others
-        return Row(case, who, False, note=f"error: {e}")
-    finally:
-        procs.stop_all()
-        shutil.rmtree(base, ignore_errors=True)
+    with h.scratch(f"fastmta-drain-{case.name}-") as (procs, base):
+        who = f"fastmta w={workers}" + ("" if chain else f" {NO_CHAIN}")
+        try:
+            sink_port = h.free_port()
+            sink = h.start_smtp_sink(procs, "127.0.0.1", sink_port, case.count)
+            h.wait_listening(sink_port, 1, proc=sink.proc)
+            port = h.free_port()
+            kw = dict(
+                workers=workers, relayhost=f"[127.0.0.1]:{sink_port}", delivery_port=sink_port,
+                chain_transactions=chain,
+            )  # fmt: skip
+            cfg = h.fastmta_config(base, port, hold=True, **kw)
+            h.say(f"  {who}: filling the queue with {case.title}")
+            mta = h.start_fastmta(procs, base, cfg, port, workers)
+            _fill(procs, case, port)
+            h.stop_fastmta(procs, mta)
+            cfg = h.fastmta_config(base, port, hold=False, **kw)
+            h.say(f"  {who}: draining")
+            t0 = time.perf_counter()
+            mta = h.launch_fastmta(procs, base, cfg)
+            meter = h.TreeMeter(mta.pid)
+            meter.start()
+            return _drained(case, who, sink, meter, t0)
+        except Exception as e:  # noqa: BLE001 - one failed run must not lose the others
+            return Row(case, who, False, note=f"error: {e}")
 
 
 def run_postfix(case: Case) -> Row:
-    procs = h.Procs()
-    base = tempfile.mkdtemp(prefix=f"postfix-drain-{case.name}-")
-    pf = None
-    try:
-        sink_port = h.free_port()
-        sink = h.start_smtp_sink(procs, "127.0.0.1", sink_port, case.count)
-        h.wait_listening(sink_port, 1, proc=sink.proc)
-        port = h.free_port()
-        pf = PostfixInstance(base, port, mode="hold", relayhost=f"[127.0.0.1]:{sink_port}")
-        pf.start()
-        h.wait_listening(port, 1, timeout=30)
-        h.say(f"  postfix: filling the queue with {case.title}")
-        _fill(procs, case, port)
-        deadline = time.monotonic() + 60
-        while pf.count_queue("hold") < case.count and time.monotonic() < deadline:
-            time.sleep(0.1)
-        held = pf.count_queue("hold")
-        if held < case.count:
-            return Row(case, "postfix", False, note=f"only {held}/{case.count} held")
-        h.say("  postfix: draining")
-        meter = h.TreeMeter(pf.master_pid())
-        meter.start()
-        t0 = time.perf_counter()
-        for cmd in (["postsuper", "-H", "ALL"], ["postqueue", "-f"]):
-            subprocess.run(
-                [cmd[0], "-c", pf.config_dir, *cmd[1:]],
-                check=True,
-                capture_output=True,
-                timeout=120,
-            )
-        row = _drained(case, "postfix", sink, meter, t0)
-        if not row.ok:
-            row.note += " | " + pf.log_tail(3).replace("\n", " ")[:300]
-        return row
-    except Exception as e:  # noqa: BLE001
-        return Row(case, "postfix", False, note=f"error: {e}")
-    finally:
-        if pf is not None:
-            pf.stop()
-        procs.stop_all()
-        shutil.rmtree(base, ignore_errors=True)
+    with h.scratch(f"postfix-drain-{case.name}-") as (procs, base):
+        try:
+            sink_port = h.free_port()
+            sink = h.start_smtp_sink(procs, "127.0.0.1", sink_port, case.count)
+            h.wait_listening(sink_port, 1, proc=sink.proc)
+            port = h.free_port()
+            pf = PostfixInstance(base, port, mode="hold", relayhost=f"[127.0.0.1]:{sink_port}")
+            procs.at_stop(pf.stop)
+            pf.start()
+            h.wait_listening(port, 1, timeout=30)
+            h.say(f"  postfix: filling the queue with {case.title}")
+            _fill(procs, case, port)
+            deadline = time.monotonic() + 60
+            while pf.count_queue("hold") < case.count and time.monotonic() < deadline:
+                time.sleep(0.1)
+            held = pf.count_queue("hold")
+            if held < case.count:
+                return Row(case, "postfix", False, note=f"only {held}/{case.count} held")
+            h.say("  postfix: draining")
+            meter = h.TreeMeter(pf.master_pid())
+            meter.start()
+            t0 = time.perf_counter()
+            for cmd in (["postsuper", "-H", "ALL"], ["postqueue", "-f"]):
+                subprocess.run(
+                    [cmd[0], "-c", pf.config_dir, *cmd[1:]],
+                    check=True,
+                    capture_output=True,
+                    timeout=120,
+                )
+            row = _drained(case, "postfix", sink, meter, t0)
+            if not row.ok:
+                row.note += " | " + pf.log_tail(3).replace("\n", " ")[:300]
+            return row
+        except Exception as e:  # noqa: BLE001
+            return Row(case, "postfix", False, note=f"error: {e}")
 
 
 def run(

@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -163,63 +162,53 @@ def _measure(procs, case, mta_pid, port, who, sinks) -> Row:
 
 
 def run_fastmta(case: Case, workers: int) -> Row:
-    procs = h.Procs()
-    base = tempfile.mkdtemp(prefix=f"fastmta-e2e-{case.name}-")
-    who = f"fastmta w={workers}"
-    try:
-        sinks, sink_port = _sinks(procs, case)
-        nameservers: list[str] = []
-        relayhost = f"[127.0.0.1]:{sink_port}"
-        if case.domains:
-            zone = []
-            for d, ip in zip(DOMAINS[: case.domains], SINK_IPS, strict=False):
-                zone += [f"{d} 3600 MX 10 mx.{d}", f"mx.{d} 3600 A {ip}"]
-            _, dns_port = h.start_dns(procs, base, zone)
-            nameservers, relayhost = [f"127.0.0.1:{dns_port}"], ""
-        port = h.free_port()
-        cfg = h.fastmta_config(
-            base, port, workers=workers, hold=False, relayhost=relayhost,
-            delivery_port=sink_port, nameservers=nameservers,
-        )  # fmt: skip
-        mta = h.start_fastmta(procs, base, cfg, port, workers)
-        h.say(f"  {who}: running {case.title}")
-        return _measure(procs, case, mta.pid, port, who, sinks)
-    except Exception as e:  # noqa: BLE001 - one failed run must not lose the others
-        return Row(case, who, False, note=f"error: {e}")
-    finally:
-        procs.stop_all()
-        shutil.rmtree(base, ignore_errors=True)
+    with h.scratch(f"fastmta-e2e-{case.name}-") as (procs, base):
+        who = f"fastmta w={workers}"
+        try:
+            sinks, sink_port = _sinks(procs, case)
+            nameservers: list[str] = []
+            relayhost = f"[127.0.0.1]:{sink_port}"
+            if case.domains:
+                zone = []
+                for d, ip in zip(DOMAINS[: case.domains], SINK_IPS, strict=False):
+                    zone += [f"{d} 3600 MX 10 mx.{d}", f"mx.{d} 3600 A {ip}"]
+                _, dns_port = h.start_dns(procs, base, zone)
+                nameservers, relayhost = [f"127.0.0.1:{dns_port}"], ""
+            port = h.free_port()
+            cfg = h.fastmta_config(
+                base, port, workers=workers, hold=False, relayhost=relayhost,
+                delivery_port=sink_port, nameservers=nameservers,
+            )  # fmt: skip
+            mta = h.start_fastmta(procs, base, cfg, port, workers)
+            h.say(f"  {who}: running {case.title}")
+            return _measure(procs, case, mta.pid, port, who, sinks)
+        except Exception as e:  # noqa: BLE001 - one failed run must not lose the others
+            return Row(case, who, False, note=f"error: {e}")
 
 
 def run_postfix(case: Case) -> Row:
-    procs = h.Procs()
-    base = tempfile.mkdtemp(prefix=f"postfix-e2e-{case.name}-")
-    pf = None
-    try:
-        sinks, sink_port = _sinks(procs, case)
-        port = h.free_port()
-        if case.domains:
-            transport = {
-                d: f"smtp:[{ip}]:{sink_port}"
-                for d, ip in zip(DOMAINS[: case.domains], SINK_IPS, strict=False)
-            }
-            pf = PostfixInstance(base, port, mode="relay", transport=transport)
-        else:
-            pf = PostfixInstance(base, port, mode="relay", relayhost=f"[127.0.0.1]:{sink_port}")
-        pf.start()
-        h.wait_listening(port, 1, timeout=30)
-        h.say(f"  postfix: running {case.title}")
-        row = _measure(procs, case, pf.master_pid(), port, "postfix", sinks)
-        if not row.ok:
-            row.note += " | " + pf.log_tail(3).replace("\n", " ")[:300]
-        return row
-    except Exception as e:  # noqa: BLE001
-        return Row(case, "postfix", False, note=f"error: {e}")
-    finally:
-        if pf is not None:
-            pf.stop()
-        procs.stop_all()
-        shutil.rmtree(base, ignore_errors=True)
+    with h.scratch(f"postfix-e2e-{case.name}-") as (procs, base):
+        try:
+            sinks, sink_port = _sinks(procs, case)
+            port = h.free_port()
+            if case.domains:
+                transport = {
+                    d: f"smtp:[{ip}]:{sink_port}"
+                    for d, ip in zip(DOMAINS[: case.domains], SINK_IPS, strict=False)
+                }
+                pf = PostfixInstance(base, port, mode="relay", transport=transport)
+            else:
+                pf = PostfixInstance(base, port, mode="relay", relayhost=f"[127.0.0.1]:{sink_port}")
+            procs.at_stop(pf.stop)
+            pf.start()
+            h.wait_listening(port, 1, timeout=30)
+            h.say(f"  postfix: running {case.title}")
+            row = _measure(procs, case, pf.master_pid(), port, "postfix", sinks)
+            if not row.ok:
+                row.note += " | " + pf.log_tail(3).replace("\n", " ")[:300]
+            return row
+        except Exception as e:  # noqa: BLE001
+            return Row(case, "postfix", False, note=f"error: {e}")
 
 
 def profile_fastmta(case: Case, workers: int = 2, rate: int = 200, native: bool = False) -> str:
@@ -229,10 +218,8 @@ def profile_fastmta(case: Case, workers: int = 2, rate: int = 200, native: bool 
     spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     if not os.path.exists(spy):
         return "py-spy is not installed (pip install py-spy): no profile\n"
-    procs = h.Procs()
-    base = tempfile.mkdtemp(prefix=f"fastmta-profile-{case.name}-")
-    raw = os.path.join(base, "profile.txt")
-    try:
+    with h.scratch(f"fastmta-profile-{case.name}-") as (procs, base):
+        raw = os.path.join(base, "profile.txt")
         sinks, sink_port = _sinks(procs, case)
         port = h.free_port()
         cfg = h.fastmta_config(
@@ -288,9 +275,6 @@ def profile_fastmta(case: Case, workers: int = 2, rate: int = 200, native: bool 
                 ),
             ]
         return "\n".join(lines) + "\n"
-    finally:
-        procs.stop_all()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- the whole run

@@ -17,9 +17,7 @@ benchmarks/RESULTS.md (section "ingest").
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -78,58 +76,48 @@ def _measure(procs: h.Procs, case: Case, root: int, port: int) -> tuple[h.LoadRe
 
 
 def run_fastmta(case: Case, workers: int) -> Row:
-    procs = h.Procs()
-    base = tempfile.mkdtemp(prefix=f"fastmta-ingest-{case.name}-")
-    who = f"fastmta w={workers}"
-    try:
-        port = h.free_port()
-        cfg = h.fastmta_config(base, port, workers=workers, hold=True)
-        mta = h.start_fastmta(procs, base, cfg, port, workers)
-        h.say(f"  {who}: running {case.title}")
-        res, meter = _measure(procs, case, mta.pid, port)
-        h.stop_fastmta(procs, mta)
-        arrived = h.count_fastmta_spool(os.path.join(base, "spool"))
-        row = Row(
-            case, who, res.code == 0 and arrived == case.count, res.wall, arrived, meter.cpu,
-            res.cpu, meter.peak_rss, meter.peak_pss,
-        )  # fmt: skip
-        if not row.ok:
-            row.note = f"smtp-source exit {res.code}, {arrived}/{case.count} in the spool"
-        return row
-    except Exception as e:  # noqa: BLE001
-        return Row(case, who, False, note=f"error: {e}")
-    finally:
-        procs.stop_all()
-        shutil.rmtree(base, ignore_errors=True)
+    with h.scratch(f"fastmta-ingest-{case.name}-") as (procs, base):
+        who = f"fastmta w={workers}"
+        try:
+            port = h.free_port()
+            cfg = h.fastmta_config(base, port, workers=workers, hold=True)
+            mta = h.start_fastmta(procs, base, cfg, port, workers)
+            h.say(f"  {who}: running {case.title}")
+            res, meter = _measure(procs, case, mta.pid, port)
+            h.stop_fastmta(procs, mta)
+            arrived = h.count_fastmta_spool(os.path.join(base, "spool"))
+            row = Row(
+                case, who, res.code == 0 and arrived == case.count, res.wall, arrived, meter.cpu,
+                res.cpu, meter.peak_rss, meter.peak_pss,
+            )  # fmt: skip
+            if not row.ok:
+                row.note = f"smtp-source exit {res.code}, {arrived}/{case.count} in the spool"
+            return row
+        except Exception as e:  # noqa: BLE001
+            return Row(case, who, False, note=f"error: {e}")
 
 
 def run_postfix(case: Case) -> Row:
-    procs = h.Procs()
-    base = tempfile.mkdtemp(prefix=f"postfix-ingest-{case.name}-")
-    pf = None
-    try:
-        port = h.free_port()
-        pf = PostfixInstance(base, port, mode="hold")
-        pf.start()
-        h.wait_listening(port, 1, timeout=30)
-        h.say(f"  postfix: running {case.title}")
-        res, meter = _measure(procs, case, pf.master_pid(), port)
-        arrived = pf.count_queue("hold")
-        row = Row(
-            case, "postfix", res.code == 0 and arrived == case.count, res.wall, arrived,
-            meter.cpu, res.cpu, meter.peak_rss, meter.peak_pss,
-        )  # fmt: skip
-        if not row.ok:
-            row.note = f"smtp-source exit {res.code}, {arrived}/{case.count} held | "
-            row.note += pf.log_tail(2).replace("\n", " ")[:200]
-        return row
-    except Exception as e:  # noqa: BLE001
-        return Row(case, "postfix", False, note=f"error: {e}")
-    finally:
-        if pf is not None:
-            pf.stop()
-        procs.stop_all()
-        shutil.rmtree(base, ignore_errors=True)
+    with h.scratch(f"postfix-ingest-{case.name}-") as (procs, base):
+        try:
+            port = h.free_port()
+            pf = PostfixInstance(base, port, mode="hold")
+            procs.at_stop(pf.stop)
+            pf.start()
+            h.wait_listening(port, 1, timeout=30)
+            h.say(f"  postfix: running {case.title}")
+            res, meter = _measure(procs, case, pf.master_pid(), port)
+            arrived = pf.count_queue("hold")
+            row = Row(
+                case, "postfix", res.code == 0 and arrived == case.count, res.wall, arrived,
+                meter.cpu, res.cpu, meter.peak_rss, meter.peak_pss,
+            )  # fmt: skip
+            if not row.ok:
+                row.note = f"smtp-source exit {res.code}, {arrived}/{case.count} held | "
+                row.note += pf.log_tail(2).replace("\n", " ")[:200]
+            return row
+        except Exception as e:  # noqa: BLE001
+            return Row(case, "postfix", False, note=f"error: {e}")
 
 
 def run(

@@ -22,18 +22,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import os
 import platform
 import re
 import resource
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,10 +175,15 @@ class Exit:
 
 
 class Procs:
-    """Processes started by a benchmark; ``stop_all`` (call it in ``finally``) stops them by PID."""
+    """Processes started by a benchmark; ``stop_all`` (call it in ``finally``) stops them by PID,
+    after the cleanups registered with ``at_stop`` (e.g. a private Postfix's ``postfix stop``)."""
 
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen] = []
+        self._cleanups: list[Callable[[], None]] = []
+
+    def at_stop(self, fn: Callable[[], None]) -> None:
+        self._cleanups.append(fn)
 
     def start(self, cmd: Sequence[str], *, log: str | None = None, **kw) -> subprocess.Popen:
         out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed by the child
@@ -202,9 +210,24 @@ class Procs:
             pass
 
     def stop_all(self) -> None:
+        while self._cleanups:
+            self._cleanups.pop()()
         for p in reversed(self.procs):
             self.stop(p)
         self.procs.clear()
+
+
+@contextlib.contextmanager
+def scratch(prefix: str) -> Iterator[tuple[Procs, str]]:
+    """One measured run's processes and scratch directory: on the way out, however it goes,
+    every process is stopped (by PID) and the directory removed."""
+    procs = Procs()
+    base = tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield procs, base
+    finally:
+        procs.stop_all()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def wait_exits(procs: Sequence[subprocess.Popen], timeout: float) -> dict[int, Exit]:
