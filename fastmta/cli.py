@@ -13,6 +13,7 @@ import getpass
 import os
 import re
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -169,39 +170,89 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser(
         "queue",
-        help="inspect and manage the spool (list, show, hold, release, flush, delete, stats)",
+        help="inspect and manage the spool (list, show, hold, release, flush, delete, bounce, "
+        "stats)",
         description="Inspect and manage queued messages. With the server running, every "
         "action asks its workers. With it stopped, list and show read the spool (never "
-        "changing it), and hold, release, delete and flush change it directly (like postsuper); "
-        "only stats needs the server. Exit status: 0 ok, 1 some queue ids not found, 2 usage "
-        "or configuration error, 69 the server is not running (stats) or a shard is locked.",
+        "changing it), and hold, release, delete, bounce and flush change it directly (like "
+        "postsuper); only stats needs the server. Select messages by queue id ('-' reads ids "
+        "from stdin, e.g. from `queue list | grep`), --all, --domain (a recipient still to "
+        "deliver there) or --sender; every criterion given must hold. Exit status: 0 ok, 1 "
+        "some queue ids not found, 2 usage or configuration error, 69 the server is not running "
+        "(stats) or a shard is locked.",
     )
     q.add_argument("--config", metavar="FILE", help="configuration file")
     q.add_argument("--spool", metavar="DIR", help="spool directory")
     where = argparse.ArgumentParser(add_help=False)  # also accepted after the action
     where.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="config file")
     where.add_argument("--spool", metavar="DIR", default=argparse.SUPPRESS, help="spool directory")
+    which = argparse.ArgumentParser(add_help=False)  # the selection of the changing actions
+    which.add_argument(
+        "ids", nargs="*", metavar="QUEUE_ID", help="queue ids ('-': read them from stdin)"
+    )
+    which.add_argument(
+        "--domain",
+        action="append",
+        default=[],
+        metavar="DOMAIN",
+        help="messages with a recipient still to deliver at DOMAIN (repeatable)",
+    )
+    which.add_argument(
+        "--sender",
+        action="append",
+        default=[],
+        metavar="ADDRESS",
+        help="messages from ADDRESS ('<>': bounces) (repeatable)",
+    )
     qs = q.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
     ql = qs.add_parser(
-        "list", parents=[where], help="list queued messages (id, arrival, size, state, envelope)"
+        "list",
+        parents=[where],
+        help="list queued messages (id, arrival, size, state, envelope)",
+        epilog="example: fastmta queue list --domain example.com",
     )
     ql.add_argument("--json", action="store_true", help="one JSON object per message")
+    ql.add_argument("--domain", action="append", default=[], metavar="DOMAIN",
+                    help="only messages with a recipient still to deliver at DOMAIN")  # fmt: skip
+    ql.add_argument("--sender", action="append", default=[], metavar="ADDRESS",
+                    help="only messages from ADDRESS ('<>': bounces)")  # fmt: skip
     qp = qs.add_parser("show", parents=[where], help="print a message's envelope and headers")
     qp.add_argument("ids", nargs="+", metavar="QUEUE_ID")
     for name, text in (
         ("hold", "stop delivering these messages until released (kept across restarts)"),
         ("release", "deliver held messages again, now"),
-        ("delete", "remove messages from the queue without a bounce"),
+        ("delete", "remove messages from the queue without a bounce (like postsuper -d)"),
+        (
+            "bounce",
+            "bounce the recipients still to deliver (with --domain: only those there) back to "
+            "the sender with a DSN; the others stay queued",
+        ),
     ):
-        qp = qs.add_parser(name, parents=[where], help=text)
-        qp.add_argument("ids", nargs="*", metavar="QUEUE_ID")
+        qp = qs.add_parser(
+            name,
+            parents=[where, which],
+            help=text,
+            description=textwrap.fill(
+                text[0].upper() + text[1:] + ". Give queue ids, --all, or a filter.", 78
+            ),
+            epilog=f"examples:\n  fastmta queue {name} 00061b2c3d4e5f3f2a1b0001\n"
+            f"  fastmta queue {name} --domain example.com\n"
+            f"  fastmta queue list | grep @example.net | fastmta queue {name} -",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         qp.add_argument("--all", action="store_true", help="every queued message")
+        if name == "bounce":
+            qp.add_argument(
+                "--reason",
+                default="",
+                metavar="TEXT",
+                help="why, for the DSN (one line, at most 200 characters)",
+            )
     qp = qs.add_parser(
         "flush",
-        parents=[where],
-        help="retry these messages now (all deferred mail if no id is given)",
+        parents=[where, which],
+        help="retry these messages now (all deferred mail if nothing is selected)",
     )
-    qp.add_argument("ids", nargs="*", metavar="QUEUE_ID")
     qp = qs.add_parser("stats", parents=[where], help="delivery counters of each worker")
     qp.add_argument("--json", action="store_true", help="one JSON object per worker")
 

@@ -8,13 +8,17 @@ Protocol: JSON lines (msgspec). One request per connection: the client sends one
 :class:`Request` line; the worker answers with zero or more item lines and one final line
 whose ``end`` is true (and whose ``error`` says why, if the request failed). Commands::
 
-    list                  one line per message (env), then end (count)
+    list    [selection]   one line per message (env), then end (count)
     show    ids           one line per id found (env, headers), then end (found)
-    hold    ids | all     end (found: the ids this worker has; count: messages changed)
-    release ids | all     the same
-    delete  ids | all     the same (removed without a DSN, like postsuper -d)
-    flush   [ids]         retry now: these ids, or every deferred message; end (found)
+    hold    selection     end (found: the ids this worker has; count: messages changed)
+    release selection     the same
+    delete  selection     the same (removed without a DSN, like postsuper -d)
+    bounce  selection     the same; the recipients concerned bounce with a DSN (``reason``)
+    flush   [selection]   retry now: these, or every deferred message; end (found)
     stats                 end (stats: engine counters, "spool": live messages, "pid")
+
+A selection is queue ids, ``all``, recipient ``domains`` and ``senders``, every criterion given
+holding (fastmta/queue/select.py); hold, release, delete and bounce refuse an empty one.
 
 A worker knows only its own shard, so the client asks every worker and merges the answers
 (fastmta/queuecmd.py). The server side runs on the worker's event loop; the client side is
@@ -32,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from fastmta.queue.select import Selection, bounce_reason, check_reason
 from fastmta.spool import SpoolError
 from fastmta.spool.records import Envelope
 
@@ -55,14 +60,20 @@ __all__ = [
 
 log = logging.getLogger("fastmta.control")
 
-COMMANDS = ("list", "show", "hold", "release", "delete", "flush", "stats")
+COMMANDS = ("list", "show", "hold", "release", "delete", "bounce", "flush", "stats")
 _MAX_UNIX_PATH = 107  # sun_path is 108 bytes on Linux, one of them the terminating NUL
 
 
 class Request(msgspec.Struct, omit_defaults=True):
     cmd: str  # one of COMMANDS
     ids: list[str] = []
-    all: bool = False  # hold/release/delete: every message of the worker
+    all: bool = False  # hold/release/delete/bounce: every message of the worker
+    domains: list[str] = []  # only messages with a recipient still to deliver at one of these
+    senders: list[str] = []  # only messages from one of these senders ("<>": bounces)
+    reason: str = ""  # bounce: the operator's reason, for the DSN
+
+    def selection(self) -> Selection:
+        return Selection(self.ids, self.all, self.domains, self.senders)
 
 
 class Line(msgspec.Struct, omit_defaults=True):
@@ -160,6 +171,7 @@ class ControlServer:
             "hold": self._change,
             "release": self._change,
             "delete": self._change,
+            "bounce": self._change,
             "flush": self._flush,
             "stats": self._stats,
         }
@@ -245,7 +257,10 @@ class ControlServer:
     async def _list(self, req: Request, writer: asyncio.StreamWriter) -> Line:
         count = 0
         chunk: list[Line] = []
+        select = req.selection()
         async for env in self._envelopes():
+            if not select.matches(env):
+                continue
             chunk.append(Line(env=env))
             if len(chunk) >= self.batch:
                 writer.write(_ENCODER.encode_lines(chunk))
@@ -282,36 +297,61 @@ class ControlServer:
         return Line(found=found)
 
     async def _change(self, req: Request, writer: asyncio.StreamWriter) -> Line:
-        action = {
-            "hold": self.engine.hold_message,
-            "release": self.engine.release_message,
-            "delete": self.engine.delete_message,
-        }[req.cmd]
-        ids = [sm.envelope.id for sm in self.engine.messages()] if req.all else req.ids
+        select = req.selection()
+        if select.empty:
+            return Line(error=f"{req.cmd}: give queue ids, all, domains or senders")
+        reason = ""
+        if req.cmd == "bounce":
+            if why := check_reason(req.reason):
+                return Line(error=f"bounce: {why}")
+            reason = bounce_reason(req.reason)
+        engine = self.engine
+        one = {
+            "hold": engine.hold_message,
+            "release": engine.release_message,
+            "delete": engine.delete_message,
+            "flush": engine.flush_message,
+        }.get(req.cmd)
+
+        async def action(qid: str) -> bool:
+            if one is not None:
+                return await one(qid)
+            return await engine.bounce_message(qid, select, reason)
+
         found: list[str] = []
-        for n, qid in enumerate(ids, 1):
+        for n, qid in enumerate(self._targets(select), 1):
             if await action(qid):
                 found.append(qid)
             if n % self.batch == 0:
                 await asyncio.sleep(0)  # let delivery run during a big --all
-        found += await self._parked(req, found)
-        return Line(found=[] if req.all else found, count=len(found))
+        found += await self._parked(req, select, found, reason)
+        await self.spool.flush()  # the changes are durable when the operator is told
+        return Line(found=found if select.ids else [], count=len(found))
+
+    def _targets(self, select: Selection) -> list[str]:
+        """The queue ids of ``select`` among the messages in memory (named ids as given:
+        the parked ones among them are found by _parked)."""
+        if select.ids and not select.filtered:
+            return sorted(select.ids)
+        return [sm.envelope.id for sm in self.engine.messages() if select.matches(sm.envelope)]
 
     async def _flush(self, req: Request, writer: asyncio.StreamWriter) -> Line:
-        if not req.ids:
+        if req.selection().empty:
             self.engine.flush()
             await self.engine.change_parked("flush")
             return Line()
-        found = [qid for qid in req.ids if await self.engine.flush_message(qid)]
-        found += await self._parked(req, found)
-        return Line(found=found, count=len(found))
+        return await self._change(req, writer)
 
-    async def _parked(self, req: Request, found: list[str]) -> list[str]:
-        """The change of ``req`` applied to the parked messages it names (all, with all)."""
-        if req.all:
-            return await self.engine.change_parked(req.cmd)
-        rest = set(req.ids).difference(found)
-        return await self.engine.change_parked(req.cmd, rest) if rest else []
+    async def _parked(
+        self, req: Request, select: Selection, found: list[str], reason: str
+    ) -> list[str]:
+        """The change of ``req`` applied to the parked messages ``select`` matches."""
+        if select.ids:
+            rest = set(select.ids).difference(found)
+            if not rest:
+                return []
+            return await self.engine.change_parked(req.cmd, rest, select, reason)
+        return await self.engine.change_parked(req.cmd, None, select, reason)
 
     async def _stats(self, req: Request, writer: asyncio.StreamWriter) -> Line:
         stats: dict[str, int | float] = msgspec.structs.asdict(self.engine.stats)

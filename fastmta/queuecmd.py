@@ -1,12 +1,18 @@
 """``fastmta queue ACTION``: look at and manage the queue (Postfix postqueue/postsuper, kcli).
 
-    list [--json]            one line per queued message, then "-- N messages, SIZE, H held"
+    list [--json] [FILTER]   one line per queued message, then "-- N messages, SIZE, H held"
     show ID...               envelope and header section
-    hold ID... | --all       stop delivering (recorded in the spool: survives a restart)
-    release ID... | --all    deliver again, now
-    delete ID... | --all     remove without a bounce (postsuper -d)
-    flush [ID...]            retry now (every deferred message if no id is given)
+    hold SELECTION           stop delivering (recorded in the spool: survives a restart)
+    release SELECTION        deliver again, now
+    delete SELECTION         remove without a bounce (postsuper -d)
+    bounce SELECTION         bounce the recipients still to deliver, with a DSN (kcli bounce)
+    flush [SELECTION]        retry now (every deferred message if nothing is selected)
     stats [--json]           delivery counters per worker
+
+SELECTION: queue ids (``-`` reads them from stdin: the first word of each line, so the
+output of ``queue list`` can be piped in), ``--all``, or FILTERs: ``--domain D`` (a
+recipient still to deliver at D), ``--sender S``; every criterion given must hold
+(fastmta/queue/select.py).
 
 With the server running, every action asks the workers over their control sockets
 (fastmta/control.py). With it stopped, ``list`` and ``show`` read the spool directly, read
@@ -43,9 +49,10 @@ from fastmta.control import (
     header_section,
     worker_sockets,
 )
+from fastmta.queue.select import Selection, bounce_reason, check_reason, command_change
 from fastmta.spool import Spool, SpoolError
 from fastmta.spool.inject import ADOPTING, INCOMING, SUFFIX
-from fastmta.spool.parked import CHANGES, PARKED, envelopes, list_parked, unsettled
+from fastmta.spool.parked import PARKED, envelopes, list_parked, unsettled
 from fastmta.spool.records import (
     ENVELOPE_DECODER,
     Envelope,
@@ -70,6 +77,7 @@ HEADER_LIMIT = 256 << 10  # bytes of a message read by `show` to find its header
 
 _STATES = {int(s): s.name.lower() for s in RcptState}
 _FINAL = (int(RcptState.DELIVERED), int(RcptState.BOUNCED))
+_CHANGING = ("hold", "release", "delete", "bounce")
 
 
 def _err(msg: str) -> None:
@@ -89,8 +97,8 @@ def main(args: argparse.Namespace) -> int:
         return EX_USAGE
     root = config.server.spool_dir
     action = args.queue_command
-    if action in ("hold", "release", "delete") and bool(args.ids) == bool(args.all):
-        _err(f"queue {action}: give queue ids or --all (not both)")
+    if problem := _check_selection(args):
+        _err(f"queue {action}: {problem}")
         return EX_USAGE
     if action in ("list", "show") and not os.path.isdir(root):
         _err(f"queue {action}: no spool at {root} (check --spool or server.spool_dir)")
@@ -100,6 +108,47 @@ def main(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # `fastmta queue list | head`
         sys.stderr.close()
         return EX_OK
+
+
+def _check_selection(args: argparse.Namespace) -> str | None:
+    """Read ``-`` ids from stdin into args.ids; why the selection is not usable (or None)."""
+    ids = getattr(args, "ids", None)
+    if ids is not None and "-" in ids:
+        if ids != ["-"]:
+            return "'-' (queue ids from stdin) goes alone"
+        args.ids = _ids_from(sys.stdin)
+        if not args.ids:
+            return "no queue ids on stdin"
+    action = args.queue_command
+    every = getattr(args, "all", False)
+    filtered = bool(getattr(args, "domain", None) or getattr(args, "sender", None))
+    if action in _CHANGING:
+        if every and (args.ids or filtered):
+            return "--all selects every message: leave out queue ids, --domain and --sender"
+        if not (every or args.ids or filtered):
+            return "give queue ids, --all, --domain or --sender"
+    if action == "bounce" and (why := check_reason(args.reason)):
+        return f"--reason: {why}"
+    return None
+
+
+def _ids_from(lines: Iterator[str]) -> list[str]:
+    """Queue ids, one per line (the first word: ``queue list`` output pipes in as it is)."""
+    out = []
+    for line in lines:
+        words = line.split()
+        if words and not words[0].startswith("--"):
+            out.append(words[0])
+    return out
+
+
+def _selection(args: argparse.Namespace) -> Selection:
+    return Selection(
+        getattr(args, "ids", ()),
+        getattr(args, "all", False),
+        getattr(args, "domain", ()),
+        getattr(args, "sender", ()),
+    )
 
 
 # ------------------------------------------------------------------------- reading the spool
@@ -300,9 +349,11 @@ def _as_json(env: Envelope) -> dict[str, object]:
 
 def cmd_list(args: argparse.Namespace, root: str) -> int:
     workers = _Workers(root)
+    select = _selection(args)
     incoming = _injected(os.path.join(root, INCOMING))  # not yet taken in by a worker
+    request = Request("list", domains=args.domain, senders=args.sender)
     source: Iterator[Envelope] = (
-        line.env for _, line in workers.ask(Request("list")) if line.env is not None
+        line.env for _, line in workers.ask(request) if line.env is not None
     )
     first = next(source, None)
     if first is not None or workers.answered:
@@ -317,6 +368,8 @@ def cmd_list(args: argparse.Namespace, root: str) -> int:
     now = time.time()
     count = size = held = 0
     for env in _chain_incoming(source, incoming):
+        if not select.matches(env):  # (the workers filtered theirs; not the spool files)
+            continue
         out.write((encode(_as_json(env)).decode() if args.json else format_line(env, now)) + "\n")
         count += 1
         size += env.size
@@ -412,9 +465,16 @@ def _describe(env: Envelope) -> str:
 
 
 def cmd_change(args: argparse.Namespace, root: str) -> int:
-    """hold, release, delete: by id or --all; flush: by id or everything."""
+    """hold, release, delete, bounce: by a selection; flush: by one, or everything."""
     action = args.queue_command
-    request = Request(action, ids=list(dict.fromkeys(args.ids)), all=getattr(args, "all", False))
+    request = Request(
+        action,
+        ids=list(dict.fromkeys(args.ids)),
+        all=getattr(args, "all", False),
+        domains=args.domain,
+        senders=args.sender,
+        reason=getattr(args, "reason", ""),
+    )
     workers = _Workers(root)
     found: set[str] = set()
     count = 0
@@ -436,17 +496,24 @@ def cmd_change(args: argparse.Namespace, root: str) -> int:
         failed = True
         which = ", ".join(str(i) for i in sorted(workers.down))
         _err(f"queue {action}: worker(s) {which} did not answer; their messages are unchanged")
-    done = {"hold": "held", "release": "released", "delete": "deleted", "flush": "flushed"}
-    if action == "flush" and not request.ids:
+    done = {
+        "hold": "held",
+        "release": "released",
+        "delete": "deleted",
+        "bounce": "bounced",
+        "flush": "flushed",
+    }
+    if action == "flush" and request.selection().empty:
         if stopped:
             print(f"flush: {count} message{'' if count == 1 else 's'} due when the server starts")
         else:
             print(f"flush: {workers.answered} worker(s) retry every deferred message now")
         return EX_NOT_FOUND if failed else EX_OK
     print(f"{done[action]}: {count} message{'' if count == 1 else 's'}")
+    narrowed = " selected by --domain/--sender" if request.domains or request.senders else ""
     for qid in request.ids:
         if qid not in found:
-            _err(f"queue {action}: {qid}: no such message")
+            _err(f"queue {action}: {qid}: no such message{narrowed}")
             failed = True
     return EX_NOT_FOUND if failed else EX_OK
 
@@ -461,7 +528,9 @@ async def _change_stopped(request: Request, root: str) -> tuple[int, set[str]]:
     shards = _shards(root) if os.path.isdir(root) else []
     if not shards and os.path.isdir(incoming):
         shards = [shard_dir(root, 0)]  # injected mail only: the first worker's shard takes it
-    wanted = set(request.ids)
+    select = request.selection()
+    reason = bounce_reason(request.reason) if request.cmd == "bounce" else ""
+    change = command_change(request.cmd, select, reason)
     count, found = 0, set()
     for shard in shards:
         spool = Spool(shard, incoming=incoming)
@@ -471,28 +540,18 @@ async def _change_stopped(request: Request, root: str) -> tuple[int, set[str]]:
                 messages += adopted
             for sm in messages:
                 env = sm.envelope
-                if not (request.all or env.id in wanted or (request.cmd == "flush" and not wanted)):
+                outcome = change(env)
+                if outcome is False:
                     continue
                 found.add(env.id)
                 count += 1
-                if request.cmd == "delete":
+                if outcome is None:
                     await spool.done(env.id)
-                    continue
-                if request.cmd == "hold":
-                    changed = env.hold()
-                elif request.cmd == "release":
-                    changed = env.release()
-                else:  # flush: due at once when the server starts
-                    changed = not env.held and env.next_attempt != 0.0
-                    if changed:
-                        env.next_attempt = 0.0
-                if changed:
+                else:
                     await spool.update(env)
-            rest = (
-                None if request.all or (request.cmd == "flush" and not wanted) else wanted - found
-            )
+            rest = set(select.ids) - found if select.ids else None
             if rest is None or rest:
-                touched = await spool.change_parked(CHANGES[request.cmd], rest)
+                touched = await spool.change_parked(change, rest)
                 found.update(touched)
                 count += len(touched)
         finally:
@@ -541,6 +600,7 @@ _ACTIONS = {
     "hold": cmd_change,
     "release": cmd_change,
     "delete": cmd_change,
+    "bounce": cmd_change,
     "flush": cmd_change,
     "stats": cmd_stats,
 }

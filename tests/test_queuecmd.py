@@ -409,9 +409,15 @@ def test_errors_and_injected_mail_without_server(tmp):
     r = cli("queue", "list", "--spool", spool)
     assert r.returncode == 2 and "no spool at" in r.stderr
     r = cli("queue", "--spool", spool, "hold")
-    assert r.returncode == 2 and "give queue ids or --all" in r.stderr
+    assert r.returncode == 2 and "give queue ids, --all, --domain or --sender" in r.stderr
     r = cli("queue", "--spool", spool, "delete", "abc", "--all")
-    assert r.returncode == 2
+    assert r.returncode == 2 and "--all selects every message" in r.stderr
+    r = cli("queue", "--spool", spool, "bounce", "--domain", "x.test", "--all")
+    assert r.returncode == 2 and "--all selects every message" in r.stderr
+    r = cli("queue", "--spool", spool, "bounce", "abc", "--reason", "two\nlines")
+    assert r.returncode == 2 and "--reason: the reason must be one line" in r.stderr
+    r = cli("queue", "--spool", spool, "hold", "abc", "-")
+    assert r.returncode == 2 and "'-' (queue ids from stdin) goes alone" in r.stderr
     r = cli("queue", "list", "--config", os.path.join(tmp, "absent.toml"))
     assert r.returncode == 2 and "config file not found" in r.stderr
 

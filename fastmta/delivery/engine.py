@@ -44,9 +44,9 @@ from fastmta.protocol.client import Message
 from fastmta.protocol.replies import Reply, reply
 from fastmta.queue.retry import RetrySchedule
 from fastmta.queue.scheduler import Scheduler, batches
+from fastmta.queue.select import Selection, bounce_reason, command_change
 from fastmta.queue.sites import limits_for
 from fastmta.spool import Spool, SpoolError
-from fastmta.spool.parked import CHANGES
 from fastmta.spool.records import RcptState, StoredMessage
 from fastmta.tls import client_context
 
@@ -57,6 +57,7 @@ log = logging.getLogger("fastmta.delivery")
 _DELIVERED = int(RcptState.DELIVERED)
 _BOUNCED = int(RcptState.BOUNCED)
 _DEFERRED = int(RcptState.DEFERRED)
+_CANCELLED = int(RcptState.CANCELLED)
 _PENDING = (int(RcptState.PENDING), int(RcptState.DEFERRED))
 
 
@@ -85,12 +86,13 @@ _PARK_BYTES = 32 << 20  # message bytes per parked file at most (one message may
 class _Active:
     """A message being delivered in this attempt (its bytes are in memory)."""
 
-    __slots__ = ("sm", "data", "jobs", "failures", "last")
+    __slots__ = ("sm", "data", "jobs", "failures", "last", "attempted")
 
     def __init__(self, sm: StoredMessage, data: bytes) -> None:
         self.sm = sm
         self.data = data
         self.jobs = 0
+        self.attempted = True  # False: taken up only to bounce what an operator cancelled
         self.failures: list[Failure] = []
         self.last: dict[int, tuple[Reply, str]] = {}  # index -> (reply, mx) of this attempt
 
@@ -206,7 +208,7 @@ class DeliveryEngine:
         """Schedule the spool's unfinished messages (next_attempt honoured) and begin."""
         self._loop = asyncio.get_running_loop()
         for sm in recovered:
-            self.scheduler.add(sm)
+            self.scheduler.add(sm, now=sm.envelope.cancelled)
         self._kick()
 
     def submit(self, msg: StoredMessage) -> None:
@@ -276,10 +278,37 @@ class DeliveryEngine:
         self._held.pop(queue_id, None)
         return True
 
-    async def change_parked(self, action: str, ids: set[str] | None = None) -> list[str]:
-        """hold, release, delete or flush parked messages (those with queue ids in ``ids``, or
-        all): their parked files are rewritten. Returns the queue ids found."""
-        change = CHANGES[action]
+    async def bounce_message(self, queue_id: str, select: Selection, reason: str) -> bool:
+        """Bounce the recipients of this message that ``select`` concerns (every one still to
+        deliver, or those at its domains) with a DSN to the sender; the others stay queued.
+        The decision is in the spool before this returns; the bounce is made as soon as the
+        message is taken up (at once, held or not, unless server.hold_delivery holds all
+        delivery; an attempt in flight ends first)."""
+        await self._settled(queue_id)
+        sm = self.spool.get(queue_id)
+        if sm is None:
+            return False
+        env = sm.envelope
+        if env.cancel(select.recipients(env), reason):
+            await self.spool.update(env)
+            if env.id not in self._active:  # (an attempt in flight bounces them as it ends)
+                taken = self._held.pop(queue_id, None) or self.scheduler.remove(queue_id)
+                if taken is not None:  # else it is in the ready backlog already
+                    self.scheduler.add(taken, now=True)
+                self._kick()
+        return True
+
+    async def change_parked(
+        self,
+        action: str,
+        ids: set[str] | None = None,
+        select: Selection | None = None,
+        reason: str = "",
+    ) -> list[str]:
+        """hold, release, delete, flush or bounce parked messages (those with queue ids in
+        ``ids``, or all; only those ``select`` matches): their parked files are rewritten.
+        Returns the queue ids found."""
+        change = command_change(action, select, reason)
         found = await self.spool.change_parked(change, ids)
         self._kick()  # released or flushed messages may be due now
         return found
@@ -432,10 +461,11 @@ class DeliveryEngine:
 
     def _requeue(self, sm: StoredMessage) -> None:
         """A message back in memory (loaded, or not parked after all): held, or scheduled."""
-        if sm.envelope.held:
-            self._held[sm.envelope.id] = sm
+        env = sm.envelope
+        if env.held and not env.cancelled:
+            self._held[env.id] = sm
         else:
-            self.scheduler.add(sm)
+            self.scheduler.add(sm, now=env.cancelled)
 
     def _park_chunks(self, victims: list[StoredMessage]) -> list[list[StoredMessage]]:
         out: list[list[StoredMessage]] = []
@@ -501,9 +531,10 @@ class DeliveryEngine:
 
     def _activate(self, sm: StoredMessage) -> None:
         env = sm.envelope
-        if env.held or self.spool.get(env.id) is None:  # held, or deleted, by an operator
+        live = self.spool.get(env.id) is not None
+        if not live or (env.held and not env.cancelled):  # deleted, or held, by an operator
             self.scheduler.finished(sm)
-            if env.held and self.spool.get(env.id) is not None:
+            if live:
                 self._held[env.id] = sm
             return
         try:
@@ -513,9 +544,14 @@ class DeliveryEngine:
             self.scheduler.finished(sm)
             return
         act = _Active(sm, data)
-        groups = batches(env, self.scheduler.recipients_per_transaction)
+        # Taken up for an operator's bounce only: held, or not due yet (its other recipients
+        # keep their retry time).
+        act.attempted = not env.held and (
+            env.next_attempt <= 0 or env.next_attempt <= time.time() or not env.cancelled
+        )
+        groups = batches(env, self.scheduler.recipients_per_transaction) if act.attempted else []
         self._active[env.id] = act
-        if not groups:  # nothing pending (e.g. recovered after its last result)
+        if not groups:  # nothing to send (recovered after its last result, or bounce only)
             act.jobs = 1
             self._spawn(self._job_finished(act))
             return
@@ -609,7 +645,8 @@ class DeliveryEngine:
         for i, r in zip(job.indexes, replies, strict=False):
             rc = env.recipients[i]
             text = str(r)
-            rc.last_reply = text
+            if rc.state != _CANCELLED:  # (cancelled while in flight: its reason stays)
+                rc.last_reply = text
             if r.is_positive():
                 rc.state = _DELIVERED
                 outcome = "delivered"
@@ -620,7 +657,8 @@ class DeliveryEngine:
                 st.bounced += 1
                 act.failures.append(Failure(i, r.code, r.enhanced, r.text, info.mx or None))
             else:
-                rc.state = _DEFERRED
+                if rc.state != _CANCELLED:  # bounced when the attempt ends (_job_finished)
+                    rc.state = _DEFERRED
                 outcome = "deferred"
                 st.deferred += 1
                 act.last[i] = (r, info.mx)
@@ -650,10 +688,12 @@ class DeliveryEngine:
             return
         sm = act.sm
         env = sm.envelope
-        env.attempts += 1
+        if act.attempted:
+            env.attempts += 1
         self._active.pop(env.id, None)
+        self._bounce_cancelled(act)
         pending = [i for i, r in enumerate(env.recipients) if r.state in _PENDING]
-        if pending and self.scheduler.expired(env):
+        if pending and act.attempted and self.scheduler.expired(env):
             self._expire(act, pending)
             pending = []
         try:
@@ -662,6 +702,10 @@ class DeliveryEngine:
             if not pending:
                 await self.spool.done(env.id)
                 self.scheduler.finished(sm)
+            elif not act.attempted:  # bounce only: back to hold, or to its retry time
+                self.scheduler.finished(sm)
+                await self.spool.update(env)
+                self._requeue(sm)
             else:
                 self.scheduler.retry(sm)
                 await self._maybe_warn(act, pending)  # before the update, which records it
@@ -670,6 +714,32 @@ class DeliveryEngine:
             log.warning("message %s: cannot record the result: %s", env.id, e)
         self._arm_timer()
         self._kick()
+
+    def _bounce_cancelled(self, act: _Active) -> None:
+        """Recipients an operator bounced (`fastmta queue bounce`) fail now: in this DSN."""
+        env = act.sm.envelope
+        now = time.time()
+        for i, rc in enumerate(env.recipients):
+            if rc.state != _CANCELLED:
+                continue
+            rc.state = _BOUNCED
+            text = rc.last_reply or bounce_reason("")
+            act.failures.append(Failure(i, 550, "5.0.0", text))
+            self._stats.bounced += 1
+            if self.delivery_log is not None:
+                self.delivery_log.write(
+                    DeliveryRecord(
+                        time=now,
+                        queue_id=env.id,
+                        recipient=rc.address,
+                        site="operator",
+                        code=550,
+                        enhanced="5.0.0",
+                        text=text,
+                        outcome="bounced",
+                        attempt=env.attempts,
+                    )
+                )
 
     def _expire(self, act: _Active, pending: list[int]) -> None:
         """queue.max_lifetime is over: the still-deferred recipients bounce (RFC 5321 4.5.4.1)."""

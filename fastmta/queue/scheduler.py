@@ -84,10 +84,11 @@ class Scheduler:
         """Messages known: waiting on a timer, in the backlog, or active."""
         return len(self.waiting) + len(self.backlog) + self.active
 
-    def add(self, msg: StoredMessage) -> None:
-        """Schedule ``msg`` at ``envelope.next_attempt`` (0 or past: ready now)."""
+    def add(self, msg: StoredMessage, now: bool = False) -> None:
+        """Schedule ``msg`` at ``envelope.next_attempt`` (0 or past: ready now), or ready
+        now whatever its next attempt (``now``: an operator's bounce waits for no timer)."""
         due = msg.envelope.next_attempt
-        if due <= 0 or due <= self.clock():
+        if now or due <= 0 or due <= self.clock():
             self.backlog.append(msg)
         else:
             self.waiting[msg.envelope.id] = msg

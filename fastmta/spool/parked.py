@@ -104,6 +104,8 @@ def file_due(envelopes: Iterable[Envelope]) -> int:
     """The due time (ms) a batch of envelopes is filed under (see the module docstring)."""
     due = HELD_DUE
     for env in envelopes:
+        if env.cancelled:  # an operator's bounce waits for no timer and no release
+            return 0
         if not env.held:
             due = min(due, max(0, int(env.next_attempt * 1000)))
     return due

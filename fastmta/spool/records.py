@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterable
 
 import msgspec
 
@@ -33,6 +34,10 @@ class RcptState(enum.IntEnum):
     DELIVERED = 1
     BOUNCED = 2
     DEFERRED = 3
+    CANCELLED = 4  # bounced by an operator (`fastmta queue bounce`); its DSN is yet to be sent
+
+
+_PENDING = (RcptState.PENDING, RcptState.DEFERRED)
 
 
 class Recipient(msgspec.Struct, array_like=False, omit_defaults=True):
@@ -69,6 +74,25 @@ class Envelope(msgspec.Struct, omit_defaults=True):
         if self.client:
             self.client = sys.intern(self.client)
         return self
+
+    def cancel(self, indexes: Iterable[int], reason: str) -> int:
+        """Bounce these recipients by the operator's decision (`fastmta queue bounce`): those
+        still pending become CANCELLED, with ``reason`` as their last reply, and the delivery
+        engine bounces them (with a DSN) when it next takes the message up. Returns how many
+        were marked."""
+        marked = 0
+        for i in indexes:
+            r = self.recipients[i]
+            if r.state in _PENDING:
+                r.state = RcptState.CANCELLED
+                r.last_reply = reason
+                marked += 1
+        return marked
+
+    @property
+    def cancelled(self) -> bool:
+        """Some recipient waits for the bounce an operator asked for (see :meth:`cancel`)."""
+        return any(r.state == RcptState.CANCELLED for r in self.recipients)
 
     def hold(self) -> bool:
         """Put on hold (`fastmta queue hold`); True if it was not held."""
