@@ -257,3 +257,67 @@ def test_site_limits_message_rate_uses_its_bucket():
     assert site.try_send() == pytest.approx(0.5)
     clock.t += 0.5
     assert site.try_send() == 0.0
+
+
+# --- operator selections (fastmta/queue/select.py) -----------------------------------------
+
+
+def _env(qid: str, sender: str, *rcpts: tuple[str, int]):
+    from fastmta.spool.records import Envelope, Recipient  # noqa: PLC0415
+
+    return Envelope(qid, sender, [Recipient(a, state=s) for a, s in rcpts], arrival=1.0)
+
+
+def test_selection_every_criterion_must_hold():
+    from fastmta.queue.select import Selection  # noqa: PLC0415
+
+    e = _env("q1", "News@Shop.test", ("a@Slow.test", 3), ("b@done.test", 1))
+    assert Selection().empty and Selection().matches(e)  # `list`: everything
+    assert not Selection(all=True).empty and not Selection(all=True).filtered
+    assert Selection(domains=["SLOW.TEST."]).matches(e)
+    assert not Selection(domains=["done.test"]).matches(e)  # delivered there already
+    assert Selection(senders=["<news@shop.test>"]).matches(e)
+    assert not Selection(senders=["<>"]).matches(e)
+    assert Selection(senders=["<>"]).matches(_env("q2", "", ("x@y.test", 0)))
+    assert Selection(ids=["q1"], domains=["slow.test"]).matches(e)
+    assert not Selection(ids=["q2"], domains=["slow.test"]).matches(e)
+    assert not Selection(ids=["q1"], senders=["other@shop.test"]).matches(e)
+
+
+def test_selection_recipients_are_the_pending_ones_at_its_domains():
+    from fastmta.queue.select import Selection  # noqa: PLC0415
+
+    e = _env("q", "s@x.test", ("a@one.test", 0), ("b@two.test", 3), ("c@one.test", 1),
+             ("d@ONE.test", 3))  # fmt: skip
+    assert Selection(domains=["one.test"]).recipients(e) == [0, 3]
+    assert Selection(ids=["q"]).recipients(e) == [0, 1, 3]
+
+
+def test_cancel_marks_only_pending_recipients_and_makes_a_parked_file_due():
+    from fastmta.queue.select import Selection, command_change  # noqa: PLC0415
+    from fastmta.spool.parked import HELD_DUE, file_due  # noqa: PLC0415
+    from fastmta.spool.records import RcptState  # noqa: PLC0415
+
+    e = _env("q", "s@x.test", ("a@one.test", 3), ("b@one.test", 1), ("c@two.test", 0))
+    e.held, e.next_attempt = True, 5000.0
+    assert file_due([e]) == HELD_DUE and not e.cancelled
+    change = command_change("bounce", Selection(domains=["one.test"]), "why")
+    assert change(e) is True
+    assert [r.state for r in e.recipients] == [RcptState.CANCELLED, 1, 0]
+    assert e.recipients[0].last_reply == "why" and e.cancelled
+    assert file_due([e]) == 0  # held or not: the bounce waits for nothing
+    assert command_change("bounce", Selection(domains=["three.test"]), "x")(e) is False
+    assert e.cancel([1, 2], "again") == 1  # delivered stays delivered
+    assert command_change("delete", Selection(senders=["s@x.test"]))(e) is None
+    assert command_change("hold", Selection(senders=["t@x.test"]))(e) is False
+
+
+def test_bounce_reason_is_one_bounded_line():
+    from fastmta.queue.select import MAX_REASON, bounce_reason, check_reason  # noqa: PLC0415
+
+    assert bounce_reason("") == "Delivery cancelled by the mail system administrator"
+    assert bounce_reason(" spam ").endswith("administrator: spam")
+    assert "\n" not in bounce_reason("a\r\nb") and len(bounce_reason("x" * 999)) < 300
+    assert check_reason("fine reason") is None
+    assert "one line" in check_reason("a\nb")
+    assert str(MAX_REASON) in check_reason("x" * (MAX_REASON + 1))
