@@ -134,14 +134,14 @@ class Server:
         )
 
 
-def send(port: int, rcpts: list[str], subject: str) -> str:
+def send(port: int, rcpts: list[str], subject: str, sender: str = "a@x.test") -> str:
     """One message on its own connection (workers share the port); returns its queue id."""
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
         s.ehlo()
-        s.mail("a@x.test")
+        s.mail(sender)
         for r in rcpts:
             assert s.rcpt(r)[0] == 250
-        code, text = s.data(f"Subject: {subject}\r\nFrom: a@x.test\r\n\r\n.dotted\r\n".encode())
+        code, text = s.data(f"Subject: {subject}\r\nFrom: {sender}\r\n\r\n.dotted\r\n".encode())
     assert code == 250, text
     return text.decode().rsplit(" ", 1)[-1]
 

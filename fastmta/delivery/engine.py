@@ -717,58 +717,47 @@ class DeliveryEngine:
 
     def _bounce_cancelled(self, act: _Active) -> None:
         """Recipients an operator bounced (`fastmta queue bounce`) fail now: in this DSN."""
-        env = act.sm.envelope
-        now = time.time()
-        for i, rc in enumerate(env.recipients):
-            if rc.state != _CANCELLED:
-                continue
-            rc.state = _BOUNCED
-            text = rc.last_reply or bounce_reason("")
-            act.failures.append(Failure(i, 550, "5.0.0", text))
-            self._stats.bounced += 1
-            if self.delivery_log is not None:
-                self.delivery_log.write(
-                    DeliveryRecord(
-                        time=now,
-                        queue_id=env.id,
-                        recipient=rc.address,
-                        site="operator",
-                        code=550,
-                        enhanced="5.0.0",
-                        text=text,
-                        outcome="bounced",
-                        attempt=env.attempts,
-                    )
-                )
+        for i, rc in enumerate(act.sm.envelope.recipients):
+            if rc.state == _CANCELLED:
+                text = rc.last_reply or bounce_reason("")
+                self._fail(act, Failure(i, 550, "5.0.0", text), "bounced", text, "operator")
 
     def _expire(self, act: _Active, pending: list[int]) -> None:
         """queue.max_lifetime is over: the still-deferred recipients bounce (RFC 5321 4.5.4.1)."""
         env = act.sm.envelope
-        now = time.time()
         for i in pending:
-            rc = env.recipients[i]
-            rc.state = _BOUNCED
             r, mx = act.last.get(i, (None, ""))
             if r is not None:
                 f = Failure(i, r.code, r.enhanced, r.text, mx or None)
             else:
-                f = Failure(i, 451, "4.4.7", rc.last_reply or "Delivery time expired")
-            act.failures.append(f)
-            self._stats.bounced += 1
-            if self.delivery_log is not None:
-                self.delivery_log.write(
-                    DeliveryRecord(
-                        time=now,
-                        queue_id=env.id,
-                        recipient=rc.address,
-                        code=f.code,
-                        enhanced=f.enhanced or "",
-                        text=f"message expired after {self.config.queue.max_lifetime:g}s: "
-                        + f.text,
-                        outcome="expired",
-                        attempt=env.attempts,
-                    )
+                f = Failure(
+                    i, 451, "4.4.7", env.recipients[i].last_reply or "Delivery time expired"
                 )
+            lifetime = self.config.queue.max_lifetime
+            self._fail(act, f, "expired", f"message expired after {lifetime:g}s: {f.text}")
+
+    def _fail(self, act: _Active, f: Failure, outcome: str, text: str, site: str = "") -> None:
+        """Recipient ``f.index`` bounces without an attempt (expired, or an operator's
+        bounce): in this attempt's DSN, counted, and one delivery-log line."""
+        env = act.sm.envelope
+        rc = env.recipients[f.index]
+        rc.state = _BOUNCED
+        act.failures.append(f)
+        self._stats.bounced += 1
+        if self.delivery_log is not None:
+            self.delivery_log.write(
+                DeliveryRecord(
+                    time=time.time(),
+                    queue_id=env.id,
+                    recipient=rc.address,
+                    site=site,
+                    code=f.code,
+                    enhanced=f.enhanced or "",
+                    text=text,
+                    outcome=outcome,
+                    attempt=env.attempts,
+                )
+            )
 
     async def _send_dsn(self, act: _Active, kind: str, pending: list[int] | None = None) -> None:
         env = act.sm.envelope
