@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser(
         "queue",
         help="inspect and manage the spool (list, show, hold, release, flush, delete, bounce, "
-        "stats)",
+        "suspend, resume, stats)",
         description="Inspect and manage queued messages. With the server running, every "
         "action asks its workers. With it stopped, list and show read the spool (never "
         "changing it), and hold, release, delete, bounce and flush change it directly (like "
@@ -253,6 +253,30 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[where, which],
         help="retry these messages now (all deferred mail if nothing is selected)",
     )
+    qp = qs.add_parser(
+        "suspend",
+        parents=[where],
+        help="stop delivering to a domain until resumed (or for a while); no domain: the list",
+        description="Stop delivering to DOMAIN (like KumoMTA's kcli suspend, Postfix's "
+        "defer_transports): its mail stays queued and is deferred at each attempt without a "
+        "connection; its retry schedule and lifetime run on. Kept in <spool>/suspended.json "
+        "across restarts. Without --domain: print the suspended domains.",
+        epilog="example: fastmta queue suspend --domain example.com --for 2h --reason '421s'",
+    )
+    qp.add_argument("--domain", action="append", default=[], metavar="DOMAIN",
+                    help="the domain (repeatable)")  # fmt: skip
+    qp.add_argument("--for", dest="duration", default="", metavar="DURATION",
+                    help="lift it by itself after DURATION (30m, 2h, 1d); default: never")  # fmt: skip
+    qp.add_argument("--reason", default="", metavar="TEXT",
+                    help="why, in the deferral reply (one line, at most 200 characters)")  # fmt: skip
+    qp = qs.add_parser(
+        "resume",
+        parents=[where],
+        help="deliver to suspended domains again (their queued mail at once)",
+    )
+    qp.add_argument("--domain", action="append", default=[], metavar="DOMAIN",
+                    help="the domain (repeatable)")  # fmt: skip
+    qp.add_argument("--all", action="store_true", help="every suspended domain")
     qp = qs.add_parser("stats", parents=[where], help="delivery counters of each worker")
     qp.add_argument("--json", action="store_true", help="one JSON object per worker")
 

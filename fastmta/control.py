@@ -15,6 +15,7 @@ whose ``end`` is true (and whose ``error`` says why, if the request failed). Com
     delete  selection     the same (removed without a DSN, like postsuper -d)
     bounce  selection     the same; the recipients concerned bounce with a DSN (``reason``)
     flush   [selection]   retry now: these, or every deferred message; end (found)
+    suspensions           read <spool>/suspended.json again (queue/suspend.py); end
     stats                 end (stats: engine counters, "spool": live messages, "pid")
 
 A selection is queue ids, ``all``, recipient ``domains`` and ``senders``, every criterion given
@@ -60,7 +61,9 @@ __all__ = [
 
 log = logging.getLogger("fastmta.control")
 
-COMMANDS = ("list", "show", "hold", "release", "delete", "bounce", "flush", "stats")
+COMMANDS = (
+    "list", "show", "hold", "release", "delete", "bounce", "flush", "suspensions", "stats",
+)  # fmt: skip
 _MAX_UNIX_PATH = 107  # sun_path is 108 bytes on Linux, one of them the terminating NUL
 
 
@@ -173,6 +176,7 @@ class ControlServer:
             "delete": self._change,
             "bounce": self._change,
             "flush": self._flush,
+            "suspensions": self._suspensions,
             "stats": self._stats,
         }
 
@@ -352,6 +356,10 @@ class ControlServer:
                 return []
             return await self.engine.change_parked(req.cmd, rest, select, reason)
         return await self.engine.change_parked(req.cmd, None, select, reason)
+
+    async def _suspensions(self, req: Request, writer: asyncio.StreamWriter) -> Line:
+        self.engine.load_suspensions()
+        return Line()
 
     async def _stats(self, req: Request, writer: asyncio.StreamWriter) -> Line:
         stats: dict[str, int | float] = msgspec.structs.asdict(self.engine.stats)

@@ -7,6 +7,8 @@
     delete SELECTION         remove without a bounce (postsuper -d)
     bounce SELECTION         bounce the recipients still to deliver, with a DSN (kcli bounce)
     flush [SELECTION]        retry now (every deferred message if nothing is selected)
+    suspend [--domain D...]  no delivery to D until resumed (or --for a while); no D: the list
+    resume --domain D...     deliver to D again, its queued mail at once (or --all domains)
     stats [--json]           delivery counters per worker
 
 SELECTION: queue ids (``-`` reads them from stdin: the first word of each line, so the
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -38,7 +41,7 @@ from typing import NamedTuple
 
 import msgspec
 
-from fastmta.config import ConfigError, load_config
+from fastmta.config import ConfigError, load_config, parse_duration
 from fastmta.control import (
     ControlError,
     Line,
@@ -49,6 +52,7 @@ from fastmta.control import (
     header_section,
     worker_sockets,
 )
+from fastmta.queue import suspend
 from fastmta.queue.select import Selection, bounce_reason, check_reason, command_change
 from fastmta.spool import Spool, SpoolError
 from fastmta.spool.inject import ADOPTING, INCOMING, SUFFIX
@@ -127,9 +131,17 @@ def _check_selection(args: argparse.Namespace) -> str | None:
             return "--all selects every message: leave out queue ids, --domain and --sender"
         if not (every or args.ids or filtered):
             return "give queue ids, --all, --domain or --sender"
-    if action == "bounce" and (why := check_reason(args.reason)):
+    if action in ("bounce", "suspend") and (why := check_reason(args.reason)):
         return f"--reason: {why}"
+    if action == "resume" and bool(args.domain) == bool(args.all):
+        return "give --domain (repeatable) or --all"
+    for d in getattr(args, "domain", ()):
+        if not _DOMAIN.fullmatch(d.strip().rstrip(".")):
+            return f"--domain {d!r} is not a domain name (like example.com)"
     return None
+
+
+_DOMAIN = re.compile(r"(?![-.])[\w.-]{1,253}(?<![-.])", re.ASCII)
 
 
 def _ids_from(lines: Iterator[str]) -> list[str]:
@@ -561,6 +573,81 @@ async def _change_stopped(request: Request, root: str) -> tuple[int, set[str]]:
     return count, found
 
 
+def cmd_suspend(args: argparse.Namespace, root: str) -> int:
+    """Add suspended domains (or, with none given, print the list)."""
+    try:
+        current = suspend.load(root)
+    except ValueError as e:
+        _err(f"queue suspend: {e}")
+        return EX_USAGE
+    if not args.domain:
+        for s in sorted(current.values(), key=lambda s: s.domain):
+            until = f"until {_when(s.until)}" if s.until else "until resumed"
+            why = f"  ({s.reason})" if s.reason else ""
+            print(f"{s.domain}  since {_when(s.since)}  {until}{why}")
+        print(f"-- {len(current)} suspended domain{'' if len(current) == 1 else 's'}")
+        return EX_OK
+    now = time.time()
+    try:
+        seconds = parse_duration(args.duration) if args.duration else 0.0
+    except ValueError as e:
+        _err(f"queue suspend: --for: {e}")
+        return EX_USAGE
+    for d in args.domain:
+        domain = d.strip().rstrip(".").lower()
+        current[domain] = suspend.Suspension(
+            domain, now, now + seconds if seconds else 0.0, args.reason.strip()
+        )
+        until = f"until {_when(now + seconds)}" if seconds else "until resumed"
+        print(f"suspended: {domain} ({until})")
+    return _save_suspensions(root, current, "suspend")
+
+
+def cmd_resume(args: argparse.Namespace, root: str) -> int:
+    """Remove suspended domains; their queued mail is due at once."""
+    try:
+        current = suspend.load(root)
+    except ValueError as e:
+        current = {}  # (a damaged file: resuming everything replaces it)
+        if not args.all:
+            _err(f"queue resume: {e}")
+            return EX_USAGE
+    domains = list(current) if args.all else [d.strip().rstrip(".").lower() for d in args.domain]
+    for d in domains:
+        if current.pop(d, None) is None:
+            _err(f"queue resume: {d} was not suspended")
+    status = _save_suspensions(root, current, "resume")
+    if status != EX_OK or not domains:
+        return status
+    flush = Request("flush", domains=domains)
+    workers = _Workers(root)
+    for _ in workers.ask(flush):
+        pass
+    if not workers.answered and os.path.isdir(root):
+        try:
+            asyncio.run(_change_stopped(flush, root))
+        except SpoolError as e:
+            _err(f"queue resume: {e}; its mail waits for its next retry")
+    print(f"resumed: {', '.join(domains)}; queued mail for them is due now")
+    return EX_OK
+
+
+def _save_suspensions(root: str, current: dict[str, suspend.Suspension], action: str) -> int:
+    """Write the list; tell the running workers to read it again."""
+    try:
+        suspend.save(root, current)
+    except OSError as e:
+        _err(f"queue {action}: cannot write {suspend.path(root)}: {e}")
+        return EX_USAGE
+    workers = _Workers(root)
+    for _ in workers.ask(Request("suspensions")):
+        pass
+    if not workers.answered:
+        print("(the server is not running: it reads the list when it starts)")
+    workers.warn_down()
+    return EX_NOT_FOUND if workers.answered and workers.down else EX_OK
+
+
 _STAT_COLUMNS = (
     "spool", "queued", "held", "parked", "in_memory", "delivered", "deferred", "bounced",
     "attempts", "dsns", "connections_opened", "reused", "chained",
@@ -602,5 +689,7 @@ _ACTIONS = {
     "delete": cmd_change,
     "bounce": cmd_change,
     "flush": cmd_change,
+    "suspend": cmd_suspend,
+    "resume": cmd_resume,
     "stats": cmd_stats,
 }

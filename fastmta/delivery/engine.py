@@ -42,6 +42,7 @@ from fastmta.dns import Destination, DnsError, Resolver
 from fastmta.log import DeliveryLog, DeliveryRecord
 from fastmta.protocol.client import Message
 from fastmta.protocol.replies import Reply, reply
+from fastmta.queue import suspend
 from fastmta.queue.retry import RetrySchedule
 from fastmta.queue.scheduler import Scheduler, batches
 from fastmta.queue.select import Selection, bounce_reason, command_change
@@ -171,6 +172,8 @@ class DeliveryEngine:
         self._stats = EngineStats()
         self._active: dict[str, _Active] = {}
         self._held: dict[str, StoredMessage] = {}  # on hold, out of the scheduler
+        self._suspended: dict[str, suspend.Suspension] = {}  # by domain (queue/suspend.py)
+        self._suspension_timer: asyncio.TimerHandle | None = None  # the next one to run out
         self._dest_cache: dict[tuple[str, bool], Destination] = {}
         self._resolving: dict[tuple[str, bool], list[Job]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -207,6 +210,7 @@ class DeliveryEngine:
     async def start(self, recovered: list[StoredMessage]) -> None:
         """Schedule the spool's unfinished messages (next_attempt honoured) and begin."""
         self._loop = asyncio.get_running_loop()
+        self.load_suspensions()
         for sm in recovered:
             self.scheduler.add(sm, now=sm.envelope.cancelled)
         self._kick()
@@ -298,6 +302,43 @@ class DeliveryEngine:
                 self._kick()
         return True
 
+    def load_suspensions(self) -> None:
+        """(Re)read the suspended domains (``fastmta queue suspend``) from the spool root; when
+        a suspension with a time limit runs out, its domain's mail is due at once."""
+        root = self.config.server.spool_dir
+        if not root:
+            return
+        try:
+            self._suspended = suspend.load(root)
+        except (OSError, ValueError) as e:
+            log.error("suspended domains not (re)loaded, the previous list stays: %s", e)
+        if self._suspension_timer is not None:
+            self._suspension_timer.cancel()
+            self._suspension_timer = None
+        ends = [s.until for s in self._suspended.values() if s.until]
+        if ends and self._loop is not None and not self._stopping:
+            delay = max(0.0, min(ends) - time.time()) + 0.01
+            self._suspension_timer = self._loop.call_later(delay, self._suspensions_ran_out)
+
+    def _suspensions_ran_out(self) -> None:
+        self._suspension_timer = None
+        before = set(self._suspended)
+        self.load_suspensions()
+        ended = before - set(self._suspended)
+        if ended:
+            log.info("suspension of %s ran out: delivering again", ", ".join(sorted(ended)))
+            self._spawn(self._flush_selected(Selection(domains=ended)))
+
+    async def _flush_selected(self, select: Selection) -> None:
+        """Retry now the messages ``select`` matches, in memory and parked."""
+        for sm in self.messages():
+            if select.matches(sm.envelope):
+                await self.flush_message(sm.envelope.id)
+        try:
+            await self.change_parked("flush", None, select)
+        except SpoolError as e:
+            log.error("parked messages not flushed: %s", e)
+
     async def change_parked(
         self,
         action: str,
@@ -322,9 +363,10 @@ class DeliveryEngine:
         """Let transactions in flight finish (at most ``timeout`` s), QUIT pooled
         connections, record partial results in the spool, flush the delivery log."""
         self._stopping = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for timer in (self._timer, self._suspension_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._suspension_timer = None
         await self.pool.close(timeout)
         if self._tasks:
             _, pending = await asyncio.wait(list(self._tasks), timeout=timeout)
@@ -572,6 +614,11 @@ class DeliveryEngine:
                 env.envid,
                 [params[i] for i in idx] if params else None,
             )
+            if self._suspended and (held := suspend.suspended(self._suspended, domain)):
+                job = Job(msg, None, None, act, idx, domain)  # deferred without a connection
+                r = held.reply()
+                self._spawn(self._on_result(job, [r] * len(idx), AttemptInfo(), "operator"))
+                continue
             route = self.router.route(domain)
             job = Job(msg, None, route, act, idx, domain)
             if route.kind == "local":

@@ -1,0 +1,137 @@
+"""`fastmta queue suspend/resume` against a real `fastmta serve` (and with it stopped): mail
+for a suspended domain is deferred without a connection, and flows again on resume or when a
+time-limited suspension runs out. The relayhost is an in-process Sink that accepts all."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections import Counter
+
+import pytest
+from test_queuecmd import WAIT, Server, cli, send
+
+from fastmta.queue import suspend
+from fastmta.testing.sink import Behaviour, Sink
+
+SUSPENDED = "451 4.3.2 Delivery to slow.test suspended by the mail system administrator"
+
+
+@pytest.fixture
+def tmp():
+    """A short directory: a control socket path must fit in 107 bytes (sun_path)."""
+    path = tempfile.mkdtemp(prefix="fms-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class Counting:
+    """Sink behaviour: accept every recipient, counting each address offered."""
+
+    def __init__(self) -> None:
+        self.offered: Counter[str] = Counter()
+        self.lock = threading.Lock()
+
+    def __call__(self, address: str):
+        with self.lock:
+            self.offered[address] += 1
+
+
+def test_suspend_defers_without_a_connection_and_resume_delivers_at_once(tmp):
+    peer = Counting()
+    with Sink(behaviour=Behaviour(rcpt_reply=peer)) as sink:
+        srv = Server(tmp, sink.port, workers=2)
+        try:
+            srv.start()
+            r = srv.q("suspend", "--domain", "Slow.Test.", "--reason", "421s from them")
+            assert (r.returncode, r.stdout.strip()) == (0, "suspended: slow.test (until resumed)")
+            qid = send(srv.port, ["a@slow.test", "b@fast.test"], "half")
+            assert sink.wait_for(1, WAIT)
+            envs = srv.wait_attempted([qid])
+            a = envs[qid].recipients[0]
+            assert (a.address, a.state) == ("a@slow.test", 3)
+            assert a.last_reply == SUSPENDED + ": 421s from them"
+            assert envs[qid].next_attempt > time.time() + 3000  # its retry schedule runs on
+            assert peer.offered == {"b@fast.test": 1}  # nothing sent to slow.test
+
+            r = srv.q("suspend")
+            assert r.returncode == 0 and r.stdout.startswith("slow.test  since ")
+            assert "until resumed  (421s from them)" in r.stdout
+            assert r.stdout.endswith("-- 1 suspended domain\n")
+
+            r = srv.q("resume", "--domain", "slow.test")
+            assert r.returncode == 0 and "resumed: slow.test" in r.stdout, r.stderr
+            assert sink.wait_for(2, WAIT)
+            srv.wait_until(lambda e: not e, "an empty queue")
+            assert srv.q("suspend").stdout == "-- 0 suspended domains\n"
+        finally:
+            srv.stop()
+    assert [m.recipients for m in sink.messages] == [["b@fast.test"], ["a@slow.test"]]
+    assert not os.path.exists(suspend.path(srv.spool))
+
+
+def test_suspension_made_while_stopped_holds_at_start_then_runs_out(tmp):
+    peer = Counting()
+    with Sink(behaviour=Behaviour(rcpt_reply=peer)) as sink:
+        srv = Server(tmp, sink.port)
+        r = srv.q("suspend", "--domain", "slow.test", "--for", "5s")
+        assert r.returncode == 0 and "(the server is not running" in r.stdout, r.stderr
+        try:
+            srv.start()
+            qid = send(srv.port, ["a@slow.test"], "later")
+            envs = srv.wait_attempted([qid])
+            assert envs[qid].recipients[0].last_reply == SUSPENDED
+            assert sink.count == 0
+            # the suspension runs out: delivered then, not at the retry an hour away
+            assert sink.wait_for(1, WAIT)
+            srv.wait_until(lambda e: not e, "an empty queue")
+        finally:
+            srv.stop()
+    assert peer.offered == {"a@slow.test": 1}
+
+
+def test_resume_on_a_stopped_server_makes_the_mail_due_at_start(tmp):
+    with Sink() as sink:
+        srv = Server(tmp, sink.port)
+        assert srv.q("suspend", "--domain", "slow.test").returncode == 0
+        try:
+            srv.start()
+            qid = send(srv.port, ["a@slow.test"], "wait")
+            srv.wait_attempted([qid])
+            srv.stop()
+            r = srv.q("resume", "--all")
+            assert r.returncode == 0 and "resumed: slow.test" in r.stdout, r.stderr
+            srv.start()
+            assert sink.wait_for(1, WAIT)
+        finally:
+            srv.stop()
+
+
+def test_suspend_errors_are_usage_errors(tmp):
+    spool = os.path.join(tmp, "spool")
+    r = cli("queue", "--spool", spool, "suspend", "--domain", "not a domain")
+    assert r.returncode == 2 and "is not a domain name" in r.stderr
+    r = cli("queue", "--spool", spool, "suspend", "--domain", "x.test", "--for", "soon")
+    assert r.returncode == 2 and "--for: expected a duration" in r.stderr
+    r = cli("queue", "--spool", spool, "resume")
+    assert r.returncode == 2 and "give --domain (repeatable) or --all" in r.stderr
+    os.makedirs(spool)
+    with open(suspend.path(spool), "w") as f:
+        f.write('{"domain": "x.test"}\n')
+    r = cli("queue", "--spool", spool, "suspend")
+    assert r.returncode == 2 and "suspended.json, line 1" in r.stderr
+
+
+def test_load_and_save_keep_only_active_suspensions(tmp):
+    s = suspend.Suspension
+    suspend.save(tmp, {"a.test": s("a.test", 1.0), "b.test": s("b.test", 1.0, until=50.0)})
+    assert set(suspend.load(tmp, now=10.0)) == {"a.test", "b.test"}
+    assert set(suspend.load(tmp, now=60.0)) == {"a.test"}
+    got = suspend.load(tmp, now=60.0)
+    assert suspend.suspended(got, "a.test", 60.0) and not suspend.suspended(got, "b.test", 60.0)
+    assert str(got["a.test"].reply()).startswith("451 4.3.2 Delivery to a.test suspended")
+    suspend.save(tmp, {})
+    assert not os.path.exists(suspend.path(tmp)) and suspend.load(tmp) == {}
