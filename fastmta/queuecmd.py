@@ -141,7 +141,7 @@ def _check_selection(args: argparse.Namespace) -> str | None:
     return None
 
 
-_DOMAIN = re.compile(r"(?![-.])[\w.-]{1,253}(?<![-.])", re.ASCII)
+_DOMAIN = re.compile(r"(?![-.])[\w.-]{1,253}(?<![-.])")  # (UTF-8 domains too: RFC 6531)
 
 
 def _ids_from(lines: Iterator[str]) -> list[str]:
@@ -618,6 +618,8 @@ def cmd_resume(args: argparse.Namespace, root: str) -> int:
             _err(f"queue resume: {d} was not suspended")
     status = _save_suspensions(root, current, "resume")
     if status != EX_OK or not domains:
+        if not domains:
+            print("resumed: no domain was suspended")
         return status
     flush = Request("flush", domains=domains)
     workers = _Workers(root)

@@ -295,7 +295,8 @@ class DeliveryEngine:
         env = sm.envelope
         if env.cancel(select.recipients(env), reason):
             await self.spool.update(env)
-            if env.id not in self._active:  # (an attempt in flight bounces them as it ends)
+            # (an attempt in flight, or one that began meanwhile, bounces them as it ends)
+            if env.id not in self._active and env.cancelled:
                 taken = self._held.pop(queue_id, None) or self.scheduler.remove(queue_id)
                 if taken is not None:  # else it is in the ready backlog already
                     self.scheduler.add(taken, now=True)
