@@ -10,6 +10,11 @@ recovery scan after the server stopped; Postfix: the files in its hold queue).
 The tools' ceiling is smtp-source -> smtp-sink in the same run; when fastmta gets close to it,
 the output says so and fastmta's CPU per message is the number to look at.
 
+One more fastmta row, "fastmta dkim w=1", signs every message (``[[dkim]]`` for smtp-source's
+From: domain, an RSA-2048 key made for the run; loopback is in mynetworks, so the client is
+trusted): what DKIM signing costs per message. Postfix signs nothing (no milter), so that row
+is not compared with it.
+
 Run ``python benchmarks/bench_ingest.py [--smoke]``; the table goes to stdout and into
 benchmarks/RESULTS.md (section "ingest").
 """
@@ -75,12 +80,16 @@ def _measure(procs: h.Procs, case: Case, root: int, port: int) -> tuple[h.LoadRe
     return res, meter
 
 
-def run_fastmta(case: Case, workers: int) -> Row:
+DKIM = "fastmta dkim w=1"
+
+
+def run_fastmta(case: Case, workers: int, dkim: bool = False) -> Row:
     with h.scratch(f"fastmta-ingest-{case.name}-") as (procs, base):
-        who = f"fastmta w={workers}"
+        who = DKIM if dkim else f"fastmta w={workers}"
         try:
             port = h.free_port()
-            cfg = h.fastmta_config(base, port, workers=workers, hold=True)
+            extra = _dkim_table(base) if dkim else ""
+            cfg = h.fastmta_config(base, port, workers=workers, hold=True, extra=extra)
             mta = h.start_fastmta(procs, base, cfg, port, workers)
             h.say(f"  {who}: running {case.title}")
             res, meter = _measure(procs, case, mta.pid, port)
@@ -95,6 +104,24 @@ def run_fastmta(case: Case, workers: int) -> Row:
             return row
         except Exception as e:  # noqa: BLE001
             return Row(case, who, False, note=f"error: {e}")
+
+
+def _dkim_table(base: str) -> str:
+    """A [[dkim]] table signing smtp-source's mail (From: <from@x.test>) with a new key."""
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: PLC0415
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    path = os.path.join(base, "dkim.pem")
+    with open(path, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    return f'[[dkim]]\ndomain = "x.test"\nselector = "bench"\nkey_file = "{path}"\n'
 
 
 def run_postfix(case: Case) -> Row:
@@ -132,7 +159,10 @@ def run(
             h.say(f"ingest {case.name}: {case.title}" + (f" (round {rnd}/{repeat})" * (repeat > 1)))
             rows.append(ceiling(case))
             h.say(f"  -> {_line(rows[-1])}")
-            h.run_mtas(rows, case, workers, with_postfix, run_fastmta, run_postfix, _line, pause)
+            h.run_mtas(
+                rows, case, workers, with_postfix, run_fastmta, run_postfix, _line, pause,
+                variants=[lambda c: run_fastmta(c, 1, dkim=True)],
+            )  # fmt: skip
     rows = h.best_of(rows)
     for case in SMOKE if smoke else FULL:
         group = [r for r in rows if r.case.name == case.name]
@@ -189,7 +219,7 @@ def goals(rows: Sequence[Row]) -> str:
         group = [r for r in rows if r.case.name == name]
         pf = next((r for r in group if r.who == "postfix" and r.ok), None)
         ceil = next((r.rate for r in group if r.who.startswith("ceiling") and r.ok), 0.0)
-        runs = [r for r in group if r.who.startswith("fastmta") and r.ok]
+        runs = [r for r in group if r.who.startswith("fastmta w=") and r.ok]
         if not pf or not runs:
             continue
         best = max(runs, key=lambda r: r.rate)
@@ -221,8 +251,26 @@ def report(rows: Sequence[Row], smoke: bool) -> str:
         "stop), Postfix hold/ queue files\n"
         "- CPU: MTA process tree (utime+stime, reaped children included) during the load\n\n"
         f"{table(rows)}\n\nGoals:\n\n{goals(rows)}\n\n"
-        f"Worker count (fastmta):\n\n{h.workers_verdict(rows)}\n"
+        f"Worker count (fastmta):\n\n{h.workers_verdict(rows)}\n\n"
+        f"DKIM signing (rsa-sha256, 2048 bits, relaxed/relaxed):\n\n{dkim_cost(rows)}\n"
     )
+
+
+def dkim_cost(rows: Sequence[Row]) -> str:
+    """Per case: fastmta w=1 with and without signing, in the same run."""
+    out = []
+    for name in dict.fromkeys(r.case.name for r in rows):
+        group = {r.who: r for r in rows if r.case.name == name and r.ok}
+        plain, signed = group.get("fastmta w=1"), group.get(DKIM)
+        if plain is None or signed is None:
+            continue
+        extra = (signed.cpu_per_1000 - plain.cpu_per_1000) * 1000
+        out.append(
+            f"- {plain.case.title}: {signed.rate:,.0f} msg/s signed vs {plain.rate:,.0f} "
+            f"unsigned, {signed.cpu_per_1000:.2f} vs {plain.cpu_per_1000:.2f} CPU s/1000 "
+            f"({extra:+.0f} us of CPU per message for the signature)"
+        )
+    return "\n".join(out) or "- not run"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -394,8 +394,10 @@ def fastmta_config(
     delivery_port: int = 25,
     nameservers: Sequence[str] = (),
     chain_transactions: bool = True,
+    extra: str = "",
 ) -> str:
-    """Write ``base``/fastmta.toml and return its path (spool under ``base``/spool)."""
+    """Write ``base``/fastmta.toml and return its path (spool under ``base``/spool);
+    ``extra``: more TOML (whole tables) at the end."""
     lines = [
         "[server]",
         'hostname = "fastmta-bench.test"',
@@ -420,6 +422,7 @@ def fastmta_config(
         "",
         "[dns]",
         "nameservers = [" + ", ".join(f'"{n}"' for n in nameservers) + "]",
+        extra,
     ]
     path = os.path.join(base, "fastmta.toml")
     with open(path, "w", encoding="utf-8") as f:

@@ -7,11 +7,13 @@
 ``submit`` returns once the message is durable in the spool (the same promise as a 250 over
 SMTP); delivery, retries and bounces then run as for mail received over SMTP. Listeners from
 the config are started too, so the embedded MTA can also accept SMTP (pass ``listen=False``
-to skip them).
+to skip them). A message whose From: domain has a ``[[dkim]]`` key is signed before it is
+stored, as mail from a trusted SMTP client is.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -19,6 +21,7 @@ from .app import Worker
 from .config import Config, load_config
 from .protocol.errors import ParseError
 from .protocol.parse import dot_stuff, parse_mail, parse_rcpt
+from .server import signing_threads
 from .spool.records import Envelope, Recipient, new_queue_id
 
 
@@ -64,6 +67,11 @@ class MTA:
         except ParseError as e:
             raise ValueError(f"{e.code} {e.enhanced} {e.text}") from None
         wire = dot_stuff(message, terminate=False)
+        signer = self.worker.dkim.for_message(wire)
+        if signer is not None:  # (a thread: an RSA signature is ~0.3 ms of CPU)
+            wire = await asyncio.get_running_loop().run_in_executor(
+                signing_threads(), lambda: signer.sign(wire) + wire
+            )
         env = Envelope(
             id=new_queue_id(),
             sender=sender,

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from . import __version__, loop
 from .anvil import ConnectionCounts
 from .config import Config, ConfigError, parse_hostport
+from .dkim import Signers
 from .log import DeliveryLog, setup_logging
 from .protocol.parse import IMPLEMENTATION
 from .spool import Spool, SpoolError
@@ -79,6 +80,7 @@ class Worker:
         self._compactor: asyncio.Task[None] | None = None
         self.delivery_log: DeliveryLog | None = None
         self.control = None  # fastmta.control.ControlServer (fastmta queue ...)
+        self.dkim = Signers()  # DKIM signers by domain (fastmta/dkim.py), loaded by start()
 
     async def start(self) -> None:
         from .control import ControlServer
@@ -86,6 +88,10 @@ class Worker:
         from .server import Listening
 
         config = self.config
+        try:
+            self.dkim = Signers.from_config(config.dkim)
+        except ValueError as e:
+            raise OSError(f"DKIM: {e}") from None  # (the CLI checked: a key changed since)
         recovered = await self.spool.open()
         recovered += await self._absorb_orphan_shards()
         self.delivery_log = DeliveryLog(config.server.delivery_log)
@@ -110,6 +116,7 @@ class Worker:
                 counts=self.counts[listener.address].worker(self.index)
                 if self.counts and listener.address in self.counts
                 else None,
+                dkim=self.dkim,
             )
             host, port = parse_hostport(listener.address, 25)
             server = await lp.create_server(

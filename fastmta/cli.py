@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from fastmta.config import Config, ConfigError, dump_example, load_config
+from fastmta.config import Config, ConfigError, check_dkim_keys, dump_example, load_config
 
 __all__ = [
     "add_missing_headers",
@@ -322,6 +322,15 @@ def _load(path: str | None, overrides: dict[str, Any] | None = None) -> Config:
         raise SystemExit(EX_CONFIG) from None
 
 
+def _check_keys(config: Config) -> None:
+    """The [[dkim]] keys can be read and used (else SystemExit(2) with a message)."""
+    try:
+        check_dkim_keys(config)
+    except ConfigError as e:
+        _err(str(e))
+        raise SystemExit(EX_CONFIG) from None
+
+
 def _lazy_main(module: str, command: str, args: argparse.Namespace) -> int:
     import importlib
 
@@ -347,9 +356,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.relay:
         overrides["delivery"] = {"relayhost": args.relay}
     config = _load(args.config, overrides)
+    _check_keys(config)
     from fastmta.app import serve
 
-    return int(serve(config, reload=lambda: load_config(args.config, overrides)) or 0)
+    def reload() -> Config:
+        new = load_config(args.config, overrides)
+        check_dkim_keys(new)
+        return new
+
+    return int(serve(config, reload=reload) or 0)
 
 
 # --------------------------------------------------------------------------- send
@@ -515,6 +530,16 @@ def cmd_send(args: argparse.Namespace) -> int:
     wire, found = prepare_message(
         data, extract=args.extract, hostname=hostname, sender=sender, fullname=args.fullname
     )
+    if config.dkim:  # signed here, as the server signs what its trusted clients send
+        from fastmta.dkim import Signers
+
+        try:
+            signer = Signers.from_config(config.dkim).for_message(wire)
+        except ValueError as e:
+            _err(f"config error: {e} (fastmta send signs with it: run it as the server's user)")
+            return EX_CONFIG
+        if signer is not None:
+            wire = signer.sign(wire) + wire
     if len(wire) > limit:
         _err(f"message too big: {len(wire)} bytes > {limit} (limits.max_message_size)")
         return EX_DATAERR
@@ -592,7 +617,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.example:
         sys.stdout.write(dump_example())
         return 0
-    _load(args.check)
+    _check_keys(_load(args.check))
     print(f"{args.check}: OK")
     return 0
 

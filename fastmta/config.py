@@ -28,9 +28,11 @@ from typing import Any
 import msgspec
 
 __all__ = [
+    "DKIM_HEADERS",
     "Config",
     "ConfigError",
     "DeliveryConfig",
+    "DkimConfig",
     "DnsConfig",
     "DomainPolicy",
     "Duration",
@@ -42,6 +44,7 @@ __all__ = [
     "ServerConfig",
     "Size",
     "TlsConfig",
+    "check_dkim_keys",
     "dump_example",
     "load_config",
     "parse_duration",
@@ -57,6 +60,15 @@ class ConfigError(Exception):
 
 
 # --------------------------------------------------------------------------- value types
+
+
+# The header fields DKIM signs by default (fastmta/dkim.py keeps the same list).
+DKIM_HEADERS = (
+    "from", "reply-to", "subject", "date", "to", "cc", "message-id", "in-reply-to",
+    "references", "mime-version", "content-type", "content-transfer-encoding",
+    "list-id", "list-unsubscribe", "list-unsubscribe-post", "sender",
+)  # fmt: skip
+_DKIM_NAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*")
 
 
 class Duration(float):
@@ -250,6 +262,15 @@ class DeliveryConfig(msgspec.Struct, **_STRUCT):
     source_address: str = ""
 
 
+class DkimConfig(msgspec.Struct, **_STRUCT):
+    domain: str = ""  # d=: signs mail whose From: is at this domain or a subdomain of it
+    selector: str = ""  # s=: the public key is a TXT record at <selector>._domainkey.<domain>
+    key_file: str = ""  # PEM private key, RSA (2048 bits or more advised) or Ed25519
+    headers: list[str] = msgspec.field(default_factory=lambda: list(DKIM_HEADERS))
+    canonicalization: str = "relaxed/relaxed"  # header/body: relaxed or simple each
+    oversign: list[str] = msgspec.field(default_factory=lambda: ["from"])
+
+
 class DomainPolicy(msgspec.Struct, **_STRUCT):
     """Per-destination-domain overrides; None = inherit from [delivery]."""
 
@@ -278,6 +299,7 @@ class Config(msgspec.Struct, **_STRUCT):
     queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
     delivery: DeliveryConfig = msgspec.field(default_factory=DeliveryConfig)
     domain: dict[str, DomainPolicy] = msgspec.field(default_factory=dict)
+    dkim: list[DkimConfig] = msgspec.field(default_factory=list)
 
     @property
     def listeners(self) -> list[Listener]:
@@ -300,6 +322,7 @@ SECTIONS: dict[str, type[msgspec.Struct]] = {
     "queue": QueueConfig,
     "delivery": DeliveryConfig,
     "domain": DomainPolicy,
+    "dkim": DkimConfig,
 }
 
 
@@ -655,3 +678,40 @@ def validate(config: Config) -> None:
             _choice(f"{k}.tls", pol.tls, ("opportunistic", "none", "required"))
         if pol.route is not None:
             _hostport(f"{k}.route", pol.route, 25)
+
+    seen_dkim: set[str] = set()
+    for i, dk in enumerate(config.dkim):
+        k = f"dkim[{i}]"
+        if not _DKIM_NAME.fullmatch(dk.domain.rstrip(".")):
+            raise _fail(
+                f"{k}.domain", f'expected a domain name like "example.com", got "{dk.domain}"'
+            )
+        if dk.domain.lower().rstrip(".") in seen_dkim:
+            raise _fail(f"{k}.domain", f"{dk.domain} has a signing key already")
+        seen_dkim.add(dk.domain.lower().rstrip("."))
+        if not _DKIM_NAME.fullmatch(dk.selector):
+            raise _fail(f"{k}.selector", f'expected a DNS label like "s2026", got "{dk.selector}"')
+        if not dk.key_file:
+            raise _fail(f"{k}.key_file", "the PEM private key to sign with")
+        if not os.path.isfile(dk.key_file):
+            raise _fail(f"{k}.key_file", f"file not found: {dk.key_file}")
+        head, _, body = dk.canonicalization.partition("/")
+        if head not in ("relaxed", "simple") or body not in ("relaxed", "simple", ""):
+            raise _fail(
+                f"{k}.canonicalization",
+                f'expected "relaxed/relaxed", "relaxed/simple", "simple/relaxed" or '
+                f'"simple/simple", got "{dk.canonicalization}"',
+            )
+        if "from" not in (h.lower() for h in dk.headers):
+            raise _fail(f"{k}.headers", 'must include "from" (RFC 6376 5.4)')
+
+
+def check_dkim_keys(config: Config) -> None:
+    """Read the ``[[dkim]]`` keys (validate() only checks that the files exist: other commands
+    load the config without reading keys). Raises ConfigError naming the entry."""
+    from fastmta.dkim import Signers  # noqa: PLC0415
+
+    try:
+        Signers.from_config(config.dkim)
+    except ValueError as e:
+        raise ConfigError(f"config error: {e}") from None
