@@ -11,9 +11,9 @@ before it is stored, so it is signed once and delivered as stored. Algorithms: r
 ed25519-sha256 (RFC 8463), chosen by the key; canonicalization relaxed or simple, for the
 header and the body (``c=``); no ``l=`` (a body length would let anyone append to the mail).
 
-Input is wire form (CRLF, dot-stuffed), as the spool stores it. The work is pure (no I/O); an
-RSA-2048 signature costs about 0.3 ms of CPU and releases the GIL, so the server runs
-:meth:`Signer.sign` in a thread.
+Input is wire form (CRLF, dot-stuffed), as the spool stores it. The work is pure (no I/O) and
+runs on the event loop: an RSA-2048 signature costs about 0.3 ms of CPU (Ed25519: 0.03 ms);
+handing it to a thread cost more CPU in GIL hand-offs than the loop time it saved.
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ durable (Spool.store returns after the group commit's fdatasync).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import ssl
 import time
@@ -35,16 +34,6 @@ TOO_MANY_FROM_YOU = reply(421, "4.7.0", "Too many connections from your address"
 AUTH_FAILED = reply(535, "5.7.8", "Authentication credentials invalid")  # RFC 4954 6
 AUTH_TOO_MANY = reply(421, "4.7.0", "Too many failed authentication attempts")
 DKIM_FAILED = reply(451, "4.3.0", "Message could not be signed, try again later")
-
-_signing: concurrent.futures.ThreadPoolExecutor | None = None
-
-
-def signing_threads() -> concurrent.futures.ThreadPoolExecutor:
-    """The threads DKIM signatures are made in (one pool per worker process, made on use)."""
-    global _signing
-    if _signing is None:
-        _signing = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="fastmta-dkim")
-    return _signing
 
 
 class Listening:
@@ -312,40 +301,26 @@ class SmtpConnection(asyncio.Protocol):
         if ctx.listener.role == "submission":
             parts.append(headers.submission_fields(ev.chunks, ctx.config.server.hostname, queue_id))
         parts += ev.chunks
-        self.busy = True
-        self._storing = queue_id
         if ctx.dkim is not None and ctx.policy.may_relay(self.peer_ip, s.user is not None):
             message = b"".join(parts[1:])  # what the client sent (and submission added)
             signer = ctx.dkim.for_message(message)
             if signer is not None:
-                # in a thread: an RSA signature is ~0.3 ms of CPU, and releases the GIL
-                signed = self._loop.run_in_executor(signing_threads(), signer.sign, message)
-                signed.add_done_callback(lambda f: self._signed(f, env, trace, message))
-                return
-        self._start_store(env, parts)
-
-    def _signed(self, fut: asyncio.Future[bytes], env: Envelope, trace: bytes, msg: bytes) -> None:
+                # On the loop: an RSA-2048 signature is ~0.3 ms of CPU; a signing thread cost
+                # more CPU in GIL hand-offs than it saved (benchmarks/RESULTS.md, notes).
+                try:
+                    parts = [signer.sign(message), trace, message]
+                except Exception as e:  # a bug, or a key that broke: the client may retry
+                    log.error("%s: DKIM signing failed, answered 451: %r", queue_id, e)
+                    s.reject(DKIM_FAILED)
+                    return
         try:
-            field = fut.result()
-        except Exception as e:  # a bug or a broken key: the client may try again
-            log.error("%s: DKIM signing failed, answered 451: %r", env.id, e)
-            self.busy = False
-            self.session.reject(DKIM_FAILED)
-            self._carry_on()
-            return
-        if not self._start_store(env, [field, trace, msg]):
-            self._carry_on()
-
-    def _start_store(self, env: Envelope, parts: list[bytes]) -> bool:
-        """Hand ``parts`` to the spool; False (answered 452, not busy) if it refused them."""
-        try:
-            fut = self.ctx.spool.start_store(env, parts)
+            fut = ctx.spool.start_store(env, parts)
         except SpoolError as e:
-            self.busy = False
-            self._store_failed(env.id, e)
-            return False
+            self._store_failed(queue_id, e)
+            return
+        self.busy = True
+        self._storing = queue_id
         fut.add_done_callback(self._stored)
-        return True
 
     def _stored(self, fut: asyncio.Future[StoredMessage]) -> None:
         self.busy = False

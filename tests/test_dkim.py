@@ -24,6 +24,7 @@ from fastmta.config import ConfigError, check_dkim_keys, load_config  # noqa: E4
 from fastmta.dkim import Signer, Signers, canon_body, canon_header, load_key  # noqa: E402
 from fastmta.protocol.parse import dot_stuff  # noqa: E402
 from fastmta.testing.sink import Sink, unused_port  # noqa: E402
+from fastmta.testing.smtpd import ThreadedSmtpd  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -254,3 +255,24 @@ def test_api_submit_signs(tmp_path, ed_key):
         asyncio.run(main())
     (m,) = sink.messages
     assert b"a=ed25519-sha256;" in m.data and verify(m.data, ed_key)
+
+
+def test_a_signing_failure_answers_451_and_queues_nothing(tmp_path):
+    class BrokenKey:
+        def sign(self, *args):
+            raise RuntimeError("the key went away")
+
+    signers = Signers([Signer("example.com", "s1", BrokenKey(), "rsa-sha256")])
+    d = ThreadedSmtpd(str(tmp_path / "spool"), setup=lambda ctx: setattr(ctx, "dkim", signers))
+    d.start()
+    try:
+        with smtplib.SMTP("127.0.0.1", d.port) as c:  # 127.0.0.1: in mynetworks, trusted
+            c.ehlo("x")
+            c.mail("news@example.com")
+            c.rcpt("r@y.test")
+            assert c.data(MESSAGE) == (451, b"4.3.0 Message could not be signed, try again later")
+            # the session goes on; mail the key does not sign is taken
+            c.sendmail("a@b.test", ["r@y.test"], b"From: a@b.test\r\n\r\nhi\r\n")
+    finally:
+        d.stop()
+    assert len(d.submitted) == 1
