@@ -196,15 +196,16 @@ def table(rows: Sequence[Row]) -> str:
         ceil = next((r.rate for r in group if r.who.startswith("ceiling") and r.ok), 0.0)
         for r in group:
             mta = not r.who.startswith("ceiling") and r.ok
+            vs = pf if r.who != DKIM else None  # Postfix signs nothing: no comparison
             out.append([
                 r.case.title, r.who, f"{r.rate:,.0f}" if r.ok else "FAILED",
                 f"{r.wall:.2f}" if r.ok else "", r.arrived,
                 f"{r.mta_cpu:.2f}" if mta else "", f"{r.cpu_per_1000:.2f}" if mta else "",
                 f"{r.peak_rss / 2**20:.0f} ({r.peak_pss / 2**20:.0f})" if mta else "",
                 f"{r.load_cpu:.2f}",
-                f"{r.rate / pf.rate:.1f}x" if pf and mta else "",
-                f"{pf.cpu_per_1000 / r.cpu_per_1000:.1f}x less"
-                if pf and mta and r.cpu_per_1000 else "",
+                f"{r.rate / vs.rate:.1f}x" if vs and mta else "",
+                f"{vs.cpu_per_1000 / r.cpu_per_1000:.1f}x less"
+                if vs and mta and r.cpu_per_1000 else "",
                 f"{100 * r.rate / ceil:.0f}%" if ceil and mta else "",
                 r.note.replace("|", "/")[:160],
             ])  # fmt: skip
