@@ -96,7 +96,11 @@ class Worker:
         recovered += await self._absorb_orphan_shards()
         self.delivery_log = DeliveryLog(config.server.delivery_log)
         self.engine = DeliveryEngine(
-            config, self.spool, delivery_log=self.delivery_log, hostname=config.server.hostname
+            config,
+            self.spool,
+            delivery_log=self.delivery_log,
+            hostname=config.server.hostname,
+            dkim=self.dkim,
         )
         self.engine.hold = config.server.hold_delivery
         await self.engine.start(recovered)

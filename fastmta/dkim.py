@@ -7,7 +7,8 @@
 Like Postfix with OpenDKIM or KumoMTA's ``kumo.dkim``: a message from an authenticated client,
 from ``policy.mynetworks``, from ``fastmta send`` or from the Python API is signed when its
 From: address is at a ``[[dkim]]`` domain (or a subdomain of one: DMARC's relaxed alignment),
-before it is stored, so it is signed once and delivered as stored. Algorithms: rsa-sha256 and
+before it is stored, so it is signed once and delivered as stored. The DSNs fastmta writes
+(From: MAILER-DAEMON@server.hostname) are signed the same way when that domain has a key. Algorithms: rsa-sha256 and
 ed25519-sha256 (RFC 8463), chosen by the key; canonicalization relaxed or simple, for the
 header and the body (``c=``); no ``l=`` (a body length would let anyone append to the mail).
 

@@ -23,7 +23,8 @@ from fastmta.api import MTA  # noqa: E402
 from fastmta.config import ConfigError, check_dkim_keys, load_config  # noqa: E402
 from fastmta.dkim import Signer, Signers, canon_body, canon_header, load_key  # noqa: E402
 from fastmta.protocol.parse import dot_stuff  # noqa: E402
-from fastmta.testing.sink import Sink, unused_port  # noqa: E402
+from fastmta.protocol.replies import reply  # noqa: E402
+from fastmta.testing.sink import Behaviour, Sink, unused_port  # noqa: E402
 from fastmta.testing.smtpd import ThreadedSmtpd  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -177,11 +178,16 @@ def _wait(sink: Sink, n: int) -> None:
     assert sink.wait_for(n, 15), f"the sink has {sink.count} of {n}"
 
 
-def test_serve_signs_for_trusted_clients_only_and_send_signs_too(tmp_path, rsa_key):
+def test_serve_signs_for_trusted_clients_only_send_and_dsns_too(tmp_path, rsa_key, ed_key):
     key_file = tmp_path / "example.com.pem"
     key_file.write_bytes(pem(rsa_key))
+    host_key = tmp_path / "mta.test.pem"
+    host_key.write_bytes(pem(ed_key))
     port = unused_port()
-    with Sink() as sink:
+    refuse = Behaviour(
+        rcpt_reply=lambda a: reply(550, "5.1.1", "no such user") if a.startswith("bad@") else None
+    )
+    with Sink(behaviour=refuse) as sink:
         cfg = tmp_path / "fastmta.toml"
         cfg.write_text(
             f'[server]\nhostname = "mta.test"\nworkers = 1\nspool_dir = "{tmp_path}/spool"\n'
@@ -191,6 +197,7 @@ def test_serve_signs_for_trusted_clients_only_and_send_signs_too(tmp_path, rsa_k
             f'[local]\nmaildir_root = "{tmp_path}/maildir"\n'
             f'[delivery]\nrelayhost = "[127.0.0.1]:{sink.port}"\ntls = "none"\n'
             f'[[dkim]]\ndomain = "example.com"\nselector = "s1"\nkey_file = "{key_file}"\n'
+            f'[[dkim]]\ndomain = "mta.test"\nselector = "s2"\nkey_file = "{host_key}"\n'
         )
         env = dict(os.environ, PYTHONPATH=ROOT)
         proc = subprocess.Popen(
@@ -206,9 +213,11 @@ def test_serve_signs_for_trusted_clients_only_and_send_signs_too(tmp_path, rsa_k
                 except OSError:
                     assert proc.poll() is None and time.monotonic() < deadline
                     time.sleep(0.1)
-            # a trusted client (mynetworks) relaying: signed
+            # a trusted client (mynetworks) relaying: signed; the one refused comes back in
+            # a DSN from MAILER-DAEMON@mta.test, signed with that domain's key
             with smtplib.SMTP("127.0.0.1", port, source_address=("127.0.0.9", 0)) as s:
                 s.sendmail("news@example.com", ["r@y.test"], MESSAGE)
+                s.sendmail("news@example.com", ["bad@y.test"], MESSAGE)
             # anyone sending to a local domain: not signed (it is not our users' mail)
             with smtplib.SMTP("127.0.0.1", port) as s:
                 s.sendmail("news@example.com", ["u@local.test"], MESSAGE)
@@ -220,7 +229,7 @@ def test_serve_signs_for_trusted_clients_only_and_send_signs_too(tmp_path, rsa_k
                 timeout=60,
             )  # fmt: skip
             assert r.returncode == 0, r.stderr
-            _wait(sink, 2)
+            _wait(sink, 3)
         finally:
             proc.terminate()
             proc.wait(20)
@@ -228,6 +237,8 @@ def test_serve_signs_for_trusted_clients_only_and_send_signs_too(tmp_path, rsa_k
     for rcpt in ("r@y.test", "s@y.test"):
         assert got[rcpt].startswith(b"DKIM-Signature: "), got[rcpt][:200]
         assert verify(got[rcpt], rsa_key)
+    dsn = got["news@example.com"]
+    assert b"MAILER-DAEMON@mta.test" in dsn and verify(dsn, ed_key, "s2", "mta.test")
     local = os.path.join(tmp_path, "maildir", "local.test", "u", "new")
     (name,) = os.listdir(local)
     with open(os.path.join(local, name), "rb") as f:

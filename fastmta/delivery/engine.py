@@ -38,6 +38,7 @@ from fastmta.delivery.maildir import MaildirDelivery
 from fastmta.delivery.pool import AttemptInfo, ConnectionPool, Job
 from fastmta.delivery.routing import Route, Router
 from fastmta.delivery.smtp import Timeouts
+from fastmta.dkim import Signers
 from fastmta.dns import Destination, DnsError, Resolver
 from fastmta.log import DeliveryLog, DeliveryRecord
 from fastmta.protocol.client import Message
@@ -117,6 +118,7 @@ class DeliveryEngine:
         hostname: str | None = None,
         schedule: RetrySchedule | None = None,
         local_threads: int = 4,
+        dkim: Signers | None = None,
     ) -> None:
         self.config = config
         self.spool = spool
@@ -135,6 +137,7 @@ class DeliveryEngine:
             )
         self.resolver = resolver
         self.delivery_log = delivery_log
+        self.dkim = dkim if dkim else None  # signs the DSNs, as their From: domain's key says
         self.router = Router(config)
         self.scheduler = Scheduler(
             schedule or RetrySchedule(q.retry_schedule, q.retry_jitter, q.max_lifetime),
@@ -830,6 +833,9 @@ class DeliveryEngine:
         if made is None:
             return
         dsn_env, data = made
+        signer = self.dkim.for_message(data) if self.dkim is not None else None
+        if signer is not None:
+            data = signer.sign(data) + data
         stored = await self.spool.store(dsn_env, data)  # durable before the original moves on
         self._stats.dsns += 1
         self.submit(stored)
