@@ -186,36 +186,33 @@ def build_parser() -> argparse.ArgumentParser:
     where = argparse.ArgumentParser(add_help=False)  # also accepted after the action
     where.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="config file")
     where.add_argument("--spool", metavar="DIR", default=argparse.SUPPRESS, help="spool directory")
-    which = argparse.ArgumentParser(add_help=False)  # the selection of the changing actions
-    which.add_argument(
-        "ids", nargs="*", metavar="QUEUE_ID", help="queue ids ('-': read them from stdin)"
-    )
-    which.add_argument(
+    filters = argparse.ArgumentParser(add_help=False)  # which messages (list and the changes)
+    filters.add_argument(
         "--domain",
         action="append",
         default=[],
         metavar="DOMAIN",
         help="messages with a recipient still to deliver at DOMAIN (repeatable)",
     )
-    which.add_argument(
+    filters.add_argument(
         "--sender",
         action="append",
         default=[],
         metavar="ADDRESS",
         help="messages from ADDRESS ('<>': bounces) (repeatable)",
     )
+    which = argparse.ArgumentParser(add_help=False, parents=[filters])  # ids too
+    which.add_argument(
+        "ids", nargs="*", metavar="QUEUE_ID", help="queue ids ('-': read them from stdin)"
+    )
     qs = q.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
     ql = qs.add_parser(
         "list",
-        parents=[where],
+        parents=[where, filters],
         help="list queued messages (id, arrival, size, state, envelope)",
         epilog="example: fastmta queue list --domain example.com",
     )
     ql.add_argument("--json", action="store_true", help="one JSON object per message")
-    ql.add_argument("--domain", action="append", default=[], metavar="DOMAIN",
-                    help="only messages with a recipient still to deliver at DOMAIN")  # fmt: skip
-    ql.add_argument("--sender", action="append", default=[], metavar="ADDRESS",
-                    help="only messages from ADDRESS ('<>': bounces)")  # fmt: skip
     qp = qs.add_parser("show", parents=[where], help="print a message's envelope and headers")
     qp.add_argument("ids", nargs="+", metavar="QUEUE_ID")
     for name, text in (
