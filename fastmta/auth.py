@@ -25,10 +25,11 @@ import os
 import re
 import secrets
 import stringprep
-import tempfile
 import unicodedata
 
 import msgspec
+
+from .atomic import replace_file
 
 __all__ = [
     "AUTH_FAILED",
@@ -287,26 +288,7 @@ def set_password(path: str | os.PathLike[str], user: str, password: str) -> None
         out.append(line if line.endswith("\n") else line + "\n")
     if not replaced:
         out.append(entry)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".users-", dir=directory)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(out)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    replace_file(path, "".join(out).encode("utf-8"))
 
 
 def failure_delay(base: float, failures: int, cap: float = 30.0) -> float:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -26,3 +28,11 @@ def impl(request):
     if mod is None:
         pytest.skip("compiled parser not built (python setup.py build_ext --inplace)")
     return mod
+
+
+@pytest.fixture
+def tmp():
+    """A short directory: a control socket path (under it) must fit in 107 bytes (sun_path)."""
+    path = tempfile.mkdtemp(prefix="fmq-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

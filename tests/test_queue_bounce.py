@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections import Counter
 
-import pytest
-from test_queuecmd import ROOT, WAIT, Server, send
+from test_queuecmd import ROOT, WAIT, Counting, Server, send
 
 from fastmta.protocol.replies import reply
 from fastmta.testing.sink import Behaviour, Sink
@@ -26,31 +22,12 @@ from fastmta.testing.sink import Behaviour, Sink
 REASON = "the provider blocks us"
 
 
-@pytest.fixture
-def tmp():
-    """A short directory: a control socket path must fit in 107 bytes (sun_path)."""
-    path = tempfile.mkdtemp(prefix="fmb-")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 CANCELLED = f"Delivery cancelled by the mail system administrator: {REASON}"
 
 
-class DeferAllBut:
-    """Sink behaviour: 451 to every recipient except those at x.test (where DSNs go); counts
-    each address offered."""
-
-    def __init__(self) -> None:
-        self.offered: Counter[str] = Counter()
-        self.lock = threading.Lock()
-
-    def __call__(self, address: str):
-        with self.lock:
-            self.offered[address] += 1
-        if address.endswith("@x.test"):
-            return None
-        return reply(451, "4.7.1", "try again later")
+def DeferAllBut() -> Counting:  # noqa: N802 - a behaviour, made like a class
+    """Sink behaviour: 451 to every recipient except those at x.test (where DSNs go)."""
+    return Counting(lambda a: None if a.endswith("@x.test") else reply(451, "4.7.1", "later"))
 
 
 def q_input(srv: Server, stdin: str, *args: str) -> subprocess.CompletedProcess[str]:

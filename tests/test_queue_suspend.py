@@ -5,39 +5,14 @@ time-limited suspension runs out. The relayhost is an in-process Sink that accep
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-import threading
 import time
-from collections import Counter
 
-import pytest
-from test_queuecmd import WAIT, Server, cli, send
+from test_queuecmd import WAIT, Counting, Server, cli, send
 
 from fastmta.queue import suspend
 from fastmta.testing.sink import Behaviour, Sink
 
 SUSPENDED = "451 4.3.2 Delivery to slow.test suspended by the mail system administrator"
-
-
-@pytest.fixture
-def tmp():
-    """A short directory: a control socket path must fit in 107 bytes (sun_path)."""
-    path = tempfile.mkdtemp(prefix="fms-")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-class Counting:
-    """Sink behaviour: accept every recipient, counting each address offered."""
-
-    def __init__(self) -> None:
-        self.offered: Counter[str] = Counter()
-        self.lock = threading.Lock()
-
-    def __call__(self, address: str):
-        with self.lock:
-            self.offered[address] += 1
 
 
 def test_suspend_defers_without_a_connection_and_resume_delivers_at_once(tmp):

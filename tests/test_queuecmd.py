@@ -11,17 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import smtplib
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-
-import pytest
+from collections import Counter
 
 from fastmta.control import NotRunning, Request, ask, header_section, socket_path
 from fastmta.protocol.replies import reply
@@ -31,14 +28,6 @@ from fastmta.testing.sink import Behaviour, Sink, unused_port
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_TIMEOUT = 20.0  # seconds for `fastmta serve` to answer on every control socket
 WAIT = 10.0  # seconds for a delivery attempt to show up
-
-
-@pytest.fixture
-def tmp():
-    """A short directory: a control socket path must fit in 107 bytes (sun_path)."""
-    path = tempfile.mkdtemp(prefix="fmq-")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -162,6 +151,21 @@ class Gate:
         if self.open.is_set() or self.once:
             return None
         return reply(451, "4.7.1", "try again later")
+
+
+class Counting:
+    """Sink behaviour: counts each address offered; ``answer(address)`` gives the reply
+    (None, the default: accept)."""
+
+    def __init__(self, answer=lambda address: None) -> None:
+        self.answer = answer
+        self.offered: Counter[str] = Counter()
+        self.lock = threading.Lock()
+
+    def __call__(self, address: str):
+        with self.lock:
+            self.offered[address] += 1
+        return self.answer(address)
 
 
 def snapshot(root: str) -> dict[str, tuple[int, int]]:

@@ -13,11 +13,11 @@ with the server stopped. Workers read it at start and when the CLI tells them it
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 
 import msgspec
 
+from fastmta.atomic import replace_file
 from fastmta.protocol.replies import Reply, reply
 
 __all__ = ["FILE", "Suspension", "load", "path", "save", "suspended"]
@@ -71,8 +71,8 @@ def load(spool_root: str, now: float | None = None) -> dict[str, Suspension]:
 
 
 def save(spool_root: str, suspensions: dict[str, Suspension]) -> None:
-    """Replace the file (write a temporary one, fsync, rename): readers see the old list or
-    the new one, never half. No file when the list is empty."""
+    """Replace the file (atomic.replace_file): readers see the old list or the new one,
+    never half. No file when the list is empty."""
     target = path(spool_root)
     if not suspensions:
         try:
@@ -81,19 +81,9 @@ def save(spool_root: str, suspensions: dict[str, Suspension]) -> None:
             pass
         return
     os.makedirs(spool_root, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".suspended.", dir=spool_root)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(_ENCODER.encode_lines(sorted(suspensions.values(), key=lambda s: s.domain)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    replace_file(
+        target, _ENCODER.encode_lines(sorted(suspensions.values(), key=lambda s: s.domain)), 0o644
+    )
 
 
 def suspended(
