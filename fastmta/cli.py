@@ -18,7 +18,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from fastmta.config import Config, ConfigError, check_dkim_keys, dump_example, load_config
+from fastmta.config import (
+    DNS_NAME,
+    Config,
+    ConfigError,
+    check_dkim_keys,
+    dump_example,
+    load_config,
+)
 
 __all__ = [
     "add_missing_headers",
@@ -30,7 +37,7 @@ __all__ = [
 ]
 
 VERSION = "0.1.0"
-EX_USAGE, EX_DATAERR, EX_TEMPFAIL = 64, 65, 75
+EX_USAGE, EX_DATAERR, EX_CANTCREAT, EX_TEMPFAIL = 64, 65, 73, 75
 EX_CONFIG = 2
 
 _DESCRIPTION = """\
@@ -49,6 +56,7 @@ examples:
   fastmta passwd alice --file /etc/fastmta/users add or change an SMTP AUTH user
   fastmta config --check /etc/fastmta.toml       validate a configuration file
   fastmta queue list                             show queued messages
+  fastmta dkim keygen example.com s1 --out k.pem make a DKIM key; print its DNS record
 
 run `fastmta COMMAND --help` for each command's options."""
 
@@ -276,6 +284,25 @@ def build_parser() -> argparse.ArgumentParser:
     qp.add_argument("--all", action="store_true", help="every suspended domain")
     qp = qs.add_parser("stats", parents=[where], help="delivery counters of each worker")
     qp.add_argument("--json", action="store_true", help="one JSON object per worker")
+
+    k = sub.add_parser(
+        "dkim",
+        help="make a DKIM key, or print the DNS records of the configured ones",
+        description="DKIM keys for [[dkim]] signing. `fastmta dkim keygen DOMAIN SELECTOR "
+        "--out FILE` writes a new private key (mode 0600) and prints the TXT record to publish "
+        "and the [[dkim]] table to add; `fastmta dkim records` prints the TXT record of each "
+        "configured key (what opendkim-genkey and opendkim-testkey help with for OpenDKIM).",
+    )
+    ks = k.add_subparsers(dest="dkim_command", metavar="ACTION", required=True)
+    kg = ks.add_parser("keygen", help="write a new private key; print its TXT record")
+    kg.add_argument("domain", help="the signing domain (d=), e.g. example.com")
+    kg.add_argument("selector", help="the selector (s=), e.g. s2026")
+    kg.add_argument("--out", required=True, metavar="FILE", help="where to write the PEM key")
+    kg.add_argument("--type", choices=("rsa", "ed25519"), default="rsa",
+                    help="rsa (default: every verifier knows it) or ed25519 (RFC 8463)")  # fmt: skip
+    kg.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
+    kr = ks.add_parser("records", help="print the TXT record of each [[dkim]] key")
+    kr.add_argument("--config", metavar="FILE", help="configuration file")
 
     b = sub.add_parser(
         "bench",
@@ -619,6 +646,52 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dkim(args: argparse.Namespace) -> int:
+    from fastmta import dkim
+
+    try:
+        if args.dkim_command == "records":
+            config = _load(args.config)
+            if not config.dkim:
+                _err("dkim records: no [[dkim]] table in the configuration")
+                return EX_CONFIG
+            for i, entry in enumerate(config.dkim):
+                try:
+                    with open(entry.key_file, "rb") as f:
+                        key, _ = dkim.load_key(f.read())
+                except (OSError, ValueError) as e:
+                    _err(f"config error: dkim[{i}].key_file: {entry.key_file}: {e}")
+                    return EX_CONFIG
+                domain = entry.domain.rstrip(".").lower()
+                print(dkim.zone_line(domain, entry.selector, dkim.dns_record(key)))
+            return 0
+        domain = args.domain.rstrip(".").lower()
+        if not DNS_NAME.fullmatch(domain) or not DNS_NAME.fullmatch(args.selector):
+            _err("dkim keygen: give a domain like example.com and a selector like s2026")
+            return EX_USAGE
+        if args.type == "rsa" and not 1024 <= args.bits <= 8192:
+            _err("dkim keygen: --bits must be 1024..8192 (2048 advised; RFC 8301)")
+            return EX_USAGE
+        if os.path.exists(args.out):
+            _err(f"dkim keygen: {args.out} exists; not overwritten")
+            return EX_USAGE
+        pem = dkim.new_key(args.type, args.bits)
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        key, _ = dkim.load_key(pem)
+    except ValueError as e:  # cryptography is not installed
+        _err(f"dkim: {e}")
+        return EX_CONFIG
+    except OSError as e:
+        _err(f"dkim keygen: cannot write {args.out}: {e.strerror}")
+        return EX_CANTCREAT
+    print(f"; publish in DNS:\n{dkim.zone_line(domain, args.selector, dkim.dns_record(key))}")
+    print(f'\n# add to the configuration:\n[[dkim]]\ndomain = "{domain}"')
+    print(f'selector = "{args.selector}"\nkey_file = "{os.path.abspath(args.out)}"')
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -635,6 +708,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_passwd(args)
         if args.command == "config":
             return cmd_config(args)
+        if args.command == "dkim":
+            return cmd_dkim(args)
         if args.command == "queue":
             return _lazy_main("fastmta.queuecmd", "queue", args)
         if args.command == "bench":

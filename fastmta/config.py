@@ -29,6 +29,7 @@ import msgspec
 
 __all__ = [
     "DKIM_HEADERS",
+    "DNS_NAME",
     "Config",
     "ConfigError",
     "DeliveryConfig",
@@ -68,7 +69,8 @@ DKIM_HEADERS = (
     "references", "mime-version", "content-type", "content-transfer-encoding",
     "list-id", "list-unsubscribe", "list-unsubscribe-post", "sender",
 )  # fmt: skip
-_DKIM_NAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*")
+# A domain name or a single label (a selector), ASCII letters, digits, "-" and "_".
+DNS_NAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*")
 
 
 class Duration(float):
@@ -682,14 +684,14 @@ def validate(config: Config) -> None:
     seen_dkim: set[str] = set()
     for i, dk in enumerate(config.dkim):
         k = f"dkim[{i}]"
-        if not _DKIM_NAME.fullmatch(dk.domain.rstrip(".")):
+        if not DNS_NAME.fullmatch(dk.domain.rstrip(".")):
             raise _fail(
                 f"{k}.domain", f'expected a domain name like "example.com", got "{dk.domain}"'
             )
         if dk.domain.lower().rstrip(".") in seen_dkim:
             raise _fail(f"{k}.domain", f"{dk.domain} has a signing key already")
         seen_dkim.add(dk.domain.lower().rstrip("."))
-        if not _DKIM_NAME.fullmatch(dk.selector):
+        if not DNS_NAME.fullmatch(dk.selector):
             raise _fail(f"{k}.selector", f'expected a DNS label like "s2026", got "{dk.selector}"')
         if not dk.key_file:
             raise _fail(f"{k}.key_file", "the PEM private key to sign with")

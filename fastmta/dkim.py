@@ -29,7 +29,16 @@ from typing import Any
 
 from fastmta.config import DKIM_HEADERS as DEFAULT_HEADERS  # RFC 6376 5.4.1, RFC 8058
 
-__all__ = ["DEFAULT_HEADERS", "Signer", "Signers", "canon_body", "canon_header", "load_key"]
+__all__ = [
+    "DEFAULT_HEADERS",
+    "Signer",
+    "Signers",
+    "canon_body",
+    "canon_header",
+    "dns_record",
+    "load_key",
+    "new_key",
+]
 
 _WSP = re.compile(rb"[ \t]+")
 _TRAILING_WSP = re.compile(rb"[ \t]+\r\n")
@@ -59,6 +68,44 @@ def load_key(pem: bytes) -> tuple[Any, str]:
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return key, "ed25519-sha256"
     raise ValueError(f"a {type(key).__name__}; DKIM signs with RSA or Ed25519 keys")
+
+
+def new_key(kind: str = "rsa", bits: int = 2048) -> bytes:
+    """A new private key as unencrypted PKCS#8 PEM: RSA of ``bits`` or Ed25519."""
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa  # noqa: PLC0415
+
+    if kind == "ed25519":
+        key: Any = ed25519.Ed25519PrivateKey.generate()
+    else:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def dns_record(key: Any) -> str:
+    """The TXT record value that publishes ``key``'s public half (RFC 6376 3.6.1; RFC 8463
+    4 for Ed25519: the raw 32-byte key)."""
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ed25519  # noqa: PLC0415
+
+    public = key.public_key()
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return "v=DKIM1; k=ed25519; p=" + base64.b64encode(raw).decode()
+    der = public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return "v=DKIM1; k=rsa; p=" + base64.b64encode(der).decode()
+
+
+def zone_line(domain: str, selector: str, record: str) -> str:
+    """The record as a zone-file line, cut into TXT strings of at most 255 characters."""
+    parts = " ".join(f'"{record[i : i + 250]}"' for i in range(0, len(record), 250))
+    return f"{selector}._domainkey.{domain}. IN TXT ( {parts} )"
 
 
 def canon_header(field: bytes, relaxed: bool) -> bytes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import re
 import smtplib
 import subprocess
 import sys
@@ -287,3 +288,40 @@ def test_a_signing_failure_answers_451_and_queues_nothing(tmp_path):
     finally:
         d.stop()
     assert len(d.submitted) == 1
+
+
+def test_dkim_keygen_and_records_print_the_dns_record(tmp_path):
+    out = tmp_path / "k.pem"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+
+    def cli(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "fastmta.cli", "dkim", *args],
+            capture_output=True, text=True, cwd=ROOT, env=env, timeout=60,
+        )  # fmt: skip
+
+    r = cli("keygen", "Example.COM", "s9", "--out", str(out), "--type", "ed25519")
+    assert r.returncode == 0, r.stderr
+    assert os.stat(out).st_mode & 0o777 == 0o600
+    key, algorithm = load_key(out.read_bytes())
+    assert algorithm == "ed25519-sha256"
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("s9._domainkey.example.com."))
+    record = "".join(line.split("( ")[1].rsplit(" )")[0].replace('" "', "").strip('"'))
+    assert record.encode() == dns_record(key)  # the test's own encoding of the public key
+    assert f'[[dkim]]\ndomain = "example.com"\nselector = "s9"\nkey_file = "{out}"' in r.stdout
+    assert cli("keygen", "example.com", "s9", "--out", str(out)).returncode == 64  # kept
+
+    cfg = tmp_path / "f.toml"
+    cfg.write_text(r.stdout.split("# add to the configuration:\n")[1])
+    r2 = cli("records", "--config", str(cfg))
+    assert r2.returncode == 0 and r2.stdout.strip() == line
+    rsa_out = tmp_path / "r.pem"
+    r3 = cli("keygen", "example.com", "s1", "--out", str(rsa_out), "--bits", "1024")
+    assert r3.returncode == 0 and load_key(rsa_out.read_bytes())[1] == "rsa-sha256"
+    line2 = next(ln for ln in r.stdout.splitlines() + r3.stdout.splitlines() if "k=rsa" in ln)
+    assert all(len(x) <= 255 for x in re.findall(r'"([^"]*)"', line2))  # TXT string limit
+    big = tmp_path / "big.pem"
+    r4 = cli("keygen", "example.com", "s2", "--out", str(big), "--bits", "4096")
+    strings = re.findall(r'"([^"]*)"', r4.stdout.splitlines()[1])
+    assert len(strings) >= 3 and all(len(x) <= 255 for x in strings)
+    assert cli("keygen", "not a domain", "s1", "--out", str(tmp_path / "x")).returncode == 64
