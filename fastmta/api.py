@@ -79,5 +79,5 @@ class MTA:
         )
         stored = await self.worker.spool.store(env, wire)
         assert self.worker.engine is not None
-        self.worker.engine.submit(stored)
+        self.worker.received(stored, "api")
         return env.id

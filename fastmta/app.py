@@ -23,7 +23,7 @@ from . import __version__, loop
 from .anvil import ConnectionCounts
 from .config import Config, ConfigError, parse_hostport
 from .dkim import Signers
-from .log import DeliveryLog, setup_logging
+from .log import DeliveryLog, ReceptionRecord, setup_logging
 from .protocol.parse import IMPLEMENTATION
 from .spool import Spool, SpoolError
 from .spool.records import StoredMessage
@@ -92,7 +92,7 @@ class Worker:
             self.dkim = Signers.from_config(config.dkim)
         except ValueError as e:
             raise OSError(f"DKIM: {e}") from None  # (the CLI checked: a key changed since)
-        recovered = await self.spool.open()
+        recovered = await self.spool.open(adopt=False)  # (_adopt_loop: logged as received)
         recovered += await self._absorb_orphan_shards()
         self.delivery_log = DeliveryLog(config.server.delivery_log)
         self.engine = DeliveryEngine(
@@ -121,6 +121,7 @@ class Worker:
                 if self.counts and listener.address in self.counts
                 else None,
                 dkim=self.dkim,
+                delivery_log=self.delivery_log,
             )
             host, port = parse_hostport(listener.address, 25)
             server = await lp.create_server(
@@ -145,14 +146,21 @@ class Worker:
             )
 
     async def _adopt_loop(self) -> None:
-        """Mail injected by `fastmta send` lands in <spool>/incoming; take it in."""
+        """Mail injected by `fastmta send` lands in <spool>/incoming; take it in (at once,
+        then every ADOPT_INTERVAL)."""
         while True:
-            await asyncio.sleep(ADOPT_INTERVAL)
             try:
                 for msg in await self.spool.adopt_incoming():
-                    self.engine.submit(msg)
-            except SpoolError as e:
+                    self.received(msg, "send")
+            except (SpoolError, OSError) as e:
                 log.error("adopting injected mail failed: %s", e)
+            await asyncio.sleep(ADOPT_INTERVAL)
+
+    def received(self, msg: StoredMessage, via: str) -> None:
+        """A message durable in the spool, not from a listener: logged, queued."""
+        if self.delivery_log is not None:
+            self.delivery_log.write(ReceptionRecord.of(msg.envelope, via))
+        self.engine.submit(msg)
 
     async def _compact_loop(self) -> None:
         """Copy the few live messages out of sparse segments so those can be deleted."""

@@ -1,8 +1,10 @@
 """Logging: human-readable lines for operators, JSON lines for delivery attempts.
 
 ``setup_logging(level, file)`` configures the root logger once per process (stderr, or a file that
-logrotate may move: WatchedFileHandler). ``DeliveryLog`` appends one JSON object per delivery
-attempt (``DeliveryRecord``) to its file: encoded by one reused msgspec Encoder into one buffer,
+logrotate may move: WatchedFileHandler). ``DeliveryLog`` appends one JSON object per message
+taken into the queue (``ReceptionRecord``, outcome "received", like KumoMTA's Reception
+records) and one per delivery attempt of each recipient (``DeliveryRecord``) to its file, so
+that one queue id traces a message from its arrival to its last recipient: encoded by one reused msgspec Encoder into one buffer,
 written when the buffer passes ``buffer_size`` bytes, at least every ``flush_interval`` seconds
 (a timer on the running event loop, or immediately when there is no loop), and on close.
 """
@@ -15,6 +17,7 @@ import logging.handlers
 import os
 import sys
 import time
+from typing import Any
 
 import msgspec
 
@@ -72,6 +75,37 @@ class DeliveryRecord(msgspec.Struct, kw_only=True, omit_defaults=False):
     attempt: int = 1
 
 
+class ReceptionRecord(msgspec.Struct, kw_only=True, omit_defaults=False):
+    """One message taken into the queue (one JSON line in the delivery log)."""
+
+    time: float = 0.0  # unix time it was durable; 0 -> filled with time.time() by write()
+    queue_id: str
+    outcome: str = "received"
+    via: str  # "smtp" | "send" (fastmta send) | "api" | "dsn" (a DSN fastmta wrote)
+    sender: str
+    recipients: list[str]
+    size: int
+    client: str = ""  # "[ip] helo" over SMTP; "local (uid N)" from fastmta send
+    auth: str = ""  # the SMTP AUTH user
+    tls: bool = False  # received under TLS
+    origin: str = ""  # a DSN: the queue id of the message it reports on
+
+    @classmethod
+    def of(cls, env: Any, via: str, *, tls: bool = False, origin: str = "") -> ReceptionRecord:
+        """From a spool Envelope (fastmta.spool.records)."""
+        return cls(
+            queue_id=env.id,
+            via=via,
+            sender=env.sender,
+            recipients=[r.address for r in env.recipients],
+            size=env.size,
+            client=env.client or "",
+            auth=env.auth or "",
+            tls=tls,
+            origin=origin,
+        )
+
+
 class DeliveryLog:
     """Buffered JSON-lines writer for DeliveryRecords (append mode, not fsync'd: a log).
 
@@ -91,7 +125,7 @@ class DeliveryLog:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
 
-    def write(self, record: DeliveryRecord) -> None:
+    def write(self, record: DeliveryRecord | ReceptionRecord) -> None:
         """Buffer one record; flushed within ``flush_interval`` seconds."""
         if self._fd is None:
             raise ValueError("DeliveryLog is closed")

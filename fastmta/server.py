@@ -18,6 +18,7 @@ from . import auth, headers
 from .anvil import ConnectionCounts, WorkerCounts
 from .config import Config, Listener
 from .dkim import Signers
+from .log import DeliveryLog, ReceptionRecord
 from .policy import RelayPolicy
 from .protocol import replies as R
 from .protocol import server as S
@@ -53,6 +54,7 @@ class Listening:
         ssl_context: ssl.SSLContext | None = None,
         counts: WorkerCounts | None = None,
         dkim: Signers | None = None,
+        delivery_log: DeliveryLog | None = None,
     ) -> None:
         self.config = config
         self.listener = listener
@@ -84,6 +86,7 @@ class Listening:
         self.accepting = True
         self.messages = 0  # accepted, for logs and tests
         self.dkim = dkim if dkim else None  # signs what trusted clients send (fastmta/dkim.py)
+        self.delivery_log = delivery_log  # one "received" line per message taken in
 
     def __call__(self) -> SmtpConnection:
         return SmtpConnection(self)
@@ -359,6 +362,8 @@ class SmtpConnection(asyncio.Protocol):
             env.client,
         )
         self.session.accept(reply(250, "2.0.0", f"Ok: queued as {queue_id}"))
+        if ctx.delivery_log is not None:
+            ctx.delivery_log.write(ReceptionRecord.of(env, "smtp", tls=self.session.tls))
         ctx.submit(stored)
 
     async def _starttls(self) -> None:

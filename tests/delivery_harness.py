@@ -126,10 +126,14 @@ class Harness:
                 raise AssertionError("condition not met in time")
             await asyncio.sleep(0.01)
 
-    def records(self) -> list[dict]:
+    def records(self, outcome: str | None = None) -> list[dict]:
+        """The delivery log's attempt lines (``outcome="received"``: its reception lines)."""
         self.log.flush()
         with open(self.log_path, "rb") as f:
-            return [json.loads(line) for line in f if line.strip()]
+            lines = [json.loads(line) for line in f if line.strip()]
+        if outcome == "received":
+            return [r for r in lines if r["outcome"] == "received"]
+        return [r for r in lines if r["outcome"] != "received"]
 
     def live(self, queue_id: str) -> StoredMessage | None:
         return self.spool.get(queue_id)

@@ -296,7 +296,16 @@ class ServerProcess:
     # -- what it wrote --------------------------------------------------------------------------
 
     def delivery_records(self) -> list[dict]:
-        """The delivery log's JSON lines (a torn last line, still being written, is skipped)."""
+        """The delivery log's attempt lines (a torn last line, still being written, is
+        skipped)."""
+        return [r for r in self.log_records() if r.get("outcome") != "received"]
+
+    def received_records(self) -> list[dict]:
+        """The delivery log's reception lines: one per message taken into the queue."""
+        return [r for r in self.log_records() if r.get("outcome") == "received"]
+
+    def log_records(self) -> list[dict]:
+        """Every JSON line of the delivery log."""
         try:
             with open(self.delivery_log, "rb") as f:
                 lines = f.read().split(b"\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
 import pytest
 
 from fastmta.api import MTA
@@ -34,6 +35,15 @@ def test_submit_is_durable_and_delivered(tmp_path):
         for m in msgs:
             assert m.sender == "app@a.test"
             assert m.data == b"Subject: hi\r\n\r\n.dot\r\n"  # CRLF, dot-stuffed on the wire
+        with open(tmp_path / "spool" / "delivery.log", "rb") as f:
+            lines = [msgspec.json.decode(line) for line in f]
+        (got,) = [r for r in lines if r["outcome"] == "received"]
+        assert (got["via"], got["client"], got["recipients"]) == (
+            "api",
+            "api",
+            ["u@b.test", "v@c.test"],
+        )
+        assert {r["outcome"] for r in lines if r is not got} == {"delivered"}
 
 
 def test_submit_refuses_bad_addresses(tmp_path):

@@ -83,6 +83,13 @@ def test_relayhost_gets_exact_content_and_log_line(tmp_path):
             check_received(m.data, qid, body)
             rec = until(lambda: delivered(srv, qid, "bob@dest.test"), 5, "delivery log line")
             assert rec["code"] == 250 and rec["ip"] == "127.0.0.1" and rec["attempt"] == 1
+            # the message's arrival is a line of its own, before its delivery
+            (got,) = srv.received_records()
+            assert (got["queue_id"], got["via"], got["sender"], got["recipients"]) == (
+                qid, "smtp", "alice@sender.test", ["bob@dest.test"],
+            )  # fmt: skip
+            assert got["client"].startswith("[127.0.0.1] ") and got["tls"] is False
+            assert got["size"] == m.mail_params.size and got["time"] <= rec["time"]
         assert srv.read_spool() == {}  # delivered: gone from the spool
         assert sink.count == 1
 
@@ -239,6 +246,11 @@ def test_550_bounces_to_the_sender_domain(tmp_path, dns):
             until(lambda: (qid, "bad@rcpt.test") in outcomes(), 5, "log line of the bounce")
             assert outcomes()[(qid, "bad@rcpt.test")] == "bounced"
             assert outcomes()[(qid, "good@rcpt.test")] == "delivered"
+            # the DSN was taken into the queue too, and says which message it reports on
+            got = {r["via"]: r for r in srv.received_records()}
+            assert got["smtp"]["queue_id"] == qid
+            assert (got["dsn"]["origin"], got["dsn"]["sender"]) == (qid, "")
+            assert got["dsn"]["recipients"] == ["alice@sender.test"]
         assert srv.read_spool() == {}
         assert home.count == 1 and dest.count == 1
 

@@ -65,6 +65,9 @@ def check_delivered(srv: ServerProcess, qid: str, n: int, text: bytes) -> None:
         "delivery log line",
     )
     assert rec[0]["outcome"] == "delivered" and rec[0]["recipient"] == "user@local.test"
+    (got,) = [r for r in srv.received_records() if r["queue_id"] == qid]
+    assert got["via"] == "send" and got["client"].startswith("local (uid ")
+    assert got["sender"] == "a@b.test" and got["recipients"] == ["user@local.test"]
 
 
 def local_server(tmp_path) -> ServerProcess:

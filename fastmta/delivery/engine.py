@@ -40,7 +40,7 @@ from fastmta.delivery.routing import Route, Router
 from fastmta.delivery.smtp import Timeouts
 from fastmta.dkim import Signers
 from fastmta.dns import Destination, DnsError, Resolver
-from fastmta.log import DeliveryLog, DeliveryRecord
+from fastmta.log import DeliveryLog, DeliveryRecord, ReceptionRecord
 from fastmta.protocol.client import Message
 from fastmta.protocol.replies import Reply, reply
 from fastmta.queue import suspend
@@ -838,6 +838,8 @@ class DeliveryEngine:
             data = signer.sign(data) + data
         stored = await self.spool.store(dsn_env, data)  # durable before the original moves on
         self._stats.dsns += 1
+        if self.delivery_log is not None:
+            self.delivery_log.write(ReceptionRecord.of(stored.envelope, "dsn", origin=env.id))
         self.submit(stored)
 
     async def _maybe_warn(self, act: _Active, pending: list[int]) -> None:

@@ -136,8 +136,10 @@ class Spool:
         self._parked_lock: asyncio.Lock | None = None  # one parked-file operation at a time
 
     # --- lifecycle ----------------------------------------------------------------------------
-    async def open(self) -> list[StoredMessage]:
-        """Create directories, lock the shard, recover, start the writer, adopt injected mail.
+    async def open(self, adopt: bool = True) -> list[StoredMessage]:
+        """Create directories, lock the shard, recover, start the writer, adopt injected mail
+        (unless ``adopt`` is false: the caller then calls adopt_incoming() itself, and knows
+        which messages arrived that way).
 
         Returns every live (not DONE) message, in arrival order, with updates applied.
         Raises SpoolError if another process holds the shard.
@@ -177,7 +179,8 @@ class Spool:
         for n in sorted(self._segs):
             self._maybe_delete(n)
         try:
-            await self.adopt_incoming()
+            if adopt:
+                await self.adopt_incoming()
         except OSError as e:  # injected mail waits for the next adoption; the spool works
             log.error("adopting injected messages failed: %s", e)
         out = list(self._index.values())
