@@ -178,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser(
         "queue",
-        help="inspect and manage the spool (list, show, hold, release, flush, delete, bounce, "
-        "suspend, resume, stats)",
+        help="inspect and manage the spool (list, summary, show, hold, release, flush, delete, "
+        "bounce, suspend, resume, stats)",
         description="Inspect and manage queued messages. With the server running, every "
         "action asks its workers. With it stopped, list and show read the spool (never "
         "changing it), and hold, release, delete, bounce and flush change it directly (like "
@@ -221,6 +221,18 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: fastmta queue list --domain example.com",
     )
     ql.add_argument("--json", action="store_true", help="one JSON object per message")
+    qp = qs.add_parser(
+        "summary",
+        parents=[where, filters],
+        help="recipients still to deliver per domain and age (Postfix's qshape)",
+        description="Recipients still to deliver (held ones in their own column) per "
+        "recipient domain, by minutes since their message arrived: each column counts those "
+        "not older than its number of minutes (the first row: every domain). Like Postfix's "
+        "qshape or KumoMTA's kcli queue-summary.",
+    )
+    qp.add_argument("--top", type=int, default=20, metavar="N",
+                    help="the N domains with most recipients (default 20; 0: all)")  # fmt: skip
+    qp.add_argument("--json", action="store_true", help="one JSON object per domain")
     qp = qs.add_parser("show", parents=[where], help="print a message's envelope and headers")
     qp.add_argument("ids", nargs="+", metavar="QUEUE_ID")
     for name, text in (

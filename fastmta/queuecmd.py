@@ -1,6 +1,7 @@
 """``fastmta queue ACTION``: look at and manage the queue (Postfix postqueue/postsuper, kcli).
 
     list [--json] [FILTER]   one line per queued message, then "-- N messages, SIZE, H held"
+    summary [--top N]        recipients to deliver per domain and age (Postfix's qshape)
     show ID...               envelope and header section
     hold SELECTION           stop delivering (recorded in the spool: survives a restart)
     release SELECTION        deliver again, now
@@ -32,11 +33,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import os
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import msgspec
@@ -104,7 +106,7 @@ def main(args: argparse.Namespace) -> int:
     if problem := _check_selection(args):
         _err(f"queue {action}: {problem}")
         return EX_USAGE
-    if action in ("list", "show") and not os.path.isdir(root):
+    if action in ("list", "summary", "show") and not os.path.isdir(root):
         _err(f"queue {action}: no spool at {root} (check --spool or server.spool_dir)")
         return EX_USAGE
     try:
@@ -359,8 +361,9 @@ def _as_json(env: Envelope) -> dict[str, object]:
 # ------------------------------------------------------------------------- actions
 
 
-def cmd_list(args: argparse.Namespace, root: str) -> int:
-    workers = _Workers(root)
+def _queued(args: argparse.Namespace, root: str, workers: _Workers) -> Iterator[Envelope]:
+    """The queued envelopes ``args`` selects: asked of the workers, or read from the spool
+    files when none answers; then injected mail not yet taken in."""
     select = _selection(args)
     incoming = _injected(os.path.join(root, INCOMING))  # not yet taken in by a worker
     request = Request("list", domains=args.domain, senders=args.sender)
@@ -369,19 +372,22 @@ def cmd_list(args: argparse.Namespace, root: str) -> int:
     )
     first = next(source, None)
     if first is not None or workers.answered:
-        live = True
         source = _chain(first, source)
     else:  # nobody answers: read the spool files
-        live = False
         source = (found.env for found in read_spool(root))
         incoming = {}  # read_spool includes them
+    for env in _chain_incoming(source, incoming):
+        if select.matches(env):  # (the workers filtered theirs; not the spool files)
+            yield env
+
+
+def cmd_list(args: argparse.Namespace, root: str) -> int:
+    workers = _Workers(root)
     out = sys.stdout
     encode = msgspec.json.encode
     now = time.time()
     count = size = held = 0
-    for env in _chain_incoming(source, incoming):
-        if not select.matches(env):  # (the workers filtered theirs; not the spool files)
-            continue
+    for env in _queued(args, root, workers):
         out.write((encode(_as_json(env)).decode() if args.json else format_line(env, now)) + "\n")
         count += 1
         size += env.size
@@ -389,13 +395,64 @@ def cmd_list(args: argparse.Namespace, root: str) -> int:
         if count % PROGRESS_EVERY == 0:
             out.flush()
             _err(f"queue list: {count} messages so far")
-    if live:
-        workers.warn_down()
+    workers.warn_down()
     out.flush()
     word = "message" if count == 1 else "messages"
     summary = f"-- {count} {word}, {_size(size)}, {held} held"
     print(summary, file=sys.stderr if args.json else sys.stdout)
     return EX_OK
+
+
+# Age buckets in minutes, Postfix qshape's: a message counts in the first it is not older than.
+AGES = (5, 10, 20, 40, 80, 160, 320, 640, 1280)
+_TO_DELIVER = (int(RcptState.PENDING), int(RcptState.DEFERRED), int(RcptState.CANCELLED))
+
+
+def cmd_summary(args: argparse.Namespace, root: str) -> int:
+    """Recipients still to deliver per domain and age (Postfix's qshape, kcli queue-summary)."""
+    workers = _Workers(root)
+    now = time.time()
+    rows: dict[str, list[int]] = {}  # domain -> [held, per age bucket..., older]
+    messages = 0
+    for env in _queued(args, root, workers):
+        messages += 1
+        column = 1 + bisect.bisect_left(AGES, (now - env.arrival) / 60)
+        for r in env.recipients:
+            if r.state in _TO_DELIVER:
+                row = rows.setdefault(r.address.rpartition("@")[2].lower(), [0] * (len(AGES) + 2))
+                row[0 if env.held else column] += 1
+        if messages % PROGRESS_EVERY == 0:
+            _err(f"queue summary: {messages} messages so far")
+    workers.warn_down()
+    ranked = sorted(rows.items(), key=lambda kv: (-sum(kv[1]), kv[0]))
+    if args.top:
+        ranked = ranked[: args.top]
+    if args.json:
+        for domain, row in ranked:
+            ages = {f"{a}m": n for a, n in zip(AGES, row[1:], strict=False)}
+            ages[f"{AGES[-1]}m+"] = row[-1]
+            doc = {"domain": domain, "total": sum(row), "held": row[0], "ages": ages}
+            print(msgspec.json.encode(doc).decode())
+        return EX_OK
+    header = ["domain", "total", "held", *map(str, AGES), f"{AGES[-1]}+"]
+    total = ["TOTAL", *map(str, _column_sums(rows.values(), len(AGES) + 2))]
+    table = [total] + [[d, str(sum(row)), *map(str, row)] for d, row in ranked]
+    widths = [max(len(r[k]) for r in (header, *table)) for k in range(len(header))]
+    for r in (header, *table):
+        print(r[0].ljust(widths[0]) + "  " + "  ".join(
+            c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)
+        ))  # fmt: skip
+    print(f"-- {len(rows)} domain{'' if len(rows) == 1 else 's'}, {messages} messages; "
+          "ages in minutes since arrival")  # fmt: skip
+    return EX_OK
+
+
+def _column_sums(rows: Iterable[list[int]], width: int) -> list[int]:
+    sums = [0] * width
+    for row in rows:
+        for k, n in enumerate(row):
+            sums[k] += n
+    return [sum(sums), *sums]
 
 
 def _chain(first: Envelope | None, rest: Iterator[Envelope]) -> Iterator[Envelope]:
@@ -691,6 +748,7 @@ _ACTIONS = {
     "delete": cmd_change,
     "bounce": cmd_change,
     "flush": cmd_change,
+    "summary": cmd_summary,
     "suspend": cmd_suspend,
     "resume": cmd_resume,
     "stats": cmd_stats,
