@@ -1,6 +1,6 @@
 """DKIM signing (RFC 6376) of the mail fastmta accepts from its own users.
 
-    signers = Signers.from_config(config.dkim)      # keys loaded once (ConfigError if bad)
+    signers = Signers.from_config(config.dkim)      # keys read once (ValueError if bad)
     signer = signers.for_message(wire)              # by the From: domain; None: not ours
     field = signer.sign(wire)                       # b"DKIM-Signature: ...\\r\\n", to prepend
 
@@ -8,9 +8,11 @@ Like Postfix with OpenDKIM or KumoMTA's ``kumo.dkim``: a message from an authent
 from ``policy.mynetworks``, from ``fastmta send`` or from the Python API is signed when its
 From: address is at a ``[[dkim]]`` domain (or a subdomain of one: DMARC's relaxed alignment),
 before it is stored, so it is signed once and delivered as stored. The DSNs fastmta writes
-(From: MAILER-DAEMON@server.hostname) are signed the same way when that domain has a key. Algorithms: rsa-sha256 and
-ed25519-sha256 (RFC 8463), chosen by the key; canonicalization relaxed or simple, for the
-header and the body (``c=``); no ``l=`` (a body length would let anyone append to the mail).
+(From: MAILER-DAEMON@server.hostname) are signed the same way when that domain has a key.
+Algorithms: rsa-sha256 and ed25519-sha256 (RFC 8463), chosen by the key; canonicalization
+relaxed or simple, for the header and the body (``c=``); no ``l=`` (a body length would let
+anyone append to the mail). ``new_key``, ``dns_record`` and ``zone_line`` serve ``fastmta
+dkim keygen/records``.
 
 Input is wire form (CRLF, dot-stuffed), as the spool stores it. The work is pure (no I/O) and
 runs on the event loop: an RSA-2048 signature costs about 0.3 ms of CPU (Ed25519: 0.03 ms);
@@ -38,6 +40,7 @@ __all__ = [
     "dns_record",
     "load_key",
     "new_key",
+    "zone_line",
 ]
 
 _WSP = re.compile(rb"[ \t]+")
