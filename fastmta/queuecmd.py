@@ -647,6 +647,10 @@ def cmd_suspend(args: argparse.Namespace, root: str) -> int:
     now = time.time()
     try:
         seconds = parse_duration(args.duration) if args.duration else 0.0
+        if args.duration and seconds <= 0:
+            raise ValueError(
+                f"must be more than 0 (leave --for out: until resumed), got {seconds:g}s"
+            )
     except ValueError as e:
         _err(f"queue suspend: --for: {e}")
         return EX_USAGE
@@ -670,9 +674,9 @@ def cmd_resume(args: argparse.Namespace, root: str) -> int:
             _err(f"queue resume: {e}")
             return EX_USAGE
     domains = list(current) if args.all else [d.strip().rstrip(".").lower() for d in args.domain]
-    for d in domains:
-        if current.pop(d, None) is None:
-            _err(f"queue resume: {d} was not suspended")
+    missing = [d for d in domains if current.pop(d, None) is None]
+    for d in missing:
+        _err(f"queue resume: {d} was not suspended")
     status = _save_suspensions(root, current, "resume")
     if status != EX_OK or not domains:
         if not domains:
@@ -688,7 +692,7 @@ def cmd_resume(args: argparse.Namespace, root: str) -> int:
         except SpoolError as e:
             _err(f"queue resume: {e}; its mail waits for its next retry")
     print(f"resumed: {', '.join(domains)}; queued mail for them is due now")
-    return EX_OK
+    return EX_NOT_FOUND if missing else EX_OK
 
 
 def _save_suspensions(root: str, current: dict[str, suspend.Suspension], action: str) -> int:

@@ -93,6 +93,10 @@ def test_suspend_errors_are_usage_errors(tmp):
     assert r.returncode == 2 and "--for: expected a duration" in r.stderr
     r = cli("queue", "--spool", spool, "resume")
     assert r.returncode == 2 and "give --domain (repeatable) or --all" in r.stderr
+    r = cli("queue", "--spool", spool, "suspend", "--domain", "x.test", "--for", "0s")
+    assert r.returncode == 2 and "--for: must be more than 0" in r.stderr
+    r = cli("queue", "--spool", spool, "resume", "--domain", "never.test")
+    assert r.returncode == 1 and "never.test was not suspended" in r.stderr
     os.makedirs(spool)
     with open(suspend.path(spool), "w") as f:
         f.write('{"domain": "x.test"}\n')
