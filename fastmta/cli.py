@@ -572,7 +572,8 @@ def cmd_send(args: argparse.Namespace) -> int:
         try:
             signer = Signers.from_config(config.dkim).for_message(wire)
         except ValueError as e:
-            _err(f"config error: {e} (fastmta send signs with it: run it as the server's user)")
+            hint = " (fastmta send signs with it: run it as the server's user)"
+            _err(f"config error: {e}{hint if 'cannot read' in str(e) else ''}")
             return EX_CONFIG
         if signer is not None:
             wire = signer.sign(wire) + wire
