@@ -314,7 +314,6 @@ class ControlServer:
             "hold": engine.hold_message,
             "release": engine.release_message,
             "delete": engine.delete_message,
-            "flush": engine.flush_message,
         }.get(req.cmd)
 
         async def action(qid: str) -> bool:
@@ -340,11 +339,14 @@ class ControlServer:
         return [sm.envelope.id for sm in self.engine.messages() if select.matches(sm.envelope)]
 
     async def _flush(self, req: Request, writer: asyncio.StreamWriter) -> Line:
-        if req.selection().empty:
+        select = req.selection()
+        if select.empty:
             self.engine.flush()
             await self.engine.change_parked("flush")
             return Line()
-        return await self._change(req, writer)
+        found = await self.engine.flush_selected(select)
+        await self.spool.flush()
+        return Line(found=found if select.ids else [], count=len(found))
 
     async def _parked(
         self, req: Request, select: Selection, found: list[str], reason: str

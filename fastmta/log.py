@@ -4,7 +4,8 @@
 logrotate may move: WatchedFileHandler). ``DeliveryLog`` appends one JSON object per message
 taken into the queue (``ReceptionRecord``, outcome "received", like KumoMTA's Reception
 records) and one per delivery attempt of each recipient (``DeliveryRecord``) to its file, so
-that one queue id traces a message from its arrival to its last recipient: encoded by one reused msgspec Encoder into one buffer,
+that one queue id traces a message from its arrival to its last recipient: encoded by one
+reused msgspec Encoder into one buffer,
 written when the buffer passes ``buffer_size`` bytes, at least every ``flush_interval`` seconds
 (a timer on the running event loop, or immediately when there is no loop), and on close.
 """

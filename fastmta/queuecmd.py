@@ -55,6 +55,7 @@ from fastmta.control import (
     worker_sockets,
 )
 from fastmta.queue import suspend
+from fastmta.queue.scheduler import domain_of
 from fastmta.queue.select import Selection, bounce_reason, check_reason, command_change
 from fastmta.spool import Spool, SpoolError
 from fastmta.spool.inject import ADOPTING, INCOMING, SUFFIX
@@ -419,7 +420,7 @@ def cmd_summary(args: argparse.Namespace, root: str) -> int:
         column = 1 + bisect.bisect_left(AGES, (now - env.arrival) / 60)
         for r in env.recipients:
             if r.state in _TO_DELIVER:
-                row = rows.setdefault(r.address.rpartition("@")[2].lower(), [0] * (len(AGES) + 2))
+                row = rows.setdefault(domain_of(r.address), [0] * (len(AGES) + 2))
                 row[0 if env.held else column] += 1
         if messages % PROGRESS_EVERY == 0:
             _err(f"queue summary: {messages} messages so far")

@@ -114,3 +114,40 @@ def test_load_and_save_keep_only_active_suspensions(tmp):
     assert str(got["a.test"].reply()).startswith("451 4.3.2 Delivery to a.test suspended")
     suspend.save(tmp, {})
     assert not os.path.exists(suspend.path(tmp)) and suspend.load(tmp) == {}
+
+
+def test_a_damaged_list_does_not_make_a_run_out_suspension_fire_again(tmp):
+    """The file goes bad while a timed suspension runs: the engine keeps its list, less the
+    suspension that ran out, and its timer fires once, not every 10 ms."""
+    import asyncio
+
+    from fastmta.config import load_config
+    from fastmta.delivery.engine import DeliveryEngine
+    from fastmta.spool import Spool
+
+    config = load_config(None, {"server": {"spool_dir": tmp}})
+    now = time.time()
+    suspend.save(tmp, {"a.test": suspend.Suspension("a.test", now, until=now + 0.1)})
+
+    async def main() -> int:
+        engine = DeliveryEngine(config, Spool(os.path.join(tmp, "shard-0")))
+        engine._loop = asyncio.get_running_loop()
+        engine.load_suspensions()
+        with open(suspend.path(tmp), "w") as f:
+            f.write("damaged\n")
+        fired = 0
+        ran_out = engine._suspensions_ran_out
+
+        def counting() -> None:
+            nonlocal fired
+            fired += 1
+            ran_out()
+
+        engine._suspensions_ran_out = counting
+        engine.load_suspensions()  # (re-arms the timer with the wrapped callback)
+        await asyncio.sleep(0.5)
+        assert engine._suspended == {} and engine._suspension_timer is None
+        engine.resolver.close()
+        return fired
+
+    assert asyncio.run(main()) == 1

@@ -49,7 +49,7 @@ from fastmta.queue.scheduler import Scheduler, batches
 from fastmta.queue.select import Selection, bounce_reason, command_change
 from fastmta.queue.sites import limits_for
 from fastmta.spool import Spool, SpoolError
-from fastmta.spool.records import RcptState, StoredMessage
+from fastmta.spool.records import PENDING, RcptState, StoredMessage
 from fastmta.tls import client_context
 
 __all__ = ["DeliveryEngine", "EngineStats"]
@@ -60,7 +60,7 @@ _DELIVERED = int(RcptState.DELIVERED)
 _BOUNCED = int(RcptState.BOUNCED)
 _DEFERRED = int(RcptState.DEFERRED)
 _CANCELLED = int(RcptState.CANCELLED)
-_PENDING = (int(RcptState.PENDING), int(RcptState.DEFERRED))
+_PENDING = tuple(int(s) for s in PENDING)  # plain ints: compared per recipient
 
 
 class EngineStats(msgspec.Struct):
@@ -312,16 +312,19 @@ class DeliveryEngine:
         root = self.config.server.spool_dir
         if not root:
             return
+        now = time.time()
         try:
-            self._suspended = suspend.load(root)
+            self._suspended = suspend.load(root, now)
         except (OSError, ValueError) as e:
             log.error("suspended domains not (re)loaded, the previous list stays: %s", e)
+            # (less the ones that ran out: the timer below must not fire for them again)
+            self._suspended = {d: s for d, s in self._suspended.items() if s.active(now)}
         if self._suspension_timer is not None:
             self._suspension_timer.cancel()
             self._suspension_timer = None
         ends = [s.until for s in self._suspended.values() if s.until]
         if ends and self._loop is not None and not self._stopping:
-            delay = max(0.0, min(ends) - time.time()) + 0.01
+            delay = max(0.0, min(ends) - now) + 0.01
             self._suspension_timer = self._loop.call_later(delay, self._suspensions_ran_out)
 
     def _suspensions_ran_out(self) -> None:
@@ -331,17 +334,26 @@ class DeliveryEngine:
         ended = before - set(self._suspended)
         if ended:
             log.info("suspension of %s ran out: delivering again", ", ".join(sorted(ended)))
-            self._spawn(self._flush_selected(Selection(domains=ended)))
+            self._spawn(self._flush_ended(Selection(domains=ended)))
 
-    async def _flush_selected(self, select: Selection) -> None:
-        """Retry now the messages ``select`` matches, in memory and parked."""
-        for sm in self.messages():
-            if select.matches(sm.envelope):
-                await self.flush_message(sm.envelope.id)
+    async def _flush_ended(self, select: Selection) -> None:
         try:
-            await self.change_parked("flush", None, select)
+            await self.flush_selected(select)
         except SpoolError as e:
             log.error("parked messages not flushed: %s", e)
+
+    async def flush_selected(self, select: Selection) -> list[str]:
+        """Retry now the messages ``select`` matches, in memory and parked (held ones stay
+        held). Returns the queue ids found. Raises SpoolError if parked files cannot be
+        rewritten."""
+        found = []
+        for sm in self.messages():
+            if select.matches(sm.envelope) and await self.flush_message(sm.envelope.id):
+                found.append(sm.envelope.id)
+        rest = set(select.ids).difference(found) if select.ids else None
+        if rest is None or rest:
+            found += await self.change_parked("flush", rest, select)
+        return found
 
     async def change_parked(
         self,

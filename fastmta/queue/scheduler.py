@@ -27,11 +27,10 @@ from collections.abc import Callable
 
 from fastmta.queue.retry import RetrySchedule
 from fastmta.queue.timers import TimerQueue
-from fastmta.spool.records import Envelope, RcptState, StoredMessage
+from fastmta.spool.records import PENDING as _PENDING
+from fastmta.spool.records import Envelope, StoredMessage
 
 __all__ = ["Scheduler", "batches", "domain_of"]
-
-_PENDING = (RcptState.PENDING, RcptState.DEFERRED)
 
 
 def domain_of(address: str) -> str:

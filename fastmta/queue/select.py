@@ -15,18 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from fastmta.queue.scheduler import domain_of as _domain
 from fastmta.spool.parked import CHANGES
-from fastmta.spool.records import Envelope, RcptState
+from fastmta.spool.records import PENDING as _PENDING
+from fastmta.spool.records import Envelope
 
 __all__ = ["MAX_REASON", "Selection", "bounce_reason", "check_reason", "command_change"]
 
-_PENDING = (RcptState.PENDING, RcptState.DEFERRED)
 MAX_REASON = 200  # characters of an operator's bounce reason (it goes into the DSN)
 _DEFAULT_REASON = "Delivery cancelled by the mail system administrator"
-
-
-def _domain(address: str) -> str:
-    return address.rpartition("@")[2].lower()
 
 
 class Selection:

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 import msgspec
 
 __all__ = [
+    "PENDING",
     "Done",
     "Envelope",
     "RcptState",
@@ -37,7 +38,8 @@ class RcptState(enum.IntEnum):
     CANCELLED = 4  # bounced by an operator (`fastmta queue bounce`); its DSN is yet to be sent
 
 
-_PENDING = (RcptState.PENDING, RcptState.DEFERRED)
+# Recipient states still to be delivered (CANCELLED waits for its bounce, not for delivery).
+PENDING = (RcptState.PENDING, RcptState.DEFERRED)
 
 
 class Recipient(msgspec.Struct, array_like=False, omit_defaults=True):
@@ -83,7 +85,7 @@ class Envelope(msgspec.Struct, omit_defaults=True):
         marked = 0
         for i in indexes:
             r = self.recipients[i]
-            if r.state in _PENDING:
+            if r.state in PENDING:
                 r.state = RcptState.CANCELLED
                 r.last_reply = reason
                 marked += 1
