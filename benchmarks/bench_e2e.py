@@ -254,7 +254,7 @@ def profile_fastmta(case: Case, workers: int = 2, rate: int = 200, native: bool 
                 [[k, f"{v:.2f}", f"{v / case.count * 1e6:.0f}"] for k, v in threads.items()],
             ),
             "",
-            "Where the samples fall (a stack counts for the first of: spool writer thread, "
+            "Where the samples fall (a stack counts for the first of: spool I/O thread, "
             "delivery, ingest, spool loop side; else other):\n",
             h.md_table(
                 ["part", "share of samples"],

@@ -5,7 +5,7 @@
     python benchmarks/bench_spool.py --loop asyncio
 
 Store: `concurrency` tasks each store messages back to back (as SMTP sessions would), so the
-writer thread group-commits whatever arrives during each fdatasync. Recovery: open() of a spool
+writer group-commits whatever arrives during each fdatasync (on its I/O thread). Recovery: open() of a spool
 holding `recover_count` live 1 KiB messages (written with fsync off to save time).
 Bounded in count and time; writes only under a temporary directory.
 """

@@ -313,7 +313,7 @@ def _mem_of(pid: int) -> tuple[int, int]:
 def thread_cpu(root: int) -> dict[str, float]:
     """CPU seconds so far per kind of thread in the tree under ``root``: "event loop" (the
     main thread of each process) and "other threads" (spool writer, executor), by /proc task."""
-    out = {"event loop (main threads)": 0.0, "other threads (spool writer, executor)": 0.0}
+    out = {"event loop (main threads)": 0.0, "other threads (spool I/O, executor)": 0.0}
     for pid in tree(root):
         try:
             tids = os.listdir(f"/proc/{pid}/task")
@@ -328,7 +328,7 @@ def thread_cpu(root: int) -> dict[str, float]:
             fields = stat[stat.rindex(b")") + 2 :].split()
             cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK
             main = "event loop (main threads)"
-            key = main if tid == str(pid) else "other threads (spool writer, executor)"
+            key = main if tid == str(pid) else "other threads (spool I/O, executor)"
             out[key] += cpu
     return out
 
@@ -776,7 +776,7 @@ def start_dns(procs: Procs, base: str, records: Sequence[str]) -> tuple[subproce
 _LINE_NO = re.compile(r":\d+\)$")
 # Where a stack's time goes: the first matching frame file decides (checked in this order).
 _CATEGORIES = [
-    ("spool writer thread", ("spool/writer.py",)),
+    ("spool I/O thread", ("spool/_io", "fastmta-spool-io")),
     ("delivery", ("fastmta/delivery/", "protocol/client.py", "fastmta/queue/", "fastmta/dns/")),
     ("ingest", ("fastmta/server.py", "protocol/server.py", "protocol/parse")),
     ("spool (loop side)", ("fastmta/spool/",)),

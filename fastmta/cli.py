@@ -62,12 +62,16 @@ run `fastmta COMMAND --help` for each command's options."""
 
 
 def _version_text() -> str:
-    try:
-        from fastmta.protocol.parse import ACCELERATED
-    except ImportError:
-        ACCELERATED = False
-    kind = "accelerated parser" if ACCELERATED else "pure Python parser"
-    return f"fastmta {VERSION} ({kind})"
+    """Says which compiled modules (ext/) are in use: "accelerated" or "pure Python"."""
+    from fastmta.protocol.parse import ACCELERATED as parser
+    from fastmta.spool.iothread import ACCELERATED as spool_io
+
+    def kind(fast: bool) -> str:
+        return "accelerated" if fast else "pure Python"
+
+    if parser == spool_io:
+        return f"fastmta {VERSION} ({kind(parser)} parser and spool I/O)"
+    return f"fastmta {VERSION} ({kind(parser)} parser, {kind(spool_io)} spool I/O)"
 
 
 class _VersionAction(argparse.Action):

@@ -17,9 +17,28 @@ from fastmta.spool import (
     Spool,
     SpoolError,
     StoredMessage,
+    _io_py,
+    iothread,
     new_queue_id,
+    writer,
 )
 from fastmta.spool.segment import list_segments
+
+PY_IO = pytest.mark.parametrize("io_thread", ["py"], indirect=True)  # faults go through os.*
+
+
+@pytest.fixture(autouse=True, params=["c", "py"])
+def io_thread(request, monkeypatch):
+    """Every spool test runs on the compiled I/O thread and on its pure-Python twin. Tests that
+    inject faults by replacing os.pwritev/os.fdatasync run on the twin only (PY_IO): the
+    compiled thread calls the kernel directly (its errno path: test_spool_io.py)."""
+    if request.param == "c":
+        if not iothread.ACCELERATED:
+            pytest.skip("the compiled I/O thread is not built")
+        monkeypatch.setattr(writer, "IoThread", iothread.IoThread)
+    else:
+        monkeypatch.setattr(writer, "IoThread", _io_py.IoThread)
+    return request.param
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])
@@ -210,17 +229,22 @@ def test_commit_delay_lets_a_trickle_of_stores_share_fsyncs(tmp_path, run):
     run(main())
 
 
-def test_fsync_never_on_the_loop_thread(tmp_path, run, monkeypatch):
+def test_fsync_never_on_the_loop_thread(tmp_path, run, monkeypatch, io_thread):
+    """The twin's thread calls os.fdatasync/os.fsync; the compiled one calls the kernel itself,
+    so there the spy must see no call at all."""
     import threading
 
-    real = os.fdatasync
     threads = set()
 
-    def spy(fd):
-        threads.add(threading.get_ident())
-        return real(fd)
+    def spying(real):
+        def spy(fd):
+            threads.add(threading.get_ident())
+            return real(fd)
 
-    monkeypatch.setattr(os, "fdatasync", spy)
+        return spy
+
+    monkeypatch.setattr(os, "fdatasync", spying(os.fdatasync))
+    monkeypatch.setattr(os, "fsync", spying(os.fsync))
 
     async def main():
         sp = Spool(tmp_path)
@@ -230,9 +254,11 @@ def test_fsync_never_on_the_loop_thread(tmp_path, run, monkeypatch):
         return threading.get_ident()
 
     loop_thread = run(main())
-    assert threads and loop_thread not in threads
+    assert loop_thread not in threads
+    assert threads if io_thread == "py" else not threads
 
 
+@PY_IO
 @pytest.mark.parametrize("fail_at", ["pwritev", "fdatasync", "short-write"])
 def test_write_failure_raises_and_leaves_nothing(tmp_path, run, monkeypatch, fail_at):
     real_pwritev, real_fdatasync = os.pwritev, os.fdatasync
@@ -297,6 +323,7 @@ def test_write_failure_raises_and_leaves_nothing(tmp_path, run, monkeypatch, fai
     run(main())
 
 
+@PY_IO
 def test_failed_done_record_is_retried(tmp_path, run, monkeypatch):
     real_fdatasync = os.fdatasync
     armed = {"on": False}
@@ -328,6 +355,7 @@ def test_failed_done_record_is_retried(tmp_path, run, monkeypatch):
     run(main())
 
 
+@PY_IO
 def test_truncate_failure_abandons_segment(tmp_path, run, monkeypatch):
     """If even the cleanup fails, later messages go to a new segment and all stay recoverable."""
     real_fdatasync, real_ftruncate = os.fdatasync, os.ftruncate
@@ -509,6 +537,7 @@ def test_done_while_a_message_is_being_moved(tmp_path, run):
     run(main())
 
 
+@PY_IO
 def test_compaction_write_failure_leaves_messages_where_they_were(tmp_path, run, monkeypatch):
     async def main():
         sp, kept = await _sparse_spool(tmp_path)

@@ -36,6 +36,7 @@ import re
 from collections.abc import Callable, Container, Iterable, Sequence
 from typing import NamedTuple
 
+from ._io_py import write_all
 from .records import ENCODER, ENVELOPE_DECODER, Envelope
 from .segment import (
     ENVLEN,
@@ -49,7 +50,6 @@ from .segment import (
     scan,
     split_message,
 )
-from .writer import write_all
 
 __all__ = [
     "CHANGES",

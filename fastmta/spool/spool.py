@@ -1,9 +1,9 @@
 """Spool: the durable, append-only, group-committed message store of one shard.
 
 Threading contract: the event loop owns the Spool; every method is called from the loop thread.
-All file writes, fsyncs and segment creation/deletion happen on one writer thread
-(writer.py); recovery and adoption file I/O run via asyncio.to_thread. Only read() touches a
-file on the loop thread (one os.pread of the message bytes).
+The segment writer (writer.py) runs on the loop too, but every segment write and fsync runs on
+its I/O thread (iothread.py); recovery and adoption file I/O run via asyncio.to_thread. On the
+loop thread the spool only creates, deletes and truncates segment files and preads message bytes.
 
 Durability contract:
 - store() returns only after the message and its envelope are fdatasync'd (and, for a new
@@ -168,7 +168,7 @@ class Spool:
         self._writer = SegmentWriter(
             self.directory,
             rec.next_segment,
-            self._notify,
+            self._complete,
             self.stats,
             fsync=self._fsync,
             segment_size=self._segment_size,
@@ -624,13 +624,6 @@ class Spool:
         sm.segment, sm.offset, sm.record_offset = seg, offset, record_offset
         info.add(record_bytes(sm))
         self._maybe_delete(old)
-
-    def _notify(self, tickets: list[Ticket]) -> None:
-        """Writer thread -> loop: one hop per group commit."""
-        try:
-            self._loop.call_soon_threadsafe(self._complete, tickets)
-        except RuntimeError:  # loop closed: nobody is waiting any more
-            pass
 
     def _complete(self, tickets: list[Ticket]) -> None:
         for t in tickets:

@@ -1,9 +1,11 @@
-"""The group-commit writer thread: the only code that writes, fsyncs, creates or deletes segments.
+"""The group-commit segment writer: the only code that writes, fsyncs, creates or deletes segments.
 
-The event loop submits Tickets (thread-safe, never blocks); the writer takes everything queued
-since its last sync (up to max_batch_bytes), appends it with os.pwritev, calls os.fdatasync once
-for the whole group, and hands the finished Tickets back to the loop with one
-loop.call_soon_threadsafe per group. fsync never runs on the event-loop thread.
+It runs on the event loop; its file I/O runs on one I/O thread (iothread.py: compiled, it never
+takes the GIL). The loop submits Tickets (never blocks); when no request is in flight the writer
+frames everything queued since (up to max_batch_bytes) into one request: one pwritev series and
+one fdatasync for the whole group, on the I/O thread. What arrives meanwhile forms the next
+group, so concurrent sessions share fsyncs. Creating a segment (with an fsync of the directory)
+and deleting one are requests in the same order. fsync never runs on the event-loop thread.
 
 On a write/sync failure the segment is truncated back to its last synced size (so a failed
 record can never be recovered later), the group's MESSAGE tickets fail with SpoolError, and its
@@ -14,25 +16,24 @@ stays a torn tail that recovery cuts off.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import dataclasses
-import errno as errno_mod
 import logging
 import os
-import queue
-import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from .errors import SpoolError
-from .segment import HEADER_SIZE, frame, fsync_dir, segment_name
+from .iothread import DATASYNC, FULLSYNC, NO_SYNC, IoThread
+from .segment import HEADER_SIZE, frame, segment_name
 
 log = logging.getLogger("fastmta.spool")
 
-IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
-
 # Group commit under load: when the last fdatasync was less than BUSY_WINDOW seconds ago, the
-# writer waits commit_delay before taking a batch, so concurrent sessions share one fdatasync
+# writer waits commit_delay before taking a group, so concurrent sessions share one fdatasync
 # (like PostgreSQL's commit_delay). An idle spool syncs at once.
 BUSY_WINDOW = 0.005
 
@@ -40,12 +41,12 @@ BUSY_WINDOW = 0.005
 RECORD = 0  # append a record (MESSAGE, UPDATE or DONE)
 BARRIER = 1  # completes once everything submitted before it is durable (flush/close)
 DELETE = 2  # unlink a segment (after everything before it is durable)
-STOP = 3  # flush, then end the thread
+STOP = 3  # flush, then end the I/O thread
 
 
 @dataclasses.dataclass
 class SpoolStats:
-    """Counters for benchmarks and logs. Written by the writer thread, read anywhere."""
+    """Counters for benchmarks and logs (event-loop thread)."""
 
     messages: int = 0  # MESSAGE records durably stored
     records: int = 0  # all records durably written
@@ -88,33 +89,8 @@ class Ticket:
         self.error: BaseException | None = None
 
 
-def write_all(fd: int, bufs: list[Any], offset: int) -> int:
-    """pwritev all of `bufs` at `offset`, across IOV_MAX chunks and short writes. Returns bytes.
-
-    `bufs` is consumed (modified in place).
-    """
-    total = 0
-    i = 0
-    n_bufs = len(bufs)
-    while i < n_bufs:
-        n = os.pwritev(fd, bufs[i : i + IOV_MAX], offset)
-        if n <= 0:
-            raise OSError(errno_mod.EIO, "pwritev wrote nothing")
-        offset += n
-        total += n
-        while n > 0:
-            ln = len(bufs[i])
-            if n >= ln:
-                n -= ln
-                i += 1
-            else:
-                bufs[i] = memoryview(bufs[i])[n:]
-                n = 0
-    return total
-
-
 class SegmentWriter:
-    """Owns the active segment file. All methods except submit/start run on the writer thread."""
+    """Owns the active segment file. Event-loop thread only; ``notify`` gets finished Tickets."""
 
     def __init__(
         self,
@@ -127,125 +103,177 @@ class SegmentWriter:
         segment_size: int = 64 << 20,
         max_batch_bytes: int = 8 << 20,
         commit_delay: float = 0.0,
+        io_thread: Callable[[], Any] | None = None,
     ) -> None:
         self._dir = directory
-        self._notify = notify  # called on the writer thread; must hop to the loop itself
+        self._notify = notify
         self._stats = stats
         self._fsync = fsync
+        self._sync = DATASYNC if fsync else NO_SYNC
         self._segment_size = segment_size
         self._max_batch = max_batch_bytes
-        self._q: queue.SimpleQueue[Ticket] = queue.SimpleQueue()
+        self._commit_delay = commit_delay
+        self._queue: collections.deque[Ticket] = collections.deque()
         self._retry: list[Ticket] = []  # UPDATE/DONE records whose group failed
         self._seg = next_segment - 1  # number of the active (or last) segment
         self._fd: int | None = None
+        self._dir_fd: int | None = None
         self._size = 0  # synced size of the active segment
-        self._commit_delay = commit_delay
         self._last_sync = 0.0
-        self._thread = threading.Thread(target=self._run, name="fastmta-spool-writer", daemon=True)
+        self._io = (io_thread or IoThread)()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._then: Callable[[int, int], None] | None = None  # handles the request in flight
+        self._scheduled = False  # _advance is due (call_soon or the commit delay)
+        self._delayed = False  # the commit delay for the next group has been waited
+        self._stopped = False
 
-    # --- any thread ---------------------------------------------------------------------------
+    # --- API ------------------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread.start()
+        self._loop = asyncio.get_running_loop()
+        self._dir_fd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._io.start()
+        self._loop.add_reader(self._io.done_fd, self._io_done)
 
     def submit(self, ticket: Ticket) -> None:
         """Queue a ticket. Never blocks."""
-        self._q.put(ticket)
+        self._queue.append(ticket)
+        if not self._scheduled and self._then is None:
+            self._scheduled = True
+            self._loop.call_soon(self._advance)
 
     def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
+        """Wait for the I/O thread to end (after STOP); any thread."""
+        self._io.join(timeout)
 
-    # --- writer thread ------------------------------------------------------------------------
-    def _run(self) -> None:
-        stop = False
-        try:
-            while not stop:
-                first = self._q.get()
-                delay = self._commit_delay
-                if delay and time.monotonic() - self._last_sync < BUSY_WINDOW:
-                    time.sleep(delay)  # busy: let a few more records join this group
-                batch = self._retry
-                self._retry = []
-                batch.append(first)
-                nbytes = first.size
-                while nbytes < self._max_batch:
-                    try:
-                        t = self._q.get_nowait()
-                    except queue.Empty:
-                        break
-                    batch.append(t)
-                    nbytes += t.size
-                stop = self._process(batch)
-        except BaseException:  # a bug: fail loudly rather than hang every caller
-            log.exception("spool writer thread died")
-            raise
-        finally:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+    # --- the sequence -------------------------------------------------------------------------
+    def _request(self, fd: int, bufs: list[Any], offset: int, sync: int, then) -> None:
+        self._then = then
+        self._io.submit(fd, bufs, offset, sync)
 
-    def _process(self, batch: list[Ticket]) -> bool:
-        pending: list[Ticket] = []
-        pending_bytes = 0
-        stop = False
-        for t in batch:
-            kind = t.kind
-            if kind == RECORD:
-                need = HEADER_SIZE + t.size
-                end = self._size + pending_bytes
-                if self._fd is None or (end > 0 and end + need > self._segment_size):
-                    self._flush(pending)
-                    pending = []
-                    pending_bytes = 0
-                    try:
-                        self._roll()
-                    except OSError as e:
-                        self._fail([t], e)
-                        continue
-                t.segment = self._seg
-                t.offset = self._size + pending_bytes
-                pending.append(t)
-                pending_bytes += need
+    def _io_done(self) -> None:
+        for written, err in self._io.results():
+            then, self._then = self._then, None
+            if then is not None:
+                then(written, err)
+        self._advance()
+
+    def _advance(self, delayed: bool = False) -> None:
+        """Work through the queue in order until a request is in flight or nothing is left.
+
+        Records whose group failed (``_retry``) go out with the next group, before the queue's
+        head; a flush or close queued when they failed reports the failure instead."""
+        self._scheduled = False
+        if delayed:
+            self._delayed = True
+        q = self._queue
+        while self._then is None and not self._stopped and q:
+            t = q[0]
+            if t.kind == RECORD or (self._retry and t.error is None):
+                if self._wait_for_company():
+                    return
+                if self._fd is None or (
+                    t.kind == RECORD and not self._retry and self._must_roll(t)
+                ):
+                    self._roll()
+                else:
+                    self._write_group()
                 continue
-            self._flush(pending)
-            pending = []
-            pending_bytes = 0
-            if kind == DELETE:
+            q.popleft()
+            if t.kind == DELETE:
                 self._delete(t.ctx)
-            elif kind == BARRIER or kind == STOP:
-                if self._retry:
+            else:  # BARRIER or STOP: everything before it is durable (or failed)
+                if self._retry and t.error is None:
                     t.error = SpoolError("spool updates could not be written; will retry")
+                if t.kind == STOP:
+                    self._stop()
                 self._notify([t])
-                stop = stop or kind == STOP
-        self._flush(pending)
-        return stop
 
-    def _flush(self, pending: list[Ticket]) -> None:
-        """Append `pending` to the active segment and fdatasync once (the group commit)."""
-        if not pending:
-            return
+    def _wait_for_company(self) -> bool:
+        """Under load, let the commit delay gather a group first (True: scheduled)."""
+        delay = self._commit_delay
+        if self._delayed or not delay or time.monotonic() - self._last_sync >= BUSY_WINDOW:
+            return False
+        self._scheduled = True
+        self._loop.call_later(delay, self._advance, True)
+        return True
+
+    def _must_roll(self, t: Ticket) -> bool:
+        return self._fd is None or (
+            self._size > 0 and self._size + HEADER_SIZE + t.size > self._segment_size
+        )
+
+    def _write_group(self) -> None:
+        """Frame the retried records and the queued ones that fit (one segment, max_batch_bytes)
+        into one request: pwritev + fdatasync on the I/O thread."""
+        self._delayed = False
+        q = self._queue
+        group, self._retry = self._retry, []
+        end = self._size
+        for t in group:
+            t.segment = self._seg
+            t.offset = end
+            end += HEADER_SIZE + t.size
+        while q and q[0].kind == RECORD and end - self._size < self._max_batch:
+            t = q[0]
+            need = HEADER_SIZE + t.size
+            if end > 0 and end + need > self._segment_size and group:
+                break  # the next group starts a new segment
+            q.popleft()
+            t.segment = self._seg
+            t.offset = end
+            end += need
+            group.append(t)
+        assert self._fd is not None
         iov: list[Any] = []
-        for t in pending:
+        for t in group:
             iov.extend(frame(t.rtype, t.payload))
+        self._request(self._fd, iov, self._size, self._sync, partial(self._written, group, end))
+
+    def _written(self, group: list[Ticket], end: int, written: int, err: int) -> None:
+        if err:
+            self._write_failed(group, err)
+            return
+        self._size = end
+        st = self._stats
+        if self._fsync:
+            st.fsyncs += 1
+            self._last_sync = time.monotonic()
+        st.groups += 1
+        st.records += len(group)
+        st.bytes += written
+        for t in group:
+            t.payload = None  # drop the message bytes early
+        self._notify(group)
+
+    def _write_failed(self, group: list[Ticket], err: int) -> None:
+        """Cut the segment back to its synced size, then fail (or queue for retry) the group."""
+        exc = OSError(err, os.strerror(err))
         fd = self._fd
         assert fd is not None
         try:
-            written = write_all(fd, iov, self._size)
-            if self._fsync:
-                os.fdatasync(fd)
-                self._stats.fsyncs += 1
-                self._last_sync = time.monotonic()
+            os.ftruncate(fd, self._size)
         except OSError as e:
-            self._undo_failed_write()
-            self._fail(pending, e)
+            self._abandon(e)
+            self._fail(group, exc)
             return
-        self._size += written
-        st = self._stats
-        st.groups += 1
-        st.records += len(pending)
-        st.bytes += written
-        for t in pending:
-            t.payload = None  # drop the message bytes early
-        self._notify(pending)
+        if not self._fsync:
+            self._fail(group, exc)
+            return
+
+        def synced(_written: int, err2: int) -> None:
+            if err2:
+                self._abandon(OSError(err2, os.strerror(err2)))
+            self._fail(group, exc)
+
+        self._request(fd, [], 0, DATASYNC, synced)
+
+    def _abandon(self, e: OSError) -> None:
+        log.error(
+            "cannot truncate segment %d after a failed write (%s): abandoning it", self._seg, e
+        )
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def _fail(self, tickets: list[Ticket], exc: OSError) -> None:
         self._stats.write_errors += 1
@@ -258,23 +286,12 @@ class SegmentWriter:
             else:
                 t.error = err
                 failed.append(t)
+        if self._retry:  # a flush/close already waiting learns of it, as it would have
+            for t in self._queue:
+                if t.kind in (BARRIER, STOP) and t.error is None:
+                    t.error = SpoolError("spool updates could not be written; will retry")
         if failed:
             self._notify(failed)
-
-    def _undo_failed_write(self) -> None:
-        """Cut the active segment back to its last synced size; abandon it if that fails."""
-        fd = self._fd
-        assert fd is not None
-        try:
-            os.ftruncate(fd, self._size)
-            if self._fsync:
-                os.fdatasync(fd)
-        except OSError as e:
-            log.error(
-                "cannot truncate segment %d after a failed write (%s): abandoning it", self._seg, e
-            )
-            os.close(fd)
-            self._fd = None
 
     def _roll(self) -> None:
         """Close the active segment (already synced) and create the next one; fsync the dir."""
@@ -289,28 +306,66 @@ class SegmentWriter:
                 break
             except FileExistsError:
                 n += 1  # never append to a file we did not create in this run
-        try:
-            if self._fsync:
-                fsync_dir(self._dir)
-        except OSError:
+            except OSError as e:
+                self._roll_failed(e)
+                return
+        if not self._fsync:
+            self._rolled(fd, n, path, 0, 0)
+            return
+        assert self._dir_fd is not None
+        self._request(self._dir_fd, [], 0, FULLSYNC, partial(self._rolled, fd, n, path))
+
+    def _rolled(self, fd: int, n: int, path: str, _written: int, err: int) -> None:
+        if err:
             os.close(fd)
             try:
                 os.unlink(path)
             except OSError:
                 pass
-            raise
+            self._roll_failed(OSError(err, os.strerror(err)))
+            return
         self._fd, self._seg, self._size = fd, n, 0
         self._stats.segments_created += 1
+
+    def _roll_failed(self, e: OSError) -> None:
+        """No segment to write to: the record at the head fails (an UPDATE/DONE waits for a
+        retry); a flush/close/delete at the head behind retried records is let through."""
+        t = self._queue[0]
+        if t.kind == RECORD:
+            self._queue.popleft()
+            self._fail([t], e)
+        else:
+            self._fail([], e)
+            t.error = SpoolError("spool updates could not be written; will retry")
 
     def _delete(self, number: int) -> None:
         if number == self._seg and self._fd is not None:
             return  # defensive: never delete the segment being appended to
         try:
             os.unlink(os.path.join(self._dir, segment_name(number)))
-            if self._fsync:
-                fsync_dir(self._dir)  # in order: a later deletion never overtakes this one
-            self._stats.segments_deleted += 1
         except FileNotFoundError:
-            pass
+            return
         except OSError as e:
             log.error("cannot delete segment %d: %s", number, e)
+            return
+        if not self._fsync:
+            self._stats.segments_deleted += 1
+            return
+
+        def synced(_written: int, err: int) -> None:
+            if err:  # in order: a later deletion never overtakes this one
+                log.error("cannot delete segment %d: %s", number, os.strerror(err))
+            else:
+                self._stats.segments_deleted += 1
+
+        assert self._dir_fd is not None
+        self._request(self._dir_fd, [], 0, FULLSYNC, synced)
+
+    def _stop(self) -> None:
+        self._stopped = True
+        for fd in (self._fd, self._dir_fd):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._dir_fd = None
+        self._loop.remove_reader(self._io.done_fd)
+        self._io.stop()
