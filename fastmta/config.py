@@ -257,7 +257,8 @@ class DeliveryConfig(msgspec.Struct, **_STRUCT):
     messages_per_connection: int = 1000
     messages_per_second: float = 0.0  # 0 = unlimited
     chain_transactions: bool = True
-    backlog_per_connection: int = 4
+    backlog_per_connection: int = 32
+    chain_wait: Duration = Duration(0.05)
     relayhost: str = ""
     relay_username: str = ""
     relay_password: str = ""
@@ -282,6 +283,7 @@ class DomainPolicy(msgspec.Struct, **_STRUCT):
     tls: str | None = None
     chain_transactions: bool | None = None
     backlog_per_connection: int | None = None
+    chain_wait: Duration | None = None
     route: str | None = None  # "[10.1.2.3]:2525" or "host:port"
 
     def has_own_limits(self) -> bool:

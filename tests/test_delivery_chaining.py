@@ -258,6 +258,56 @@ def test_a_burst_rides_few_connections(tmp_path, backlog, connections):
     asyncio.run(main())
 
 
+def test_once_a_site_proves_fast_a_burst_rides_one_connection(tmp_path):
+    """delivery.chain_wait: the backlog a working connection takes is what it sends within
+    chain_wait at the site's measured transaction time (up to backlog_per_connection, 32).
+    Unknown at first (4 per connection: 5 connections for the first burst); after that, fast
+    transactions let a whole burst wait for the one connection woken and ride it chained."""
+
+    async def main():
+        overrides = {"delivery": {"max_connections_per_site": N, "chain_wait": "1s"}}
+        async with Harness(tmp_path, {"127.0.0.2": DATA_ONLY}, overrides=overrides) as h:
+            h.mx("example.test", (10, "mx1.example.test", "127.0.0.2"))
+            await queued_burst(h, N, "first")
+            sink = await all_delivered(h, N)
+            st = h.engine.pool.stats
+            assert st.connections_opened == 5 and st.chained == N - 5
+            await queued_burst(h, N, "second")
+            await all_delivered(h, 2 * N)
+            assert st.connections_opened == 5  # idle ones woken, none opened
+            assert st.chained == (N - 5) + (N - 1)  # all but the second burst's first
+            peers = {m.peer for m in sink.messages if m.recipients[0].startswith("second")}
+            assert len(peers) == 1
+
+    asyncio.run(main())
+
+
+def test_a_slow_site_gets_a_connection_per_queued_message(tmp_path):
+    """A site whose transactions take longer than chain_wait (default 50 ms) keeps no backlog
+    per connection: once its results show it, a burst gets a connection per queued message up
+    to max_connections_per_site (Postfix's way) rather than wait to be chained."""
+
+    async def main():
+        overrides = {"delivery": {"max_connections_per_site": N}}
+        sinks = {"127.0.0.2": Behaviour(chunking=False, delay=0.05)}  # 100 ms a transaction
+        async with Harness(tmp_path, sinks, overrides=overrides) as h:
+            h.mx("example.test", (10, "mx1.example.test", "127.0.0.2"))
+            await queued_burst(h, N, "first")
+            await all_delivered(h, N)
+            st = h.engine.pool.stats
+            # 4 queued per connection while the time is unknown (5), a few more once it shows
+            assert 5 <= st.connections_opened < N
+            site = next(iter(h.engine.pool.sites.values()))
+            assert site.tx_time >= 0.1
+            chained = st.chained
+            await queued_burst(h, N, "second")
+            await all_delivered(h, 2 * N)
+            assert st.connections_opened == N  # the idle ones woken, and more up to the limit
+            assert st.chained == chained  # none waited to be chained
+
+    asyncio.run(main())
+
+
 def test_a_server_without_pipelining_gets_the_burst_spread(tmp_path):
     """No PIPELINING, no chaining: once the first connection shows it, the queued burst no
     longer waits for busy workers but gets connections of its own."""

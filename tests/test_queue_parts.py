@@ -220,14 +220,21 @@ def test_site_limits_from_config_with_domain_overrides():
         None,
         {
             "delivery": {"max_connections_per_site": 7, "backlog_per_connection": 3},
-            "domain": {"big.example": {"max_connections": 2, "backlog_per_connection": 1}},
+            "domain": {
+                "big.example": {
+                    "max_connections": 2,
+                    "backlog_per_connection": 1,
+                    "chain_wait": "20ms",
+                }
+            },
         },
     )
     plain = limits_for(c, "other.example")
     assert (plain.max_connections, plain.backlog, plain.chain) == (7, 3, True)
+    assert plain.chain_wait == 0.05  # the default
     big = limits_for(c, "Big.Example.")
-    assert (big.max_connections, big.backlog) == (2, 1)
-    assert limits_for(load_config(None, {}), None).backlog == 4  # the default
+    assert (big.max_connections, big.backlog, big.chain_wait) == (2, 1, 0.02)
+    assert limits_for(load_config(None, {}), None).backlog == 32  # the default
 
 
 @pytest.mark.parametrize(
@@ -239,6 +246,7 @@ def test_site_limits_from_config_with_domain_overrides():
         {"tls": "required"},
         {"chain_transactions": False},
         {"backlog_per_connection": 1},
+        {"chain_wait": "1s"},
     ],
 )
 def test_a_domain_with_its_own_limits_gets_its_own_site(override):

@@ -14,11 +14,15 @@ silently) is queued once more instead of counted as an attempt.
 
 How many connections work: a queued job waits for a worker already at work (starting, woken,
 or, on a chaining site, busy with a transaction it will chain the job to) as long as there are
-at most ``SiteLimits.backlog`` queued jobs per such worker; beyond that, put() wakes the most
-recently idle worker (so surplus connections stay idle and time out) or starts a new one.
-Chaining a job costs one round trip and no set-up, so a burst rides a few connections instead
-of one per job (KumoMTA also sizes its connection count by the ready queue). A site whose
-server does not offer PIPELINING does not chain, and spreads its jobs over idle workers.
+at most a *backlog* of queued jobs per such worker; beyond that, put() wakes the most recently
+idle worker (so surplus connections stay idle and time out) or starts a new one. The backlog
+is what a worker chains within ``SiteLimits.chain_wait``: that time over the site's recent
+transaction time (an average, send to final reply), 1 to ``SiteLimits.backlog``. A fast
+server (or a busy loop here, where more connections would only cost CPU) takes a burst over a
+few connections; a slow one gets a connection per queued job up to the site's limit, as
+Postfix would. Chaining a job costs one round trip and no set-up (KumoMTA also sizes its
+connection count by the ready queue). A site whose server does not offer PIPELINING does not
+chain, and spreads its jobs over idle workers.
 
 With no job, a connected worker waits ``idle_timeout``
 seconds, then says QUIT (Postfix smtp_connection_cache_time_limit). A connection is retired after
@@ -56,6 +60,8 @@ __all__ = ["AttemptInfo", "ConnectionPool", "Job", "PoolStats", "SitePool"]
 log = logging.getLogger("fastmta.delivery")
 
 NO_HOSTS = reply(451, "4.4.4", "No mail exchanger address to try")
+FIRST_BACKLOG = 4  # jobs per working connection before the site's transaction time is known
+TX_TIME_WEIGHT = 0.125  # of each new transaction time in the site's average (like TCP's SRTT)
 STOPPING = reply(451, "4.3.2", "Delivery is stopping")
 
 
@@ -125,6 +131,8 @@ class SitePool:
         self.busy = 0  # workers between taking a job and handling its (and chained) results
         # the site's policy; off once its server lost a chained transaction
         self.chaining = limits.chain
+        self.tx_time = 0.0  # average seconds from sending a transaction to its result; 0: none yet
+        self._backlog = min(FIRST_BACKLOG, limits.backlog)  # jobs per working worker (chaining)
 
     def put(self, job: Job) -> None:
         """Queue a job, and put another worker to work if it is needed."""
@@ -140,8 +148,8 @@ class SitePool:
         while True:
             working = self._starting + self._woken  # each takes a queued job first thing
             if self.chaining:
-                # a busy worker chains the next job to its current one: up to ``backlog`` each
-                working = (working + self.busy) * self.limits.backlog
+                # a busy worker chains the next job to its current one: a backlog each
+                working = (working + self.busy) * self._backlog
             if len(queue) <= working:
                 return
             while idle:
@@ -154,6 +162,20 @@ class SitePool:
                 if not self.limits.can_open() or self.pool.closing:
                     return
                 self._spawn()
+
+    def _timed(self, started: float) -> None:
+        """Fold one transaction's time into the site's average; size the backlog from it."""
+        t = time.monotonic() - started
+        avg = self.tx_time
+        avg = self.tx_time = t if not avg else avg + TX_TIME_WEIGHT * (t - avg)
+        limits = self.limits
+        n = int(limits.chain_wait / avg) if avg > 0 else limits.backlog
+        n = 1 if n < 1 else limits.backlog if n > limits.backlog else n
+        if n < self._backlog and self.queue:
+            self._backlog = n
+            self._staff()  # a slower site: the queue may need more connections now
+        else:
+            self._backlog = n
 
     def _stop_chaining(self) -> None:
         """No more chaining for this site: queued jobs no longer wait for busy workers."""
@@ -237,6 +259,8 @@ class SitePool:
                     job, info, chained = inflight[0]
                     result = await conn.result(job.message)
                     inflight.popleft()
+                    if result.mail is not NO_RESPONSE:
+                        self._timed(info.started)
                     if result.mail is NO_RESPONSE and not conn.usable and not job.retried:
                         # the connection died (closed, or silent until a timeout) before the
                         # server answered this MAIL

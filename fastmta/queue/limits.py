@@ -67,8 +67,11 @@ class SiteLimits:
     is retired (0 = unlimited; default 1000); ``messages_per_second`` across the site
     (0 = unlimited), with ``burst`` as in :class:`TokenBucket`; ``chain``: whether the next
     queued message may be sent with the end of the previous one (delivery.chain_transactions);
-    ``backlog``: while chaining, how many queued messages may wait per working connection
-    before another connection is put to work (delivery.backlog_per_connection).
+    ``backlog``: while chaining, at most how many queued messages may wait per working
+    connection before another connection is put to work (delivery.backlog_per_connection);
+    ``chain_wait``: how long a queued message may be expected to wait for a working connection
+    to chain it (delivery.chain_wait): the pool allows ``chain_wait`` / the site's recent
+    transaction time of them per connection, 1 to ``backlog``.
     """
 
     def __init__(
@@ -78,7 +81,8 @@ class SiteLimits:
         messages_per_second: float = 0.0,
         *,
         chain: bool = True,
-        backlog: int = 4,
+        backlog: int = 32,
+        chain_wait: float = 0.05,
         burst: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -86,6 +90,8 @@ class SiteLimits:
             raise ValueError("max_connections must be >= 1")
         if backlog < 1:
             raise ValueError("backlog must be >= 1")
+        if chain_wait < 0:
+            raise ValueError("chain_wait must be >= 0")
         if messages_per_connection < 0:
             raise ValueError("messages_per_connection must be >= 0 (0 = unlimited)")
         self.max_connections = max_connections
@@ -93,6 +99,7 @@ class SiteLimits:
         self.bucket = TokenBucket(messages_per_second, burst, clock)
         self.chain = chain
         self.backlog = backlog
+        self.chain_wait = chain_wait
         self.active = 0
 
     def can_open(self) -> bool:

@@ -26,6 +26,7 @@ def limits_for(
     rate = d.messages_per_second
     chain = d.chain_transactions
     backlog = d.backlog_per_connection
+    chain_wait = d.chain_wait
     policy = config.domain.get(domain.lower().rstrip(".")) if domain else None
     if policy is not None:
         if policy.max_connections is not None:
@@ -38,4 +39,8 @@ def limits_for(
             chain = policy.chain_transactions
         if policy.backlog_per_connection is not None:
             backlog = policy.backlog_per_connection
-    return SiteLimits(max_conn, per_conn, rate, chain=chain, backlog=backlog, clock=clock)
+        if policy.chain_wait is not None:
+            chain_wait = policy.chain_wait
+    return SiteLimits(
+        max_conn, per_conn, rate, chain=chain, backlog=backlog, chain_wait=chain_wait, clock=clock
+    )
