@@ -141,6 +141,10 @@ def _dec_hook(typ: type, obj: Any) -> Any:
 
 _STRUCT = {"forbid_unknown_fields": True, "kw_only": True}
 
+# Outbound TLS (delivery.tls, per domain too). Postfix smtp_tls_security_level: may, none,
+# encrypt, verify (a certificate that chains to a trusted CA and names the MX host).
+TLS_MODES = ("opportunistic", "none", "required", "verify")
+
 
 class ServerConfig(msgspec.Struct, **_STRUCT):
     hostname: str = ""  # "" -> socket.getfqdn()
@@ -243,8 +247,11 @@ class QueueConfig(msgspec.Struct, **_STRUCT):
 class DeliveryConfig(msgspec.Struct, **_STRUCT):
     port: int = 25
     helo_name: str = ""  # "" -> server.hostname
-    tls: str = "opportunistic"  # "opportunistic" | "none" | "required"
+    tls: str = "opportunistic"  # "opportunistic" | "none" | "required" | "verify"
     tls_verify: bool = False
+    tls_ca_file: str = ""  # "" -> the system CAs
+    mta_sts: bool = True  # RFC 8461
+    mta_sts_port: int = 443  # HTTPS port of mta-sts.<domain> (443; tests change it)
     connect_timeout: Duration = Duration(30)
     greeting_timeout: Duration = Duration(300)
     mail_timeout: Duration = Duration(300)
@@ -284,12 +291,18 @@ class DomainPolicy(msgspec.Struct, **_STRUCT):
     chain_transactions: bool | None = None
     backlog_per_connection: int | None = None
     chain_wait: Duration | None = None
+    mta_sts: bool | None = None
     route: str | None = None  # "[10.1.2.3]:2525" or "host:port"
 
     def has_own_limits(self) -> bool:
-        """True when anything but the route is overridden: the domain then gets a delivery
-        site of its own, so its limits never apply to other domains sharing its MX hosts."""
-        return any(getattr(self, f) is not None for f in self.__struct_fields__ if f != "route")
+        """True when anything but the route (or MTA-STS) is overridden: the domain then gets a
+        delivery site of its own, so its limits never apply to other domains sharing its MX
+        hosts."""
+        return any(
+            getattr(self, f) is not None
+            for f in self.__struct_fields__
+            if f not in ("route", "mta_sts")
+        )
 
 
 class Config(msgspec.Struct, **_STRUCT):
@@ -647,7 +660,11 @@ def validate(config: Config) -> None:
     dl = config.delivery
     if not 1 <= dl.port <= 65535:
         raise _fail("delivery.port", f"must be 1..65535, got {dl.port}")
-    _choice("delivery.tls", dl.tls, ("opportunistic", "none", "required"))
+    _choice("delivery.tls", dl.tls, TLS_MODES)
+    if dl.tls_ca_file and not os.path.isfile(dl.tls_ca_file):
+        raise _fail("delivery.tls_ca_file", f"file not found: {dl.tls_ca_file}")
+    if not 1 <= dl.mta_sts_port <= 65535:
+        raise _fail("delivery.mta_sts_port", f"must be 1..65535, got {dl.mta_sts_port}")
     for name in (
         "connect_timeout", "greeting_timeout", "mail_timeout", "rcpt_timeout", "data_timeout",
         "data_block_timeout", "data_done_timeout", "idle_timeout",
@@ -679,7 +696,7 @@ def validate(config: Config) -> None:
         if pol.backlog_per_connection is not None:
             _at_least(f"{k}.backlog_per_connection", pol.backlog_per_connection, 1)
         if pol.tls is not None:
-            _choice(f"{k}.tls", pol.tls, ("opportunistic", "none", "required"))
+            _choice(f"{k}.tls", pol.tls, TLS_MODES)
         if pol.route is not None:
             _hostport(f"{k}.route", pol.route, 25)
 

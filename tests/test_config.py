@@ -297,7 +297,7 @@ def test_overrides_are_validated_like_the_file(tmp_path):
         ("[queue]\nretry_jitter = 1.5", "config error: queue.retry_jitter: must be in [0, 1)"),
         (
             '[delivery]\ntls = "maybe"',
-            'config error: delivery.tls: expected "opportunistic", "none", "required", got "maybe"',
+            'config error: delivery.tls: expected "opportunistic", "none", "required", "verify", got "maybe"',
         ),
         ("[delivery]\nport = 0", "config error: delivery.port: must be 1..65535"),
         (

@@ -35,6 +35,7 @@ from fastmta.config import Config
 from fastmta.delivery.bounce import Failure, make_dsn
 from fastmta.delivery.local import LocalDelivery
 from fastmta.delivery.maildir import MaildirDelivery
+from fastmta.delivery.mtasts import MtaSts, enforce, fetch_policy
 from fastmta.delivery.pool import AttemptInfo, ConnectionPool, Job
 from fastmta.delivery.routing import Route, Router
 from fastmta.delivery.smtp import Timeouts
@@ -144,14 +145,21 @@ class DeliveryEngine:
             max_in_memory=q.max_in_memory,
             recipients_per_transaction=q.recipients_per_transaction,
         )
+        ca_file = d.tls_ca_file or None
+        verifying = client_context(True, ca_file)
         self.pool = ConnectionPool(
             self._on_result,
             helo_name=d.helo_name or self.hostname,
             timeouts=Timeouts.from_config(d),
             idle_timeout=d.idle_timeout,
-            tls_context=client_context(d.tls_verify),
+            tls_context=client_context(d.tls_verify, ca_file),
             tls_verify=d.tls_verify,
+            verify_context=verifying,
             source_address=d.source_address or None,
+        )
+        # MTA-STS policies (RFC 8461) of the domains delivered to their own MX hosts
+        self.sts = MtaSts(
+            resolver, lambda domain: fetch_policy(domain, resolver, verifying, port=d.mta_sts_port)
         )
         lc = config.local
         users = lc.users_by_domain() or None
@@ -177,8 +185,10 @@ class DeliveryEngine:
         self._held: dict[str, StoredMessage] = {}  # on hold, out of the scheduler
         self._suspended: dict[str, suspend.Suspension] = {}  # by domain (queue/suspend.py)
         self._suspension_timer: asyncio.TimerHandle | None = None  # the next one to run out
-        self._dest_cache: dict[tuple[str, bool], Destination] = {}
-        self._resolving: dict[tuple[str, bool], list[Job]] = {}
+        # (lookup, bracketed, sts) -> the hosts to try, and the route MTA-STS made of the
+        # domain's own (tls "verify"), if its policy is enforced
+        self._dest_cache: dict[tuple[str, bool, bool], tuple[Destination, Route | None]] = {}
+        self._resolving: dict[tuple[str, bool, bool], list[Job]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._kicked = False
@@ -640,10 +650,10 @@ class DeliveryEngine:
             if route.kind == "local":
                 self._spawn(self._deliver_local(job))
                 continue
-            key = (route.lookup, route.bracketed)
-            dest = self._dest_cache.get(key)
-            if dest is not None and dest.expires > self.resolver.clock():
-                self._dispatch(job, route, dest)
+            key = (route.lookup, route.bracketed, route.sts)
+            hit = self._dest_cache.get(key)
+            if hit is not None and hit[0].expires > self.resolver.clock():
+                self._dispatch(job, hit[1] or route, hit[0])
             elif key in self._resolving:  # one resolution per domain at a time
                 self._resolving[key].append(job)
             else:
@@ -661,29 +671,46 @@ class DeliveryEngine:
 
     def _dispatch(self, job: Job, route: Route, dest: Destination) -> None:
         job.destination = dest
+        job.route = route
         key = Router.site_key(route, dest)
         domain = job.domain if route.tag else None
         self.pool.site(key, lambda: limits_for(self.config, domain)).put(job)
 
-    async def _resolve(self, key: tuple[str, bool], route: Route) -> None:
+    async def _resolve(self, key: tuple[str, bool, bool], route: Route) -> None:
         try:
-            dest = await Router.destination(route, self.resolver)
+            found = await self._destination(route)
         except DnsError as e:
-            r = reply(e.code, e.enhanced, e.text)
-            for job in self._resolving.pop(key, []):
-                await self._on_result(job, [r] * len(job.message.recipients), AttemptInfo())
-            return
+            found = reply(e.code, e.enhanced, e.text)
         except BaseException:
             self._resolving.pop(key, None)
             raise
+        if isinstance(found, Reply):
+            for job in self._resolving.pop(key, []):
+                await self._on_result(job, [found] * len(job.message.recipients), AttemptInfo())
+            return
+        dest, sts_route = found
         if len(self._dest_cache) > 100_000:
             self._dest_cache.clear()
-        self._dest_cache[key] = dest
+        self._dest_cache[key] = (dest, sts_route)
         jobs = self._resolving.pop(key, [])
         if self._stopping:
             return
         for job in jobs:
-            self._dispatch(job, job.route, dest)  # type: ignore[arg-type]
+            self._dispatch(job, sts_route or job.route, dest)  # type: ignore[arg-type]
+
+    async def _destination(self, route: Route) -> tuple[Destination, Route | None] | Reply:
+        """The hosts to try for ``route``. For a domain's own MX hosts with an enforced MTA-STS
+        policy: only those it names, and the route to them with tls "verify"; the reply that
+        defers the mail when it names none. Raises DnsError."""
+        dest = await Router.destination(route, self.resolver)
+        if not route.sts:
+            return dest, None
+        applied = enforce(await self.sts.policy(route.lookup), route.lookup, dest)
+        if applied is None:
+            return dest, None
+        if isinstance(applied, Reply):
+            return applied
+        return applied, msgspec.structs.replace(route, tls="verify")
 
     async def _deliver_local(self, job: Job) -> None:
         started = time.monotonic()

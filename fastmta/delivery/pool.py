@@ -363,6 +363,7 @@ class ConnectionPool:
         idle_timeout: float = 30.0,
         tls_context: ssl.SSLContext | None = None,
         tls_verify: bool = False,
+        verify_context: ssl.SSLContext | None = None,
         source_address: str | None = None,
         max_addresses: int = 10,
         use_pipelining: bool = True,
@@ -374,6 +375,7 @@ class ConnectionPool:
         self.idle_timeout = idle_timeout
         self.tls_context = tls_context
         self.tls_verify = tls_verify
+        self.verify_context = verify_context  # for routes whose tls is "verify"
         self.source_address = source_address or None
         self.max_addresses = max_addresses  # Postfix smtp_mx_address_limit-like bound
         self.use_pipelining = use_pipelining
@@ -429,7 +431,7 @@ class ConnectionPool:
             helo_name=self.helo_name,
             timeouts=self.timeouts,
             tls=tls,
-            tls_context=self.tls_context,
+            tls_context=self.verify_context if tls == "verify" else self.tls_context,
             source_address=self.source_address,
             auth=route.auth,
             use_pipelining=self.use_pipelining,

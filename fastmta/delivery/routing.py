@@ -23,16 +23,15 @@ from fastmta.dns.mx import address_literal
 
 __all__ = ["Route", "Router", "is_loopback"]
 
-TLS_MODES = ("none", "opportunistic", "required")
-
 
 class Route(msgspec.Struct, frozen=True):
     """How to deliver to one recipient domain.
 
     ``kind``: "local" (Maildir) or "smtp". ``lookup``: the name to resolve; ``bracketed``: use
     ``lookup`` as the host itself (no MX lookup). ``port``: TCP port. ``tls``: "none" |
-    "opportunistic" | "required". ``auth``: (username, password) for AUTH, relayhost only.
-    ``tag``: extra site-key text; domains with per-domain limits get their own site.
+    "opportunistic" | "required" | "verify". ``auth``: (username, password) for AUTH, relayhost
+    only. ``tag``: extra site-key text; domains with per-domain limits get their own site.
+    ``sts``: the recipient domain's own MX hosts, so its MTA-STS policy applies (mtasts.py).
     """
 
     kind: str
@@ -42,6 +41,7 @@ class Route(msgspec.Struct, frozen=True):
     tls: str = "opportunistic"
     auth: tuple[str, str] | None = None
     tag: str = ""
+    sts: bool = False
 
 
 def is_loopback(address: str) -> bool:
@@ -101,7 +101,10 @@ class Router:
         policy = self.config.domain.get(domain.rstrip("."))
         tls = self._tls
         tag = ""
+        sts = self.config.delivery.mta_sts
         if policy is not None:
+            if policy.mta_sts is not None:
+                sts = policy.mta_sts
             if policy.tls is not None:
                 tls = policy.tls
             if policy.has_own_limits():
@@ -112,7 +115,7 @@ class Router:
         if self._relay is not None:
             host, bracketed, port = self._relay
             return Route("smtp", host, bracketed, port, tls, self._relay_auth, tag)
-        return Route("smtp", domain, False, self._port, tls, None, tag)
+        return Route("smtp", domain, False, self._port, tls, None, tag, sts)
 
     @staticmethod
     def site_key(route: Route, dest: Destination) -> str:

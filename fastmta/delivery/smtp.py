@@ -336,7 +336,9 @@ async def open_connection(
     """Connect to ``ip``:``port`` (MX ``host``) and get to a state ready for transactions.
 
     ``tls``: "none" never STARTTLS; "opportunistic" when offered; "required": no STARTTLS or a
-    failed handshake raises ConnectError 451 4.7.5. ``auth`` (username, password): AUTH after
+    failed handshake raises ConnectError 451 4.7.5; "verify": as required, and the certificate
+    must chain to a CA of ``tls_context`` (a verifying one) and name ``host`` (the MX name,
+    also sent as SNI; RFC 8461 4.2, Postfix "verify"). ``auth`` (username, password): AUTH after
     TLS, or in clear only to a loopback address. Raises ConnectError for every failure (connect
     refused/timeout, 4xx/5xx greeting, 421, EHLO refused, TLS, AUTH); the caller tries the next
     address. ``ConnectError.tls_failed`` marks a failed opportunistic handshake.
@@ -367,6 +369,9 @@ async def open_connection(
             if isinstance(ev, StartTLS):
                 ctx = tls_context or _default_context()
                 sni = host if host and not _is_ip(host) else None
+                if tls == "verify" and (sni is None or not ctx.check_hostname):
+                    conn.abort()  # no name to check: never a certificate we cannot verify
+                    raise ConnectError(reply(451, "4.7.5", f"{TLS_FAILED}: no host name"))
                 await conn.start_tls(ctx, sni)
                 ev = await conn.next_event()
             elif isinstance(ev, Failed) and tls == "opportunistic" and ev.reply.code != 421:
@@ -377,14 +382,14 @@ async def open_connection(
             raise ConnectError(ev.reply)
         if not isinstance(ev, Ready):
             raise ConnectError(reply(451, "4.4.2", f"Unexpected session event {ev!r}"))
-        if tls == "required" and not conn.tls:
+        if tls in ("required", "verify") and not conn.tls:
             raise ConnectError(TLS_NOT_OFFERED)
         if auth is not None and ev.capabilities.auth:
             if not conn.tls and not is_loopback(ip):
                 raise ConnectError(AUTH_NOT_SECURE)
             await conn.authenticate(*auth)
     except ConnectError as e:
-        if e.tls_failed and tls == "required":
+        if e.tls_failed and tls in ("required", "verify"):
             e.tls_failed = False
         conn.close(quit=True)
         raise

@@ -24,10 +24,10 @@ import msgspec
 
 __all__ = ["Answer", "DnsClient", "QType", "parse_nameserver"]
 
-QType = Literal["A", "AAAA", "MX"]
+QType = Literal["A", "AAAA", "MX", "TXT"]
 Status = Literal["ok", "nodata", "nxdomain", "badname", "fail"]
 
-_TYPE_CODES = {qtype: aiodns.query_type_map[qtype] for qtype in ("A", "AAAA", "MX")}
+_TYPE_CODES = {qtype: aiodns.query_type_map[qtype] for qtype in ("A", "AAAA", "MX", "TXT")}
 _HAS_QUERY_DNS = hasattr(aiodns.DNSResolver, "query_dns")
 
 # c-ares status codes (aiodns.error) that are answers rather than failures.
@@ -41,8 +41,10 @@ _STATUS_BY_ERRNO: dict[int, Status] = {
 class Answer(msgspec.Struct, frozen=True):
     """The outcome of one question.
 
-    ``values``: addresses (A, AAAA) or ``(preference, exchange)`` pairs (MX, exchange
-    lower-cased without the trailing dot; ``""`` is the root, i.e. a null MX). ``ttl``: the
+    ``values``: addresses (A, AAAA), ``(preference, exchange)`` pairs (MX, exchange
+    lower-cased without the trailing dot; ``""`` is the root, i.e. a null MX) or the texts of
+    the records (TXT: each record's strings joined, RFC 7208 3.3, decoded as UTF-8 with
+    replacement). ``ttl``: the
     smallest TTL of the answer records, CNAMEs included (RFC 2181 section 5.2). ``detail``:
     the c-ares error text when ``status`` is ``"fail"`` (SERVFAIL, timeout, refused, ...).
     """
@@ -155,6 +157,8 @@ def _from_dns_result(result: Any, qtype: QType) -> Answer:
         data = record.data
         if qtype == "MX":
             values.append((int(data.priority), data.exchange.lower().rstrip(".")))
+        elif qtype == "TXT":
+            values.append(_text(data.data))
         else:
             values.append(data.addr)
     if not values:
@@ -166,8 +170,14 @@ def _from_legacy(records: Any, qtype: QType) -> Answer:
     """Classify an aiodns 3 ``query()`` result (a list of pycares 4 result objects)."""
     if qtype == "MX":
         values = tuple((int(r.priority), r.host.lower().rstrip(".")) for r in records)
+    elif qtype == "TXT":
+        values = tuple(_text(r.text) for r in records)
     else:
         values = tuple(r.host for r in records)
     if not values:
         return Answer("nodata")
     return Answer("ok", values, min(int(r.ttl) for r in records))
+
+
+def _text(data: bytes | str) -> str:
+    return data.decode("utf-8", "replace") if isinstance(data, bytes) else data

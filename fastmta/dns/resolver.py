@@ -177,6 +177,15 @@ class Resolver:
             raise DnsError.lookup_failed(name, "SERVFAIL or timeout for A/AAAA")
         return found
 
+    async def txt(self, name: str) -> tuple[str, ...] | None:
+        """The TXT records of ``name`` (each one's strings joined), cached by TTL; ``()`` when
+        there are none (NXDOMAIN or NODATA), ``None`` when the lookup failed (SERVFAIL,
+        timeout): the caller tells "no record" from "cannot know"."""
+        answer, _ = await self._lookup(normalize_domain(name), "TXT")
+        if answer.status == "ok":
+            return answer.values
+        return None if answer.status == "fail" else ()
+
     def clear_cache(self) -> None:
         """Forget every cached answer and destination (queries in flight still finish)."""
         self._records.clear()
