@@ -220,6 +220,9 @@ def certs(tmp_path):
         ),
         (http("<html>", ctype="text/html"), "text/plain"),
         (http("x" * (65 << 10)), "64 KiB"),
+        (b"HTTP/1.1 200 OK\r\nContent-Type: text/pl", "cut short|closed before"),
+        (b"HTTP/1.1 200 OK\r\nX-Filler: " + b"y" * (20 << 10) + b"\r\n\r\n", "too long"),
+        (b"SSH-2.0-OpenSSH\r\n\r\n", "not an HTTP response"),
     ],
 )
 def test_fetch_over_https(certs, response, error):

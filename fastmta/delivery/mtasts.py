@@ -124,7 +124,7 @@ async def fetch_policy(
     """GET the policy of ``domain`` over HTTPS (RFC 8461 3.3). The host ``mta-sts.<domain>``
     is resolved through ``resolver``; its certificate must be valid for that name under
     ``context``. Raises OSError, ssl.SSLError, TimeoutError, DnsError or ValueError (not 200,
-    a redirect, not text/plain, too big, not UTF-8)."""
+    a redirect, not text/plain, too big, cut short, not UTF-8)."""
     host = f"mta-sts.{domain}"
     addresses = await resolver.addresses(host)
     if not addresses:
@@ -136,9 +136,12 @@ async def fetch_policy(
                 f"GET {WELL_KNOWN} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: fastmta\r\n"
                 "Accept: text/plain\r\nConnection: close\r\n\r\n".encode("ascii")
             )
-            head = await reader.readuntil(b"\r\n\r\n")
-            if len(head) > MAX_HEADER_BYTES:
-                raise ValueError("response header too long")
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                raise ValueError("connection closed before a complete response") from None
+            except asyncio.LimitOverrunError:
+                raise ValueError("response header too long") from None
             status, headers = _parse_head(head)
             if status != 200:  # 3.3: redirects are not followed
                 raise ValueError(f"HTTP status {status} from https://{host}{WELL_KNOWN}")
@@ -237,8 +240,9 @@ class MtaSts:
             return cached  # no record (or DNS trouble): the cached policy while valid
         try:
             policy = parse_policy(await self.fetch(domain), sts_id)
-        except (OSError, ssl.SSLError, TimeoutError, ValueError, DnsError, UnicodeError) as e:
-            log.warning("MTA-STS policy of %s (id %s) not fetched: %s", domain, sts_id, e)
+        except Exception as e:  # whatever the network or the file holds: no new policy
+            why = str(e) or type(e).__name__
+            log.warning("MTA-STS policy of %s (id %s) not fetched: %s", domain, sts_id, why)
             return cached
         if len(self._cache) >= self.max_entries:
             self._cache.clear()
