@@ -123,7 +123,7 @@ class SegmentWriter:
         self._io = (io_thread or IoThread)()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._then: Callable[[int, int], None] | None = None  # handles the request in flight
-        self._scheduled = False  # _advance is due (call_soon or the commit delay)
+        self._due: asyncio.Handle | None = None  # _advance called soon, or after the delay
         self._delayed = False  # the commit delay for the next group has been waited
         self._stopped = False
 
@@ -137,9 +137,8 @@ class SegmentWriter:
     def submit(self, ticket: Ticket) -> None:
         """Queue a ticket. Never blocks."""
         self._queue.append(ticket)
-        if not self._scheduled and self._then is None:
-            self._scheduled = True
-            self._loop.call_soon(self._advance)
+        if self._due is None and self._then is None:
+            self._call()
 
     def join(self, timeout: float | None = None) -> None:
         """Wait for the I/O thread to end (after STOP); any thread."""
@@ -151,20 +150,38 @@ class SegmentWriter:
         self._io.submit(fd, bufs, offset, sync)
 
     def _io_done(self) -> None:
-        for written, err in self._io.results():
+        done = self._io.results()
+        for written, err in done:
             then, self._then = self._then, None
             if then is not None:
                 then(written, err)
+        if done:
+            self._advance()
+
+    def _call(self, delay: float = 0.0) -> None:
+        """Have _advance run soon, or after ``delay`` (the commit delay): one call pending at
+        most, a delay replacing a sooner call."""
+        due = self._due
+        if due is not None:
+            if not delay:
+                return
+            due.cancel()
+        if delay:
+            self._due = self._loop.call_later(delay, self._on_due, True)
+        else:
+            self._due = self._loop.call_soon(self._on_due, False)
+
+    def _on_due(self, delayed: bool) -> None:
+        self._due = None
+        if delayed:
+            self._delayed = True
         self._advance()
 
-    def _advance(self, delayed: bool = False) -> None:
+    def _advance(self) -> None:
         """Work through the queue in order until a request is in flight or nothing is left.
 
         Records whose group failed (``_retry``) go out with the next group, before the queue's
         head; a flush or close queued when they failed reports the failure instead."""
-        self._scheduled = False
-        if delayed:
-            self._delayed = True
         q = self._queue
         while self._then is None and not self._stopped and q:
             t = q[0]
@@ -193,8 +210,7 @@ class SegmentWriter:
         delay = self._commit_delay
         if self._delayed or not delay or time.monotonic() - self._last_sync >= BUSY_WINDOW:
             return False
-        self._scheduled = True
-        self._loop.call_later(delay, self._advance, True)
+        self._call(delay)
         return True
 
     def _must_roll(self, t: Ticket) -> bool:
