@@ -5,6 +5,7 @@ loopback, with certificates from a test CA bundle."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 
 import pytest
@@ -200,6 +201,26 @@ def certs(tmp_path):
     return {"web": web, "mx": mx, "stranger": stranger, "bundle": str(bundle)}
 
 
+@contextlib.asynccontextmanager
+async def policy_fetcher(cert: tuple[str, str], bundle: str, response: bytes):
+    """A policy host for mta-sts.example.test with ``cert``, the DNS test server that names
+    it, and ``fetch(domain)`` trusting ``bundle``; yields (fetch, host, dns, resolver)."""
+    host = await PolicyHost(*cert, response).start()
+    with DnsTestServer() as dns:
+        dns.add_a("mta-sts.example.test", "127.0.0.1")
+        resolver = Resolver([dns.address], timeout=1, tries=1)
+        ctx = client_context(True, bundle)
+
+        def fetch(domain: str):
+            return fetch_policy(domain, resolver, ctx, port=host.port)
+
+        try:
+            yield fetch, host, dns, resolver
+        finally:
+            host.close()
+            resolver.close()
+
+
 @pytest.mark.parametrize(
     "response, error",
     [
@@ -227,23 +248,14 @@ def certs(tmp_path):
 )
 def test_fetch_over_https(certs, response, error):
     async def main():
-        host = await PolicyHost(*certs["web"], response).start()
-        with DnsTestServer() as dns:
-            dns.add_a("mta-sts.example.test", "127.0.0.1")
-            resolver = Resolver([dns.address], timeout=1, tries=1)
-            ctx = client_context(True, certs["bundle"])
-            try:
-                if error is None:
-                    text = await fetch_policy("example.test", resolver, ctx, port=host.port)
-                    assert parse_policy(text).mx == ("mx1.example.test",)
-                    assert host.requests[0].startswith(b"GET /.well-known/mta-sts.txt HTTP/1.")
-                    assert b"\r\nHost: mta-sts.example.test\r\n" in host.requests[0]
-                else:
-                    with pytest.raises(ValueError, match=error):
-                        await fetch_policy("example.test", resolver, ctx, port=host.port)
-            finally:
-                host.close()
-                resolver.close()
+        async with policy_fetcher(certs["web"], certs["bundle"], response) as (fetch, host, _, _):
+            if error is None:
+                assert parse_policy(await fetch("example.test")).mx == ("mx1.example.test",)
+                assert host.requests[0].startswith(b"GET /.well-known/mta-sts.txt HTTP/1.")
+                assert b"\r\nHost: mta-sts.example.test\r\n" in host.requests[0]
+            else:
+                with pytest.raises(ValueError, match=error):
+                    await fetch("example.test")
 
     asyncio.run(main())
 
@@ -251,21 +263,14 @@ def test_fetch_over_https(certs, response, error):
 def test_fetch_refuses_a_certificate_for_another_name(certs):
     async def main():
         body = http(policy_text("enforce", "mx1.example.test"))
-        host = await PolicyHost(*certs["stranger"], body).start()
-        with DnsTestServer() as dns:
-            dns.add_a("mta-sts.example.test", "127.0.0.1")
-            resolver = Resolver([dns.address], timeout=1, tries=1)
-            ctx = client_context(True, certs["bundle"])
-            try:
-                with pytest.raises(ssl.SSLError):
-                    await fetch_policy("example.test", resolver, ctx, port=host.port)
-                dns.remove("mta-sts.example.test")
-                resolver.clear_cache()
-                with pytest.raises((ValueError, DnsError)):
-                    await fetch_policy("example.test", resolver, ctx, port=host.port)
-            finally:
-                host.close()
-                resolver.close()
+        fetcher = policy_fetcher(certs["stranger"], certs["bundle"], body)
+        async with fetcher as (fetch, _, dns, resolver):
+            with pytest.raises(ssl.SSLError):
+                await fetch("example.test")
+            dns.remove("mta-sts.example.test")
+            resolver.clear_cache()
+            with pytest.raises((ValueError, DnsError)):
+                await fetch("example.test")
 
     asyncio.run(main())
 
@@ -274,12 +279,20 @@ def test_fetch_refuses_a_certificate_for_another_name(certs):
 
 
 def run_delivery(
-    tmp_path, certs, policy: str, sink: str, mx_hosts=None, txt=True, extra_sinks=None
+    tmp_path,
+    certs,
+    policy: str,
+    sink: str,
+    mx_hosts=None,
+    txt=True,
+    extra_sinks=None,
+    domains: dict | None = None,
 ):
     """One message to u@example.test whose MX mx1.example.test (127.0.0.2) is a sink that
     offers STARTTLS with a certificate from the bundle (``tls``), one for another name
     (``stranger``) or no STARTTLS (``plain``). Returns the delivery log's attempt lines, the
-    policy host's requests and the connections each sink accepted."""
+    policy host's requests and the connections each sink accepted. ``domains``: the
+    [domain."x"] sections of the configuration."""
     mx_cert = {"tls": certs["mx"], "stranger": certs["stranger"]}.get(sink)
     behaviour = (
         Behaviour(starttls=True, cert=mx_cert[0], key=mx_cert[1]) if mx_cert else Behaviour()
@@ -290,6 +303,7 @@ def run_delivery(
         host = await PolicyHost(*certs["web"], http(policy)).start()
         overrides = {
             "delivery": {"tls_ca_file": certs["bundle"], "mta_sts_port": host.port},
+            "domain": domains or {},
         }
         try:
             async with Harness(tmp_path, sinks, overrides=overrides) as h:
@@ -366,30 +380,12 @@ def test_testing_mode_and_no_policy_deliver_as_usual(tmp_path, certs):
 
 
 def test_mta_sts_can_be_switched_off_per_domain(tmp_path, certs):
-    recs, requests = run_delivery_off(tmp_path, certs)
+    off = {"example.test": {"mta_sts": False}}
+    recs, requests, _ = run_delivery(
+        tmp_path, certs, policy_text("enforce", "x.test"), "plain", domains=off
+    )
     assert [(r["outcome"], r["tls"]) for r in recs] == [("delivered", False)]
     assert requests == []
-
-
-def run_delivery_off(tmp_path, certs):
-    async def main():
-        host = await PolicyHost(*certs["web"], http(policy_text("enforce", "x.test"))).start()
-        overrides = {
-            "delivery": {"tls_ca_file": certs["bundle"], "mta_sts_port": host.port},
-            "domain": {"example.test": {"mta_sts": False}},
-        }
-        try:
-            async with Harness(tmp_path, {"127.0.0.2": Behaviour()}, overrides=overrides) as h:
-                h.mx("example.test", (10, "mx1.example.test", "127.0.0.2"))
-                h.dns.add_a("mta-sts.example.test", "127.0.0.1")
-                h.dns.set("_mta-sts.example.test", "TXT", ['"v=STSv1; id=1"'])
-                await h.send("a@sender.test", ["u@example.test"])
-                await h.until(lambda: len(h.records()) >= 1)
-                return h.records(), host.requests
-        finally:
-            host.close()
-
-    return asyncio.run(main())
 
 
 @pytest.mark.parametrize("sink, outcome", [("tls", "delivered"), ("stranger", "deferred")])
