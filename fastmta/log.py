@@ -8,6 +8,9 @@ that one queue id traces a message from its arrival to its last recipient: encod
 reused msgspec Encoder into one buffer,
 written when the buffer passes ``buffer_size`` bytes, at least every ``flush_interval`` seconds
 (a timer on the running event loop, or immediately when there is no loop), and on close.
+Before each write it checks that its path still names the file it has open, and opens the path
+again when logrotate (or anyone) moved or removed it, as WatchedFileHandler does, so rotation
+needs no signal and no copytruncate.
 """
 
 from __future__ import annotations
@@ -124,7 +127,26 @@ class DeliveryLog:
         self._timer: asyncio.TimerHandle | None = None
         self._failed = False
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        self._fd: int | None = None
+        self._identity = (0, 0)  # (st_dev, st_ino) of the open file
+        self._open()
+
+    def _open(self) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        st = os.fstat(fd)
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd, self._identity = fd, (st.st_dev, st.st_ino)
+
+    def _follow_rotation(self) -> None:
+        """Open the path again if it no longer names the open file (moved or removed)."""
+        try:
+            st = os.stat(self.path)
+            moved = (st.st_dev, st.st_ino) != self._identity
+        except FileNotFoundError:
+            moved = True
+        if moved:
+            self._open()
 
     def write(self, record: DeliveryRecord | ReceptionRecord) -> None:
         """Buffer one record; flushed within ``flush_interval`` seconds."""
@@ -154,6 +176,7 @@ class DeliveryLog:
             return
         data, self._buf = self._buf, bytearray()
         try:
+            self._follow_rotation()
             view = memoryview(data)
             while view:
                 n = os.write(self._fd, view)

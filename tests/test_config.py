@@ -444,6 +444,28 @@ def test_delivery_log_buffers_then_flushes_within_interval(tmp_path):
     asyncio.run(run())
 
 
+def test_delivery_log_follows_logrotate(tmp_path):
+    """Rotation by rename (logrotate's default "create") or removal: the next write goes to a
+    new file at the configured path, no signal needed."""
+    path = tmp_path / "delivery.log"
+
+    def queue_ids(p):
+        return [msgspec.json.decode(x)["queue_id"] for x in p.read_bytes().splitlines()]
+
+    log = DeliveryLog(str(path))
+    log.write(DeliveryRecord(queue_id="q1", recipient="a@b.c", outcome="delivered"))
+    log.flush()
+    path.rename(tmp_path / "delivery.log.1")
+    log.write(DeliveryRecord(queue_id="q2", recipient="a@b.c", outcome="delivered"))
+    log.flush()
+    assert queue_ids(tmp_path / "delivery.log.1") == ["q1"]
+    assert queue_ids(path) == ["q2"]  # a new file, not the rotated one
+    path.unlink()
+    log.write(DeliveryRecord(queue_id="q3", recipient="a@b.c", outcome="delivered"))
+    log.close()
+    assert queue_ids(path) == ["q3"]
+
+
 def test_setup_logging_to_file(tmp_path):
     path = tmp_path / "fastmta.log"
     root = logging.getLogger()
