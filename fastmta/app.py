@@ -19,12 +19,11 @@ import sys
 import time
 from collections.abc import Callable
 
-from . import __version__, loop
+from . import __version__, build_kind, loop
 from .anvil import ConnectionCounts
 from .config import Config, ConfigError, parse_hostport
 from .dkim import Signers
 from .log import DeliveryLog, ReceptionRecord, setup_logging
-from .protocol.parse import IMPLEMENTATION
 from .spool import Spool, SpoolError
 from .spool.records import StoredMessage
 
@@ -33,11 +32,12 @@ log = logging.getLogger("fastmta")
 ADOPT_INTERVAL = 1.0  # seconds between looks into <spool>/incoming (fastmta send)
 STOP_TIMEOUT = 30.0  # seconds a stopping worker gives in-flight transactions
 CRASH_WINDOW = 5.0  # a worker dying this soon after start is a start-up failure
-# The spool's writer thread needs the GIL twice per group commit (to pick up the batch, and
-# to wake the loop after fdatasync); with CPython's default 5 ms switch interval a busy loop
-# makes every SMTP session wait up to 10 ms for its 250. Measured with smtp-source (20
-# sessions, 1 KiB, 1 worker, delivery held): 0.005 -> ~3,400 msg/s, 0.0002 -> ~4,200 msg/s;
-# with the spool's commit_delay, end to end: 0.005 -> ~2,900, 0.001 -> ~3,300, 0.0002 -> ~3,200.
+# A Python thread that needs the GIL while the loop is busy waits up to the switch interval
+# (CPython's default 5 ms) each time. The compiled spool I/O thread never needs it; the
+# pure-Python twin's does, twice per group commit, as do the executor threads (Maildir
+# delivery). Measured with the twin's Python writer thread (smtp-source, 20 sessions, 1 KiB,
+# 1 worker, delivery held): 0.005 -> ~3,400 msg/s, 0.0002 -> ~4,200 msg/s; with the spool's
+# commit_delay, end to end: 0.005 -> ~2,900, 0.001 -> ~3,300, 0.0002 -> ~3,200.
 SWITCH_INTERVAL = 0.001
 
 
@@ -80,6 +80,7 @@ class Worker:
         self._compactor: asyncio.Task[None] | None = None
         self.delivery_log: DeliveryLog | None = None
         self.control = None  # fastmta.control.ControlServer (fastmta queue ...)
+        self.metrics = None  # fastmta.metrics.MetricsServer: worker 0, server.metrics_listen
         self.dkim = Signers()  # DKIM signers by domain (fastmta/dkim.py), loaded by start()
 
     async def start(self) -> None:
@@ -140,6 +141,11 @@ class Worker:
         root = config.server.spool_dir
         self.control = ControlServer(root, self.index, self.count, self.engine, self.spool)
         await self.control.start()
+        if self.index == 0 and config.server.metrics_listen:
+            from .metrics import MetricsServer
+
+            self.metrics = MetricsServer(parse_hostport(config.server.metrics_listen, 9125), root)
+            await self.metrics.start()
         if recovered:
             log.info(
                 "worker %d: recovered %d message(s) from the spool", self.index, len(recovered)
@@ -207,6 +213,8 @@ class Worker:
         await self._stop.wait()
 
     async def stop(self) -> None:
+        if self.metrics is not None:
+            await self.metrics.close()
         if self.control is not None:
             await self.control.stop()
         for server in self.servers:
@@ -431,7 +439,7 @@ def serve(config: Config, reload: Callable[[], Config] | None = None) -> int:
     os.makedirs(config.server.spool_dir, exist_ok=True)
     listens = ", ".join(f"{lst.address} ({lst.role}, tls={lst.tls})" for lst in config.listener)
     print(
-        f"fastmta {__version__} ({IMPLEMENTATION} parser, {loop.loop_name()}): "
+        f"fastmta {__version__} ({build_kind()}, {loop.loop_name()}): "
         f"listening on {listens}\n"
         f"  spool {config.server.spool_dir}, {config.server.workers} worker(s), "
         f"delivery {'held' if config.server.hold_delivery else 'on'}, "

@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from fastmta import __version__, build_kind
 from fastmta.config import (
     DNS_NAME,
     Config,
@@ -36,7 +37,7 @@ __all__ = [
     "split_lines",
 ]
 
-VERSION = "0.1.0"
+VERSION = __version__
 EX_USAGE, EX_DATAERR, EX_CANTCREAT, EX_TEMPFAIL = 64, 65, 73, 75
 EX_CONFIG = 2
 
@@ -62,16 +63,7 @@ run `fastmta COMMAND --help` for each command's options."""
 
 
 def _version_text() -> str:
-    """Says which compiled modules (ext/) are in use: "accelerated" or "pure Python"."""
-    from fastmta.protocol.parse import ACCELERATED as parser
-    from fastmta.spool.iothread import ACCELERATED as spool_io
-
-    def kind(fast: bool) -> str:
-        return "accelerated" if fast else "pure Python"
-
-    if parser == spool_io:
-        return f"fastmta {VERSION} ({kind(parser)} parser and spool I/O)"
-    return f"fastmta {VERSION} ({kind(parser)} parser, {kind(spool_io)} spool I/O)"
+    return f"fastmta {VERSION} ({build_kind()})"
 
 
 class _VersionAction(argparse.Action):

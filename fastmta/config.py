@@ -158,6 +158,7 @@ class ServerConfig(msgspec.Struct, **_STRUCT):
     log_level: str = "info"
     log_file: str = ""  # "" -> stderr
     delivery_log: str = ""  # "" -> <spool_dir>/delivery.log
+    metrics_listen: str = ""  # "" -> no metrics endpoint; "127.0.0.1:9125" -> GET /metrics
 
 
 class Listener(msgspec.Struct, **_STRUCT):
@@ -558,6 +559,8 @@ def validate(config: Config) -> None:
     if not 0 <= s.commit_delay <= 0.1:
         raise _fail("server.commit_delay", f"must be between 0 and 100ms, got {s.commit_delay:g}s")
     _choice("server.log_level", s.log_level.lower(), _LOG_LEVELS)
+    if s.metrics_listen:
+        _hostport("server.metrics_listen", s.metrics_listen, 9125)
     if s.compact_interval < 0:
         raise _fail(
             "server.compact_interval", f"must be >= 0 (0: never), got {s.compact_interval:g}s"

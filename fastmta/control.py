@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "COMMANDS",
+    "ask_async",
     "ControlError",
     "ControlServer",
     "Line",
@@ -413,3 +414,34 @@ def ask(
                     return
     finally:
         sock.close()
+
+
+async def ask_async(path: str, request: Request, *, timeout: float = 5.0) -> list[Line]:
+    """:func:`ask` from an event loop (the metrics endpoint asks the other workers): every
+    answer line, the final one included. Raises NotRunning, ControlError or TimeoutError."""
+    try:
+        async with asyncio.timeout(timeout):
+            try:
+                reader, writer = await asyncio.open_unix_connection(path, limit=1 << 20)
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                raise NotRunning(f"{path}: {e.strerror}") from None
+            try:
+                writer.write(_ENCODER.encode(request) + b"\n")
+                lines = []
+                while True:
+                    raw = await reader.readline()
+                    if not raw.endswith(b"\n"):
+                        raise ControlError(f"{path}: connection closed mid-answer")
+                    try:
+                        line = _LINE_DECODER.decode(raw)
+                    except msgspec.DecodeError as e:
+                        raise ControlError(f"{path}: bad answer: {e}") from None
+                    if line.end and line.error:
+                        raise ControlError(line.error)
+                    lines.append(line)
+                    if line.end:
+                        return lines
+            finally:
+                writer.close()
+    except (ValueError, asyncio.LimitOverrunError) as e:  # an over-long line
+        raise ControlError(f"{path}: {e}") from None
