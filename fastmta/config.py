@@ -273,6 +273,14 @@ class DeliveryConfig(msgspec.Struct, **_STRUCT):
     source_address: str = ""
 
 
+class EgressSource(msgspec.Struct, **_STRUCT):
+    """One local address to send from (KumoMTA: an egress source of the egress pool)."""
+
+    address: str = ""  # local IP address connections are made from
+    helo_name: str = ""  # EHLO name for connections from it ("" -> delivery.helo_name)
+    weight: int = 1  # share of the transactions, relative to the other sources
+
+
 class DkimConfig(msgspec.Struct, **_STRUCT):
     domain: str = ""  # d=: signs mail whose From: is at this domain or a subdomain of it
     selector: str = ""  # s=: the public key is a TXT record at <selector>._domainkey.<domain>
@@ -318,6 +326,7 @@ class Config(msgspec.Struct, **_STRUCT):
     delivery: DeliveryConfig = msgspec.field(default_factory=DeliveryConfig)
     domain: dict[str, DomainPolicy] = msgspec.field(default_factory=dict)
     dkim: list[DkimConfig] = msgspec.field(default_factory=list)
+    egress: list[EgressSource] = msgspec.field(default_factory=list)
 
     @property
     def listeners(self) -> list[Listener]:
@@ -341,6 +350,7 @@ SECTIONS: dict[str, type[msgspec.Struct]] = {
     "delivery": DeliveryConfig,
     "domain": DomainPolicy,
     "dkim": DkimConfig,
+    "egress": EgressSource,
 }
 
 
@@ -702,6 +712,19 @@ def validate(config: Config) -> None:
             _choice(f"{k}.tls", pol.tls, TLS_MODES)
         if pol.route is not None:
             _hostport(f"{k}.route", pol.route, 25)
+
+    seen_sources: set[str] = set()
+    for i, src in enumerate(config.egress):
+        k = f"egress[{i}]"
+        if not src.address:
+            raise _fail(f"{k}.address", "each [[egress]] needs the local IP address to send from")
+        _ip(f"{k}.address", src.address)
+        if src.address in seen_sources:
+            raise _fail(f"{k}.address", f"{src.address} is listed twice")
+        seen_sources.add(src.address)
+        _at_least(f"{k}.weight", src.weight, 1)
+    if config.egress and dl.source_address:
+        raise _fail("delivery.source_address", "give either it or [[egress]] sources, not both")
 
     seen_dkim: set[str] = set()
     for i, dk in enumerate(config.dkim):

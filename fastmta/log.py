@@ -70,6 +70,7 @@ class DeliveryRecord(msgspec.Struct, kw_only=True, omit_defaults=False):
     site: str = ""  # destination site (MX set) or "local"
     mx: str = ""  # host name of the MX used
     ip: str = ""  # peer IP address
+    source: str = ""  # local address it was sent from (an egress source; "" = the OS's choice)
     tls: bool = False
     code: int = 0  # SMTP reply code (0 = no reply: connect failure, timeout)
     enhanced: str = ""  # RFC 3463 status, e.g. "4.4.1"

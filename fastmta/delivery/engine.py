@@ -33,6 +33,7 @@ import msgspec
 
 from fastmta.config import Config
 from fastmta.delivery.bounce import Failure, make_dsn
+from fastmta.delivery.egress import EgressPool
 from fastmta.delivery.local import LocalDelivery
 from fastmta.delivery.maildir import MaildirDelivery
 from fastmta.delivery.mtasts import MtaSts, enforce, fetch_policy
@@ -157,6 +158,7 @@ class DeliveryEngine:
             verify_context=verifying,
             source_address=d.source_address or None,
         )
+        self.egress = EgressPool.from_config(config, d.helo_name or self.hostname)
         # MTA-STS policies (RFC 8461) of the domains delivered to their own MX hosts
         self.sts = MtaSts(
             resolver, lambda domain: fetch_policy(domain, resolver, verifying, port=d.mta_sts_port)
@@ -672,9 +674,10 @@ class DeliveryEngine:
     def _dispatch(self, job: Job, route: Route, dest: Destination) -> None:
         job.destination = dest
         job.route = route
-        key = Router.site_key(route, dest)
+        source = self.egress.next()
+        key = self.egress.site_key(Router.site_key(route, dest), source)
         domain = job.domain if route.tag else None
-        self.pool.site(key, lambda: limits_for(self.config, domain)).put(job)
+        self.pool.site(key, lambda: limits_for(self.config, domain), source).put(job)
 
     async def _resolve(self, key: tuple[str, bool, bool], route: Route) -> None:
         try:
@@ -761,6 +764,7 @@ class DeliveryEngine:
                         site=site,
                         mx=info.mx,
                         ip=info.ip,
+                        source=info.source,
                         tls=info.tls,
                         code=r.code,
                         enhanced=r.enhanced or "",

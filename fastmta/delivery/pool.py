@@ -48,6 +48,7 @@ from collections.abc import Awaitable, Callable
 
 import msgspec
 
+from fastmta.delivery.egress import Source
 from fastmta.delivery.routing import Route
 from fastmta.delivery.smtp import ConnectError, SmtpConnection, Timeouts, open_connection
 from fastmta.dns import Destination
@@ -72,6 +73,7 @@ class AttemptInfo(msgspec.Struct, gc=False):
     ip: str = ""
     tls: bool = False
     started: float = 0.0  # time.monotonic() when the attempt began
+    source: str = ""  # the local address it went out from ("" = the OS's choice)
 
 
 class Job:
@@ -117,10 +119,14 @@ def _idle_expired(fut: asyncio.Future[bool]) -> None:
 class SitePool:
     """Ready queue and workers of one site (see the module docstring)."""
 
-    def __init__(self, pool: ConnectionPool, key: str, limits: SiteLimits) -> None:
+    def __init__(
+        self, pool: ConnectionPool, key: str, limits: SiteLimits, source: Source | None = None
+    ) -> None:
         self.pool = pool
         self.key = key
         self.limits = limits
+        self.source = source  # the egress source its connections come from (None: the pool's)
+        self._source_ip = (source.address if source else pool.source_address) or ""
         self.queue: deque[Job] = deque()
         self.workers: set[asyncio.Task[None]] = set()
         self._idle: deque[asyncio.Future[bool]] = deque()
@@ -240,7 +246,7 @@ class SitePool:
                 reused = conn is not None
                 if conn is None:
                     try:
-                        conn = await pool.connect(job)
+                        conn = await pool.connect(job, self.source)
                     except ConnectError as e:
                         await self._unreachable(job, e.reply)
                         continue
@@ -252,7 +258,13 @@ class SitePool:
                 else:
                     pool.stats.reused += 1
                 inflight.append(
-                    (job, AttemptInfo(conn.host, conn.ip, conn.tls, time.monotonic()), False)
+                    (
+                        job,
+                        AttemptInfo(
+                            conn.host, conn.ip, conn.tls, time.monotonic(), self._source_ip
+                        ),
+                        False,
+                    )
                 )
                 conn.send(job.message)
                 while inflight:
@@ -320,7 +332,11 @@ class SitePool:
                 return None
             queue.popleft()
             inflight.append(
-                (job, AttemptInfo(conn.host, conn.ip, conn.tls, time.monotonic()), True)
+                (
+                    job,
+                    AttemptInfo(conn.host, conn.ip, conn.tls, time.monotonic(), self._source_ip),
+                    True,
+                )
             )
             self.pool.stats.reused += 1
             self.pool.stats.chained += 1
@@ -384,10 +400,12 @@ class ConnectionPool:
         self.stats = PoolStats()
         self.closing = False
 
-    def site(self, key: str, limits: Callable[[], SiteLimits]) -> SitePool:
+    def site(
+        self, key: str, limits: Callable[[], SiteLimits], source: Source | None = None
+    ) -> SitePool:
         sp = self.sites.get(key)
         if sp is None:
-            sp = self.sites[key] = SitePool(self, key, limits())
+            sp = self.sites[key] = SitePool(self, key, limits(), source)
         return sp
 
     def reap(self, sp: SitePool) -> None:
@@ -397,8 +415,9 @@ class ConnectionPool:
         if self.sites.get(sp.key) is sp:
             del self.sites[sp.key]
 
-    async def connect(self, job: Job) -> SmtpConnection:
-        """Open a connection for ``job``: hosts in order, each host's addresses in order."""
+    async def connect(self, job: Job, source: Source | None = None) -> SmtpConnection:
+        """Open a connection for ``job`` (from ``source``, else the pool's address and EHLO
+        name): hosts in order, each host's addresses in order."""
         dest, route = job.destination, job.route
         assert dest is not None and route is not None
         last: ConnectError | None = None
@@ -409,13 +428,13 @@ class ConnectionPool:
                     break
                 tried += 1
                 try:
-                    conn = await self._open(mx.name, ip, route, route.tls)
+                    conn = await self._open(mx.name, ip, route, route.tls, source)
                 except ConnectError as e:
                     last = e
                     if not (e.tls_failed and route.tls == "opportunistic"):
                         continue
                     try:  # the handshake failed: this host once more in clear (Postfix)
-                        conn = await self._open(mx.name, ip, route, "none")
+                        conn = await self._open(mx.name, ip, route, "none", source)
                     except ConnectError as e2:
                         last = e2
                         continue
@@ -423,16 +442,18 @@ class ConnectionPool:
                 return conn
         raise last or ConnectError(NO_HOSTS)
 
-    async def _open(self, host: str, ip: str, route: Route, tls: str) -> SmtpConnection:
+    async def _open(
+        self, host: str, ip: str, route: Route, tls: str, source: Source | None
+    ) -> SmtpConnection:
         return await open_connection(
             host,
             ip,
             route.port,
-            helo_name=self.helo_name,
+            helo_name=source.helo_name if source else self.helo_name,
             timeouts=self.timeouts,
             tls=tls,
             tls_context=self.verify_context if tls == "verify" else self.tls_context,
-            source_address=self.source_address,
+            source_address=source.address if source else self.source_address,
             auth=route.auth,
             use_pipelining=self.use_pipelining,
             use_chunking=self.use_chunking,
