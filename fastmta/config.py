@@ -291,7 +291,7 @@ class DkimConfig(msgspec.Struct, **_STRUCT):
 
 
 class DomainPolicy(msgspec.Struct, **_STRUCT):
-    """Per-destination-domain overrides; None = inherit from [delivery]."""
+    """Per-destination-domain overrides; None = inherit from [delivery] (or all [[egress]])."""
 
     max_connections: int | None = None
     messages_per_second: float | None = None
@@ -301,6 +301,7 @@ class DomainPolicy(msgspec.Struct, **_STRUCT):
     backlog_per_connection: int | None = None
     chain_wait: Duration | None = None
     mta_sts: bool | None = None
+    egress: list[str] | None = None  # addresses of [[egress]] sources to send from
     route: str | None = None  # "[10.1.2.3]:2525" or "host:port"
 
     def has_own_limits(self) -> bool:
@@ -310,7 +311,7 @@ class DomainPolicy(msgspec.Struct, **_STRUCT):
         return any(
             getattr(self, f) is not None
             for f in self.__struct_fields__
-            if f not in ("route", "mta_sts")
+            if f not in ("route", "mta_sts", "egress")
         )
 
 
@@ -723,6 +724,12 @@ def validate(config: Config) -> None:
             raise _fail(f"{k}.address", f"{src.address} is listed twice")
         seen_sources.add(src.address)
         _at_least(f"{k}.weight", src.weight, 1)
+    for name, pol in config.domain.items():
+        for address in pol.egress or ():
+            if address not in seen_sources:
+                raise _fail(f'domain."{name}".egress', f"{address} is not an [[egress]] address")
+        if pol.egress is not None and not pol.egress:
+            raise _fail(f'domain."{name}".egress', "name at least one [[egress]] address")
     if config.egress and dl.source_address:
         raise _fail("delivery.source_address", "give either it or [[egress]] sources, not both")
 

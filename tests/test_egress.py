@@ -71,3 +71,31 @@ def test_delivery_from_each_source_with_its_ehlo_name(tmp_path):
             assert len({k for k in h.engine.pool.sites if k.endswith("@127.0.0.6")}) == 1
 
     asyncio.run(main())
+
+
+def test_a_domain_can_be_sent_from_some_sources_only(tmp_path):
+    async def main():
+        overrides = {
+            "egress": [{"address": "127.0.0.5"}, {"address": "127.0.0.6"}],
+            "domain": {"example.test": {"egress": ["127.0.0.6"]}},
+        }
+        sinks = {"127.0.0.2": Behaviour(), "127.0.0.3": Behaviour()}
+        async with Harness(tmp_path, sinks, overrides=overrides) as h:
+            h.mx("example.test", (10, "mx1.example.test", "127.0.0.2"))
+            h.mx("other.test", (10, "mx1.other.test", "127.0.0.3"))
+            for i in range(4):
+                await h.send("a@sender.test", [f"u{i}@example.test", f"u{i}@other.test"])
+            a, b = h.sinks["127.0.0.2"], h.sinks["127.0.0.3"]
+            await h.until(lambda: a.count == 4 and b.count == 4 and len(h.spool) == 0)
+            assert {m.peer.rsplit(":", 1)[0] for m in a.messages} == {"127.0.0.6"}
+            assert {m.peer.rsplit(":", 1)[0] for m in b.messages} == {"127.0.0.5", "127.0.0.6"}
+
+    asyncio.run(main())
+
+
+def test_a_domain_egress_list_names_configured_sources():
+    with pytest.raises(ConfigError, match=r'domain\."x.test"\.egress'):
+        load_config(
+            None,
+            {"egress": [{"address": "127.0.0.5"}], "domain": {"x.test": {"egress": ["10.9.9.9"]}}},
+        )

@@ -35,11 +35,18 @@ class EgressPool:
         self._total = sum(s.weight for s in sources)
 
     @classmethod
-    def from_config(cls, config: Config, helo_name: str) -> EgressPool:
-        """[[egress]] sources, or the one of delivery.source_address (None: the OS's)."""
+    def from_config(
+        cls, config: Config, helo_name: str, only: list[str] | None = None
+    ) -> EgressPool:
+        """[[egress]] sources (``only`` those addresses, as a [domain."x"] egress list
+        names), or the one of delivery.source_address (None: the OS's)."""
         if config.egress:
             return cls(
-                [Source(e.address, e.helo_name or helo_name, e.weight) for e in config.egress]
+                [
+                    Source(e.address, e.helo_name or helo_name, e.weight)
+                    for e in config.egress
+                    if only is None or e.address in only
+                ]
             )
         return cls([Source(config.delivery.source_address or None, helo_name)])
 

@@ -159,6 +159,11 @@ class DeliveryEngine:
             source_address=d.source_address or None,
         )
         self.egress = EgressPool.from_config(config, d.helo_name or self.hostname)
+        self._egress_by_domain = {  # [domain."x"] egress: those sources only
+            name: EgressPool.from_config(config, d.helo_name or self.hostname, pol.egress)
+            for name, pol in config.domain.items()
+            if pol.egress and config.egress
+        }
         # MTA-STS policies (RFC 8461) of the domains delivered to their own MX hosts
         self.sts = MtaSts(
             resolver, lambda domain: fetch_policy(domain, resolver, verifying, port=d.mta_sts_port)
@@ -674,8 +679,9 @@ class DeliveryEngine:
     def _dispatch(self, job: Job, route: Route, dest: Destination) -> None:
         job.destination = dest
         job.route = route
-        source = self.egress.next()
-        key = self.egress.site_key(Router.site_key(route, dest), source)
+        egress = self._egress_by_domain.get(job.domain, self.egress)
+        source = egress.next()
+        key = egress.site_key(Router.site_key(route, dest), source)
         domain = job.domain if route.tag else None
         self.pool.site(key, lambda: limits_for(self.config, domain), source).put(job)
 
