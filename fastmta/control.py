@@ -399,21 +399,26 @@ def ask(
         sock.sendall(_ENCODER.encode(request) + b"\n")
         with sock.makefile("rb") as f:
             while True:
-                raw = f.readline(max_line + 1)
-                if not raw.endswith(b"\n"):
-                    why = "answer line too long" if raw else "connection closed mid-answer"
-                    raise ControlError(f"{path}: {why}")
-                try:
-                    line = _LINE_DECODER.decode(raw)
-                except msgspec.DecodeError as e:
-                    raise ControlError(f"{path}: bad answer: {e}") from None
-                if line.end and line.error:
-                    raise ControlError(line.error)
+                line = _answer_line(path, f.readline(max_line + 1))
                 yield line
                 if line.end:
                     return
     finally:
         sock.close()
+
+
+def _answer_line(path: str, raw: bytes) -> Line:
+    """One answer line, checked: whole, decodable, and not a failure."""
+    if not raw.endswith(b"\n"):
+        why = "answer line too long" if raw else "connection closed mid-answer"
+        raise ControlError(f"{path}: {why}")
+    try:
+        line = _LINE_DECODER.decode(raw)
+    except msgspec.DecodeError as e:
+        raise ControlError(f"{path}: bad answer: {e}") from None
+    if line.end and line.error:
+        raise ControlError(line.error)
+    return line
 
 
 async def ask_async(path: str, request: Request, *, timeout: float = 5.0) -> list[Line]:
@@ -429,15 +434,7 @@ async def ask_async(path: str, request: Request, *, timeout: float = 5.0) -> lis
                 writer.write(_ENCODER.encode(request) + b"\n")
                 lines = []
                 while True:
-                    raw = await reader.readline()
-                    if not raw.endswith(b"\n"):
-                        raise ControlError(f"{path}: connection closed mid-answer")
-                    try:
-                        line = _LINE_DECODER.decode(raw)
-                    except msgspec.DecodeError as e:
-                        raise ControlError(f"{path}: bad answer: {e}") from None
-                    if line.end and line.error:
-                        raise ControlError(line.error)
+                    line = _answer_line(path, await reader.readline())
                     lines.append(line)
                     if line.end:
                         return lines
