@@ -21,41 +21,13 @@ import queue
 import threading
 from typing import Any
 
+from .segment import write_all
+
 ACCELERATED = False
 
 NO_SYNC = 0
 DATASYNC = 1
 FULLSYNC = 2
-
-IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
-
-
-def write_all(fd: int, bufs: list[Any], offset: int) -> int:
-    """pwritev all of `bufs` at `offset`, across IOV_MAX chunks and short writes. Returns bytes.
-
-    `bufs` is consumed (modified in place). Empty buffers are skipped.
-    """
-    total = 0
-    i = 0
-    n_bufs = len(bufs)
-    while i < n_bufs:
-        if not len(bufs[i]):
-            i += 1
-            continue
-        n = os.pwritev(fd, bufs[i : i + IOV_MAX], offset)
-        if n <= 0:
-            raise OSError(errno_mod.EIO, "pwritev wrote nothing")
-        offset += n
-        total += n
-        while n > 0:
-            ln = len(bufs[i])
-            if n >= ln:
-                n -= ln
-                i += 1
-            else:
-                bufs[i] = memoryview(bufs[i])[n:]
-                n = 0
-    return total
 
 
 def execute(fd: int, bufs: list[Any], offset: int, sync: int) -> tuple[int, int]:

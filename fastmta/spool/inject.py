@@ -22,10 +22,17 @@ from __future__ import annotations
 import logging
 import os
 
-from ._io_py import write_all
 from .errors import SpoolError
 from .records import ENCODER, ENVELOPE_DECODER, Envelope, new_queue_id
-from .segment import RecordType, frame, fsync_dir, message_payload, scan, split_message
+from .segment import (
+    RecordType,
+    frame,
+    fsync_dir,
+    message_payload,
+    scan,
+    split_message,
+    write_all,
+)
 
 log = logging.getLogger("fastmta.spool")
 

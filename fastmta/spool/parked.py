@@ -36,7 +36,6 @@ import re
 from collections.abc import Callable, Container, Iterable, Sequence
 from typing import NamedTuple
 
-from ._io_py import write_all
 from .records import ENCODER, ENVELOPE_DECODER, Envelope
 from .segment import (
     ENVLEN,
@@ -49,6 +48,7 @@ from .segment import (
     message_payload,
     scan,
     split_message,
+    write_all,
 )
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Record framing and segment files: pure functions, no threads, no asyncio.
+"""Record framing and segment files: functions, no threads, no asyncio.
 
 A shard directory holds append-only segment files named `NNNNNNNN.seg` (decimal, increasing).
 A segment is a sequence of records::
@@ -22,11 +22,13 @@ sparse older segment; it replaces the earlier copy (see Spool.compact).
 from __future__ import annotations
 
 import enum
+import errno as errno_mod
 import os
 import re
 import struct
 import zlib
 from collections.abc import Sequence
+from typing import Any
 
 HEADER = struct.Struct("<4sBBHII")
 HEADER_SIZE = HEADER.size  # 16
@@ -35,6 +37,7 @@ ENVLEN = struct.Struct("<I")
 MAGIC = b"FMR1"
 MAX_PAYLOAD = 0xFFFFFFFF  # u32 length field
 _SEGMENT_RE = re.compile(r"^(\d{8,})\.seg$")
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
 class RecordType(enum.IntEnum):
@@ -120,6 +123,34 @@ def scan(buf: bytes | memoryview) -> tuple[list[tuple[int, int, memoryview]], in
         records.append((pos, rtype, payload))
         pos = start + length
     return records, pos
+
+
+def write_all(fd: int, bufs: list[Any], offset: int) -> int:
+    """pwritev all of `bufs` at `offset`, across IOV_MAX chunks and short writes. Returns bytes.
+
+    `bufs` is consumed (modified in place). Empty buffers are skipped.
+    """
+    total = 0
+    i = 0
+    n_bufs = len(bufs)
+    while i < n_bufs:
+        if not len(bufs[i]):
+            i += 1
+            continue
+        n = os.pwritev(fd, bufs[i : i + IOV_MAX], offset)
+        if n <= 0:
+            raise OSError(errno_mod.EIO, "pwritev wrote nothing")
+        offset += n
+        total += n
+        while n > 0:
+            ln = len(bufs[i])
+            if n >= ln:
+                n -= ln
+                i += 1
+            else:
+                bufs[i] = memoryview(bufs[i])[n:]
+                n = 0
+    return total
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

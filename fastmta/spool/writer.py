@@ -103,7 +103,6 @@ class SegmentWriter:
         segment_size: int = 64 << 20,
         max_batch_bytes: int = 8 << 20,
         commit_delay: float = 0.0,
-        io_thread: Callable[[], Any] | None = None,
     ) -> None:
         self._dir = directory
         self._notify = notify
@@ -120,7 +119,7 @@ class SegmentWriter:
         self._dir_fd: int | None = None
         self._size = 0  # synced size of the active segment
         self._last_sync = 0.0
-        self._io = (io_thread or IoThread)()
+        self._io = IoThread()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._then: Callable[[int, int], None] | None = None  # handles the request in flight
         self._due: asyncio.Handle | None = None  # _advance called soon, or after the delay
@@ -214,9 +213,8 @@ class SegmentWriter:
         return True
 
     def _must_roll(self, t: Ticket) -> bool:
-        return self._fd is None or (
-            self._size > 0 and self._size + HEADER_SIZE + t.size > self._segment_size
-        )
+        """``t`` does not fit the active segment (a record bigger than a segment gets its own)."""
+        return self._size > 0 and self._size + HEADER_SIZE + t.size > self._segment_size
 
     def _write_group(self) -> None:
         """Frame the retried records and the queued ones that fit (one segment, max_batch_bytes)
