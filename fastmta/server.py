@@ -81,6 +81,10 @@ class Listening:
             auth_required=listener.role == "submission",
         )
         self.policy = RelayPolicy(config.policy.mynetworks, config.policy.local_domains)
+        # RCPT TO:<postmaster> (RFC 5321 4.5.1) is stored as postmaster@ the first local domain,
+        # else @ the hostname (Postfix appends $myorigin): delivered like any other address
+        exact = [d.rstrip(".") for d in config.policy.local_domains if not d.startswith(".")]
+        self.postmaster_domain = exact[0] if exact else config.server.hostname
         self.connections: set[SmtpConnection] = set()  # this worker's, for drain()
         self.counts = counts if counts is not None else ConnectionCounts(1).worker(0)
         self.accepting = True
@@ -283,7 +287,14 @@ class SmtpConnection(asyncio.Protocol):
         env = Envelope(
             id=queue_id,
             sender=mail.address,
-            recipients=[Recipient(r.address, notify=r.notify, orcpt=r.orcpt) for r in ev.rcpts],
+            recipients=[
+                Recipient(
+                    r.address if "@" in r.address else f"{r.address}@{ctx.postmaster_domain}",
+                    notify=r.notify,
+                    orcpt=r.orcpt,
+                )
+                for r in ev.rcpts
+            ],
             arrival=time.time(),
             body=mail.body,
             smtputf8=mail.smtputf8,

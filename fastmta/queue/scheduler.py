@@ -25,17 +25,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from fastmta.protocol.errors import domain_of
 from fastmta.queue.retry import RetrySchedule
 from fastmta.queue.timers import TimerQueue
 from fastmta.spool.records import PENDING as _PENDING
 from fastmta.spool.records import Envelope, StoredMessage
 
 __all__ = ["Scheduler", "batches", "domain_of"]
-
-
-def domain_of(address: str) -> str:
-    """The lower-cased domain of ``address`` ("" when there is none)."""
-    return address.rpartition("@")[2].lower()
 
 
 def batches(env: Envelope, per_transaction: int = 50) -> list[tuple[str, list[int]]]:
