@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from .aliases import AliasError, Aliases
 from .app import Worker
 from .config import Config, load_config
 from .protocol.errors import ParseError
@@ -37,6 +38,7 @@ class MTA:
             config = msgspec.structs.replace(config, listener=[])
         self.config = config
         self.worker = Worker(config)
+        self.aliases = Aliases.from_config(config)
 
     async def start(self) -> None:
         await self.worker.start()
@@ -68,13 +70,17 @@ class MTA:
         signer = self.worker.dkim.for_message(wire)
         if signer is not None:
             wire = signer.sign(wire) + wire
+        try:
+            expanded = self.aliases.recipients(Recipient(r) for r in recipients)
+        except AliasError as e:
+            raise ValueError(" ".join(map(str, e.reply))) from None
         env = Envelope(
             id=new_queue_id(),
             sender=sender,
-            recipients=[Recipient(r) for r in recipients],
+            recipients=expanded,
             arrival=time.time(),
             body=None if wire.isascii() else "8BITMIME",
-            smtputf8=utf8,
+            smtputf8=utf8 or not all(r.address.isascii() for r in expanded),
             client="api",
         )
         stored = await self.worker.spool.store(env, wire)

@@ -256,6 +256,7 @@ def _local_check(config: Config) -> Callable[[str], tuple[int, str, str] | None]
         config.local.maildir_root,
         users=config.local.users_by_domain() or None,
         catch_all=config.local.catch_all or None,
+        recipient_delimiter=config.local.recipient_delimiter,
     )
     return md.check
 

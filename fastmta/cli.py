@@ -592,14 +592,20 @@ def cmd_send(args: argparse.Namespace) -> int:
         _err("no recipients (give addresses, or -t to read To:/Cc:/Bcc:)")
         return EX_USAGE
 
+    from fastmta.aliases import AliasError, Aliases
     from fastmta.spool.inject import inject
     from fastmta.spool.records import Envelope, Recipient, new_queue_id
 
-    smtputf8 = not (sender.isascii() and all(r.isascii() for r in recipients))
+    try:
+        expanded = Aliases.from_config(config).recipients(Recipient(r) for r in recipients)
+    except AliasError as e:
+        _err(f"could not queue the message: {e} (limits.max_alias_expansion)")
+        return EX_TEMPFAIL
+    smtputf8 = not (sender.isascii() and all(r.address.isascii() for r in expanded))
     envelope = Envelope(
         id=new_queue_id(),
         sender=sender,
-        recipients=[Recipient(address=r) for r in recipients],
+        recipients=expanded,
         arrival=time.time(),
         size=len(wire),
         body=None if wire.isascii() else "8BITMIME",

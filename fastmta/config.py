@@ -198,6 +198,7 @@ class LimitsConfig(msgspec.Struct, **_STRUCT):
     auth_failure_delay: Duration = Duration(1)
     max_auth_failures: int = 3
     greet_pause: Duration = Duration(0)  # 0 = greet at once
+    max_alias_expansion: int = 1000  # final addresses one recipient may expand to ([aliases])
 
 
 class PolicyConfig(msgspec.Struct, **_STRUCT):
@@ -210,6 +211,7 @@ class LocalConfig(msgspec.Struct, **_STRUCT):
     maildir_root: str = ""  # "" -> <spool_dir>/../maildir
     users: list[str] = msgspec.field(default_factory=list)  # "user@domain" entries
     catch_all: str = ""
+    recipient_delimiter: str = "+"  # user+detail@domain is delivered to user ("" = off)
 
     def users_by_domain(self) -> dict[str, set[str]]:
         """``{"example.com": {"alice", "bob"}}`` from the ``users`` list (lower-cased)."""
@@ -328,6 +330,7 @@ class Config(msgspec.Struct, **_STRUCT):
     domain: dict[str, DomainPolicy] = msgspec.field(default_factory=dict)
     dkim: list[DkimConfig] = msgspec.field(default_factory=list)
     egress: list[EgressSource] = msgspec.field(default_factory=list)
+    aliases: dict[str, list[str]] = msgspec.field(default_factory=dict)  # see fastmta/aliases.py
 
     @property
     def listeners(self) -> list[Listener]:
@@ -447,6 +450,7 @@ def load_config(
     # [domain."x"] tables are converted one by one: msgspec hides dict keys in its error paths
     # ("domain[...]"), and the message must name the domain.
     domains_raw = data.pop("domain", {})
+    aliases_raw = data.pop("aliases", {})
     if not isinstance(domains_raw, dict):
         raise _fail("domain", 'expected tables like [domain."example.com"]')
     try:
@@ -459,9 +463,31 @@ def load_config(
             domains[name] = msgspec.convert(entry, DomainPolicy, dec_hook=_dec_hook)
         except msgspec.ValidationError as e:
             raise _translate(e, f'domain."{name}"') from None
-    config = msgspec.structs.replace(config, domain=domains)
+    config = msgspec.structs.replace(config, domain=domains, aliases=_aliases(aliases_raw))
     validate(config)
     return resolve(config)
+
+
+def _aliases(raw: Any) -> dict[str, list[str]]:
+    """The [aliases] table: "key" = "target@domain" or ["a@x", "b@y"]; every error names the key."""
+    if not isinstance(raw, dict):
+        raise _fail("aliases", 'expected a table: [aliases] then "user@example.com" = "a@b.org"')
+    out: dict[str, list[str]] = {}
+    for key, value in raw.items():
+        where = f'aliases."{key}"'
+        local, at, domain = key.rpartition("@")
+        if not key or any(c.isspace() or c in "<>" for c in key) or (at and not domain):
+            raise _fail(where, 'expected a key "user@domain", "user" or "@domain"')
+        targets = [value] if isinstance(value, str) else value
+        if not isinstance(targets, list) or not targets:
+            raise _fail(where, 'expected an address or a non-empty list: "a@b.org", ["a@b", "c@d"]')
+        for t in targets:
+            if not isinstance(t, str) or not _ADDRESS.fullmatch(t):
+                raise _fail(where, f'expected addresses "user@domain", got {t!r}')
+        if key.lower() in out:
+            raise _fail(where, "given twice (keys are case-insensitive)")
+        out[key.lower()] = targets
+    return out
 
 
 def dump_example() -> str:
@@ -644,6 +670,23 @@ def validate(config: Config) -> None:
             raise _fail(f"local.users[{i}]", f'expected "user@domain", got "{user}"')
     if config.local.catch_all and not _ADDRESS.fullmatch(config.local.catch_all):
         raise _fail("local.catch_all", f'expected "user@domain", got "{config.local.catch_all}"')
+
+    rd = config.local.recipient_delimiter
+    if len(rd) > 1 or rd in ("@", ".", '"', "\\") or rd.isspace() or rd.isalnum():
+        raise _fail(
+            "local.recipient_delimiter",
+            f'expected one character such as "+" or "-" ("" = off), got "{rd}"',
+        )
+    _at_least("limits.max_alias_expansion", lim.max_alias_expansion, 1)
+    if config.aliases:
+        from fastmta.aliases import AliasError, Aliases
+
+        table = Aliases.from_config(config)
+        for key in config.aliases:
+            try:
+                table.expand(f"x{key}" if key.startswith("@") else key)
+            except AliasError as e:
+                raise _fail(f'aliases."{key}"', str(e)) from None
 
     d = config.dns
     for i, ns in enumerate(d.nameservers):

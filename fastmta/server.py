@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 from . import auth, headers
+from .aliases import AliasError, Aliases
 from .anvil import ConnectionCounts, WorkerCounts
 from .config import Config, Listener
 from .dkim import Signers
@@ -85,6 +86,7 @@ class Listening:
         # else @ the hostname (Postfix appends $myorigin): delivered like any other address
         exact = [d.rstrip(".") for d in config.policy.local_domains if not d.startswith(".")]
         self.postmaster_domain = exact[0] if exact else config.server.hostname
+        self.aliases = Aliases.from_config(config)  # recipients rewritten before queueing
         self.connections: set[SmtpConnection] = set()  # this worker's, for drain()
         self.counts = counts if counts is not None else ConnectionCounts(1).worker(0)
         self.accepting = True
@@ -231,6 +233,16 @@ class SmtpConnection(asyncio.Protocol):
         if denied is not None:
             self.session.reject(reply(*denied))
             return
+        if ctx.aliases:
+            try:
+                aliased = ctx.aliases.lookup(address) is not None and ctx.aliases.expand(address)
+            except AliasError as e:
+                log.error("RCPT <%s>: %s", address, e)
+                self.session.reject(reply(*e.reply))
+                return
+            if aliased:
+                self.session.accept()  # an alias need not be a mailbox itself
+                return
         if ctx.local_check is not None and domain and ctx.policy.is_local(domain):
             unknown = ctx.local_check(address)
             if unknown is not None:
@@ -284,20 +296,28 @@ class SmtpConnection(asyncio.Protocol):
         s = self.session
         queue_id = new_queue_id()
         mail = ev.mail
-        env = Envelope(
-            id=queue_id,
-            sender=mail.address,
-            recipients=[
+        try:
+            recipients = ctx.aliases.recipients(
                 Recipient(
                     r.address if "@" in r.address else f"{r.address}@{ctx.postmaster_domain}",
                     notify=r.notify,
                     orcpt=r.orcpt,
                 )
                 for r in ev.rcpts
-            ],
+            )
+        except AliasError as e:  # the table changed since RCPT (SIGHUP)
+            log.error("%s: %s", queue_id, e)
+            s.reject(reply(*e.reply))
+            return
+        env = Envelope(
+            id=queue_id,
+            sender=mail.address,
+            recipients=recipients,
             arrival=time.time(),
             body=mail.body,
-            smtputf8=mail.smtputf8,
+            # an alias may lead to a UTF-8 address (RFC 6531 3.4: then SMTPUTF8 is needed)
+            smtputf8=mail.smtputf8
+            or (bool(ctx.aliases) and not all(r.address.isascii() for r in recipients)),
             ret=mail.ret,
             envid=mail.envid,
             client=f"[{self.peer_ip}] {s.helo or ''}".rstrip(),

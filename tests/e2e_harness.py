@@ -56,6 +56,10 @@ def _toml_value(v: Any) -> str:
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
+def _toml_key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else json.dumps(k)
+
+
 def to_toml(doc: dict[str, dict[str, Any] | list[dict[str, Any]]]) -> str:
     """The small TOML subset the config needs: tables of scalars/lists, arrays of tables."""
     out: list[str] = []
@@ -64,7 +68,7 @@ def to_toml(doc: dict[str, dict[str, Any] | list[dict[str, Any]]]) -> str:
         header = f"[[{name}]]" if isinstance(body, list) else f"[{name}]"
         for table in tables:
             out.append(header)
-            out += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+            out += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items()]
             out.append("")
     return "\n".join(out)
 

@@ -175,6 +175,7 @@ class DeliveryEngine:
                 lc.maildir_root or "maildir",
                 users=users,
                 catch_all=lc.catch_all or None,
+                recipient_delimiter=lc.recipient_delimiter,
                 hostname=self.hostname,
             ),
             max_threads=local_threads,
