@@ -1,8 +1,8 @@
 """The ``fastmta`` command: serve, send (sendmail-style injection), passwd, config, queue, bench.
 
 Exit codes follow sysexits.h where sendmail users expect them: 64 EX_USAGE (bad address, no
-recipient), 65 EX_DATAERR (message too big), 69 EX_UNAVAILABLE (queue: server not running),
-75 EX_TEMPFAIL (spool write failed); configuration errors exit 2 like argparse usage errors.
+recipient), 65 EX_DATAERR (message too big, or a mail loop), 69 EX_UNAVAILABLE (queue: server
+not running), 75 EX_TEMPFAIL (spool write failed); configuration errors exit 2 like argparse usage errors.
 """
 
 from __future__ import annotations
@@ -575,6 +575,13 @@ def cmd_send(args: argparse.Namespace) -> int:
             wire = signer.sign(wire) + wire
     if len(wire) > limit:
         _err(f"message too big: {len(wire)} bytes > {limit} (limits.max_message_size)")
+        return EX_DATAERR
+    from fastmta.headers import header_block_end, hop_count
+
+    hops = hop_count(header_block_end([wire])[0])
+    if hops > config.limits.max_hops:
+        _err(f"message refused: {hops} Received: header fields, over limits.max_hops "
+             f"({config.limits.max_hops}): a mail loop?")  # fmt: skip
         return EX_DATAERR
     recipients: list[str] = []
     for raw in [*args.recipients, *found]:

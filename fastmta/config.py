@@ -199,6 +199,7 @@ class LimitsConfig(msgspec.Struct, **_STRUCT):
     max_auth_failures: int = 3
     greet_pause: Duration = Duration(0)  # 0 = greet at once
     max_alias_expansion: int = 1000  # final addresses one recipient may expand to ([aliases])
+    max_hops: int = 100  # Received: fields a message may already have (RFC 5321 6.3: loops)
 
 
 class PolicyConfig(msgspec.Struct, **_STRUCT):
@@ -678,6 +679,7 @@ def validate(config: Config) -> None:
             f'expected one character such as "+" or "-" ("" = off), got "{rd}"',
         )
     _at_least("limits.max_alias_expansion", lim.max_alias_expansion, 1)
+    _at_least("limits.max_hops", lim.max_hops, 1)
     if config.aliases:
         from fastmta.aliases import AliasError, Aliases
 

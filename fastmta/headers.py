@@ -1,5 +1,6 @@
 """Header fields fastmta adds to messages it accepts: the Received trace field
-(RFC 5321 4.4), and on submission the Message-ID and Date a client left out (RFC 6409 8).
+(RFC 5321 4.4), and on submission the Message-ID and Date a client left out (RFC 6409 8);
+and the one it reads: the count of Received fields, against mail loops (RFC 5321 6.3).
 
 Input and output are wire form (CRLF, dot-stuffed): header lines never start with ".", so
 adding fields in front of or inside the header block needs no stuffing.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import email.utils
 import os
+import re
 import time
 
 _date_cache: tuple[int, str] = (0, "")
@@ -63,6 +65,10 @@ def _clean(text: str) -> str:
 def header_block_end(chunks: list[bytes], limit: int = 64 << 10) -> tuple[bytes, bool]:
     """The header block of a message (up to the blank line) as bytes, looking at no more
     than ``limit`` octets; and whether the end of the block was found."""
+    if chunks and not chunks[0].startswith(b"\r\n"):  # the usual case: no copy
+        end = chunks[0].find(b"\r\n\r\n", 0, limit)
+        if end >= 0:
+            return chunks[0][: end + 2], True
     head = b""
     for c in chunks:
         head += c[: limit - len(head)]
@@ -74,6 +80,14 @@ def header_block_end(chunks: list[bytes], limit: int = 64 << 10) -> tuple[bytes,
     if end < 0:
         return head, False
     return head[: end + 2], True
+
+
+_RECEIVED = re.compile(rb"(?:^|\n)received[ \t]*:", re.IGNORECASE)
+
+
+def hop_count(head: bytes) -> int:
+    """How many Received: fields a header block has: the hops the message made so far."""
+    return len(_RECEIVED.findall(head))
 
 
 def has_field(head: bytes, name: bytes) -> bool:

@@ -35,6 +35,8 @@ TOO_MANY_CONNECTIONS = reply(421, "4.7.0", "Too many connections, try again late
 TOO_MANY_FROM_YOU = reply(421, "4.7.0", "Too many connections from your address")
 AUTH_FAILED = reply(535, "5.7.8", "Authentication credentials invalid")  # RFC 4954 6
 AUTH_TOO_MANY = reply(421, "4.7.0", "Too many failed authentication attempts")
+# RFC 5321 6.3 (loop detection by counting Received: fields); RFC 3463 X.4.6 routing loop
+TOO_MANY_HOPS = "Too many hops ({} Received: header fields): a mail loop?"
 DKIM_FAILED = reply(451, "4.3.0", "Message could not be signed, try again later")
 
 
@@ -296,6 +298,14 @@ class SmtpConnection(asyncio.Protocol):
         s = self.session
         queue_id = new_queue_id()
         mail = ev.mail
+        hops = headers.hop_count(headers.header_block_end(ev.chunks)[0])
+        if hops > ctx.config.limits.max_hops:
+            log.warning(
+                "%s: refused from [%s]: %d Received: fields, over limits.max_hops (%d)",
+                queue_id, self.peer_ip, hops, ctx.config.limits.max_hops,
+            )  # fmt: skip
+            s.reject(reply(554, "5.4.6", TOO_MANY_HOPS.format(hops)))
+            return
         try:
             recipients = ctx.aliases.recipients(
                 Recipient(

@@ -306,6 +306,10 @@ def test_send_errors(tmp_path):
     cfg.write_text('[limits]\nmax_message_size = "64k"\n')
     r = run("send", "--config", str(cfg), "--spool", spool, "x@example.com", stdin=b"x" * 70000)
     assert r.returncode == 65 and b"message too big" in r.stderr
+    cfg.write_text("[limits]\nmax_hops = 3\n")
+    looped = b"Received: from a by b\nreceived: from c\n\tby d\nRECEIVED: x\nReceived: y\n\nx\n"
+    r = run("send", "--config", str(cfg), "--spool", spool, "x@example.com", stdin=looped)
+    assert r.returncode == 65 and b"4 Received: header fields, over limits.max_hops (3)" in r.stderr
     assert not os.path.exists(os.path.join(spool, "incoming")) or not os.listdir(
         os.path.join(spool, "incoming")
     )

@@ -557,3 +557,20 @@ def test_smtp_source_load(smtpd):
     assert p.returncode == 0, p.stderr
     assert len(d.submitted) == 400
     assert len({m.envelope.id for m in d.submitted}) == 400
+
+
+def test_mail_loop_is_refused_by_received_count(smtpd):
+    """RFC 5321 6.3: a message that already has more Received: fields than limits.max_hops is
+    going round a loop: 554 5.4.6, not queued; one field fewer is accepted."""
+    d = smtpd({"limits": {"max_hops": 5}})
+    trace = b"".join(b"Received: from h%d by h%d; Mon, 1 Jan 2026 00:00:00 +0000\r\n" % (i, i)
+                     for i in range(5))  # fmt: skip
+    body = b"Received:" + b" x" * 5 + b"\r\n\r\nReceived: in the body does not count\r\n"
+    with smtplib.SMTP("127.0.0.1", d.port, timeout=10) as c:
+        assert c.sendmail("a@b.test", ["c@d.test"], trace + MSG) == {}
+        with pytest.raises(smtplib.SMTPDataError) as e:
+            c.sendmail("a@b.test", ["c@d.test"], trace + body)
+        assert (e.value.smtp_code, e.value.smtp_error[:5]) == (554, b"5.4.6")
+        assert b"6 Received: header fields" in e.value.smtp_error
+        assert c.noop()[0] == 250  # the session goes on
+    assert len(d.submitted) == 1
