@@ -403,7 +403,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 _LOCAL_FORBIDDEN = re.compile(r'[\x00-\x20\x7f<>()\[\]\\,;:@"]')
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9\-\u0080-\U0010ffff]{1,63}(?<!-)")
-_HEADER_NAME = re.compile(rb"[!-9;-~]+:")
+_HEADER_NAME = re.compile(rb"[!-9;-~]+[ \t]*:")  # RFC 5322 4.5.2: obs WSP before ":"
 
 
 def check_address(addr: str, default_domain: str) -> str:

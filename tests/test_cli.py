@@ -169,6 +169,15 @@ def test_prepare_message_extracts_recipients_and_removes_bcc():
     assert msg["Subject"] == "test" and msg["Cc"].addresses[0].addr_spec == "carol@example.net"
 
 
+def test_prepare_message_obsolete_space_before_colon():
+    """RFC 5322 4.5.2 obs-optional: "Subject : x" is a header field, not the start of the body
+    (the added fields go after the header block, not in the middle of it)."""
+    data = b"Received: a\nSubject : old style\nTo : x@y.test\n\nbody\n"
+    wire, found = prepare_message(data, extract=True, hostname="h", sender="s@h")
+    head, body = wire.split(b"\r\n\r\n", 1)
+    assert b"Subject : old style" in head and body == b"body\r\n" and found == ["x@y.test"]
+
+
 def test_prepare_message_without_header_section():
     wire, _ = prepare_message(b"just text\n", extract=False, hostname="h", sender="")
     head, body = wire.split(b"\r\n\r\n", 1)
