@@ -492,6 +492,27 @@ def test_client_421_and_greeting_failures():
     assert isinstance(evs[1], Failed)
 
 
+@pytest.mark.parametrize(
+    "replies, looped",
+    [
+        (b"220 Mx.Test. ESMTP ready\r\n", True),  # the greeting names us (case, root dot)
+        (b"220 ESMTP\r\n250-MX.test hello\r\n250 PIPELINING\r\n", True),  # the EHLO reply
+        (b"220 mx.test.example ESMTP\r\n250-mx.testing\r\n250 8BITMIME\r\n", False),
+    ],
+)
+def test_client_detects_a_loop_back_to_itself(replies, looped):
+    """An MX or route that leads back to this MTA: the server greets with the name we say in
+    EHLO. Like Postfix ("mail for ... loops back to myself"): 550 5.4.6, the connection fails."""
+    client = ClientSession("mx.test")
+    client.receive(replies)
+    ev = client.next_event()
+    if looped:
+        assert isinstance(ev, Failed) and (ev.reply.code, ev.reply.enhanced) == (550, "5.4.6")
+        assert "loops back to myself" in ev.reply.text and client.phase.value == "closed"
+    else:
+        assert isinstance(ev, Ready)
+
+
 def test_client_connection_lost_mid_data():
     client = ClientSession("c.test", use_chunking=False)
     client.receive(b"220 mx\r\n250-mx\r\n250 PIPELINING\r\n")

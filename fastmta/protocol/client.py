@@ -352,6 +352,19 @@ class ClientSession:
             self._out.append(b"DATA\r\n")
             self._expect.append("data")
 
+    def _is_myself(self, r: Reply) -> bool:
+        """The greeting or EHLO reply starts with the name this client says in EHLO: the
+        connection went back to this MTA (an MX or route that points at us). Postfix: "mail
+        for ... loops back to myself"."""
+        first = r.lines[0] if r.lines else ""
+        name = first.split(None, 1)[0] if first.strip() else ""
+        return name.rstrip(".").lower() == self.helo_name.rstrip(".").lower()
+
+    def _loop_reply(self, r: Reply) -> Reply:
+        # RFC 3463 X.4.6 routing loop detected; permanent, as in Postfix
+        name = r.lines[0].split(None, 1)[0]
+        return reply(550, "5.4.6", f"Mail loops back to myself: the server greets as {name}")
+
     def _on_reply(self, r: Reply) -> None:
         phase = self.phase
         if r.code == 421 and phase not in (Phase.QUIT,):
@@ -361,10 +374,14 @@ class ClientSession:
             self.greeting = r
             if r.code != 220:
                 self._fail(r)
-                return
-            self._send_ehlo()
+            elif self._is_myself(r):
+                self._fail(self._loop_reply(r))
+            else:
+                self._send_ehlo()
         elif phase is Phase.EHLO:
-            if r.code == 250:
+            if r.code == 250 and self._is_myself(r):
+                self._fail(self._loop_reply(r))
+            elif r.code == 250:
                 self.capabilities = (
                     parse_ehlo(r) if self._esmtp else Capabilities(esmtp=False, keywords={})
                 )
