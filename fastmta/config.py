@@ -205,6 +205,7 @@ class LimitsConfig(msgspec.Struct, **_STRUCT):
 class PolicyConfig(msgspec.Struct, **_STRUCT):
     mynetworks: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     local_domains: list[str] = msgspec.field(default_factory=list)
+    relay_domains: list[str] = msgspec.field(default_factory=list)  # anyone may send to them
     users_file: str = ""
 
 
@@ -662,9 +663,17 @@ def validate(config: Config) -> None:
             raise _fail(
                 f"policy.mynetworks[{i}]", f'expected a CIDR like "10.0.0.0/8", got "{net}"'
             ) from None
-    for i, dom in enumerate(config.policy.local_domains):
-        if not dom.strip(".") or any(c.isspace() or c in "@[]" for c in dom):
-            raise _fail(f"policy.local_domains[{i}]", f'expected a domain name, got "{dom}"')
+    for key in ("local_domains", "relay_domains"):
+        for i, dom in enumerate(getattr(config.policy, key)):
+            if not dom.strip(".") or any(c.isspace() or c in "@[]" for c in dom):
+                raise _fail(f"policy.{key}[{i}]", f'expected a domain name, got "{dom}"')
+    local = {d.strip().rstrip(".").lower() for d in config.policy.local_domains}
+    for i, dom in enumerate(config.policy.relay_domains):
+        if dom.strip().rstrip(".").lower() in local:
+            raise _fail(
+                f"policy.relay_domains[{i}]",
+                f'"{dom}" is in policy.local_domains too: delivered here or relayed on, not both',
+            )
 
     for i, user in enumerate(config.local.users):
         if not _ADDRESS.fullmatch(user):

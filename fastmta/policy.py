@@ -96,32 +96,50 @@ def _norm_domain(domain: str) -> str:
     return domain.strip().rstrip(".").lower()
 
 
-class RelayPolicy:
-    """Relay decisions for RCPT TO.
+class DomainSet:
+    """Domain names matched case-insensitively (a trailing dot ignored); an entry with a
+    leading dot (".example.com") matches every subdomain, like Postfix's
+    ``parent_domain_matches_subdomains``."""
 
-    ``mynetworks``: CIDRs (or a Networks) whose clients may relay without AUTH.
-    ``local_domains``: domains delivered here (case-insensitive; ".example.com" also matches every
-    subdomain of example.com, like Postfix ``parent_domain_matches_subdomains``).
-    """
-
-    def __init__(self, mynetworks: Iterable[str] | Networks, local_domains: Iterable[str]) -> None:
-        self.mynetworks = mynetworks if isinstance(mynetworks, Networks) else Networks(mynetworks)
+    def __init__(self, domains: Iterable[str]) -> None:
         self._exact: set[str] = set()
-        self._parents: tuple[str, ...] = ()
         parents = []
-        for d in local_domains:
+        for d in domains:
             if d.strip().startswith("."):
                 parents.append("." + _norm_domain(d).lstrip("."))
             else:
                 self._exact.add(_norm_domain(d))
         self._parents = tuple(parents)
 
-    def is_local(self, domain: str) -> bool:
-        """True if mail for ``domain`` is delivered here (case-insensitive; trailing dot ok)."""
+    def __contains__(self, domain: str) -> bool:
         d = _norm_domain(domain)
         if d in self._exact:
             return True
         return bool(self._parents) and d.endswith(self._parents)
+
+
+class RelayPolicy:
+    """Relay decisions for RCPT TO.
+
+    ``mynetworks``: CIDRs (or a Networks) whose clients may relay without AUTH.
+    ``local_domains``: domains delivered here (see DomainSet for the matching).
+    ``relay_domains``: domains anyone may send to, relayed on to their MX hosts or route
+    (a backup MX, a gateway in front of internal servers; Postfix ``relay_domains``).
+    """
+
+    def __init__(
+        self,
+        mynetworks: Iterable[str] | Networks,
+        local_domains: Iterable[str],
+        relay_domains: Iterable[str] = (),
+    ) -> None:
+        self.mynetworks = mynetworks if isinstance(mynetworks, Networks) else Networks(mynetworks)
+        self._local = DomainSet(local_domains)
+        self._relay = DomainSet(relay_domains)
+
+    def is_local(self, domain: str) -> bool:
+        """True if mail for ``domain`` is delivered here (case-insensitive; trailing dot ok)."""
+        return domain in self._local
 
     def may_relay(self, client_ip: str, authenticated: bool) -> bool:
         """True if this client may send to any domain (authenticated, or in mynetworks)."""
@@ -135,6 +153,11 @@ class RelayPolicy:
         No I/O. ``domain`` is the part after the last "@" of the recipient; an empty domain
         (e.g. "postmaster") is treated as local (RFC 5321 4.5.1 requires accepting postmaster).
         """
-        if not domain or self.is_local(domain) or self.may_relay(client_ip, authenticated):
+        if (
+            not domain
+            or domain in self._local
+            or domain in self._relay
+            or self.may_relay(client_ip, authenticated)
+        ):
             return None
         return RELAY_DENIED

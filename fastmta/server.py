@@ -83,7 +83,8 @@ class Listening:
             auth=listener.auth if users is not None else "never",
             auth_required=listener.role == "submission",
         )
-        self.policy = RelayPolicy(config.policy.mynetworks, config.policy.local_domains)
+        pol = config.policy
+        self.policy = RelayPolicy(pol.mynetworks, pol.local_domains, pol.relay_domains)
         # RCPT TO:<postmaster> (RFC 5321 4.5.1) is stored as postmaster@ the first local domain,
         # else @ the hostname (Postfix appends $myorigin): delivered like any other address
         exact = [d.rstrip(".") for d in config.policy.local_domains if not d.startswith(".")]

@@ -284,6 +284,14 @@ def test_overrides_are_validated_like_the_file(tmp_path):
             '[policy]\nlocal_domains = ["a b"]',
             "config error: policy.local_domains[0]: expected a domain name",
         ),
+        (
+            '[policy]\nrelay_domains = ["a b"]',
+            "config error: policy.relay_domains[0]: expected a domain name",
+        ),
+        (
+            '[policy]\nlocal_domains = ["a.test"]\nrelay_domains = ["A.test."]',
+            'config error: policy.relay_domains[0]: "A.test." is in policy.local_domains too',
+        ),
         ('[local]\nusers = ["alice"]', 'config error: local.users[0]: expected "user@domain"'),
         (
             '[dns]\nnameservers = ["dns.google"]',

@@ -102,3 +102,14 @@ def test_no_open_relay_with_empty_config():
 
 def test_postmaster_without_domain_is_accepted():
     assert RelayPolicy([], []).rcpt_allowed("203.0.113.5", False, "") is None
+
+
+def test_relay_domains_open_to_anyone_and_nothing_else():
+    """policy.relay_domains (Postfix relay_domains): anyone may send to them; they are not
+    local; other domains stay closed to outsiders."""
+    p = RelayPolicy([], ["local.test"], ["Backup.test", ".gw.test"])
+    for domain in ("backup.test", "BACKUP.test.", "a.gw.test", "local.test"):
+        assert p.rcpt_allowed("203.0.113.5", False, domain) is None, domain
+    for domain in ("gw.test", "x.backup.test", "gmail.com"):
+        assert p.rcpt_allowed("203.0.113.5", False, domain) == RELAY_DENIED, domain
+    assert not p.is_local("backup.test") and p.is_local("LOCAL.test")

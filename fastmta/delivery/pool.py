@@ -430,6 +430,11 @@ class ConnectionPool:
                 try:
                     conn = await self._open(mx.name, ip, route, route.tls, source)
                 except ConnectError as e:
+                    if e.loops_back:
+                        # we are this MX: the hosts after it are no better than us (a backup
+                        # MX hands mail only to more preferred ones; Postfix does the same);
+                        # a better host's transient failure means try again later
+                        raise last or e from None
                     last = e
                     if not (e.tls_failed and route.tls == "opportunistic"):
                         continue

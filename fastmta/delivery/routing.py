@@ -20,6 +20,7 @@ import msgspec
 from fastmta.config import Config, parse_hostport
 from fastmta.dns import Destination, DnsError, MXHost, Resolver
 from fastmta.dns.mx import address_literal
+from fastmta.policy import DomainSet
 
 __all__ = ["Route", "Router", "is_loopback"]
 
@@ -68,9 +69,7 @@ class Router:
         d = config.delivery
         self._port = d.port
         self._tls = d.tls
-        local = [x.lower().rstrip(".") for x in config.policy.local_domains]
-        self._local_exact = {x for x in local if not x.startswith(".")}
-        self._local_suffixes = tuple(x for x in local if x.startswith("."))
+        self._local = DomainSet(config.policy.local_domains)
         self._relay: tuple[str, bool, int] | None = None
         if d.relayhost:
             self._relay = _split_next_hop(d.relayhost, d.port)
@@ -79,10 +78,7 @@ class Router:
 
     def is_local(self, domain: str) -> bool:
         """True when ``domain`` is a local domain (exact, or a ".suffix" entry matches)."""
-        domain = domain.lower().rstrip(".")
-        return domain in self._local_exact or (
-            bool(self._local_suffixes) and domain.endswith(self._local_suffixes)
-        )
+        return domain in self._local
 
     def route(self, domain: str) -> Route:
         """The route for ``domain`` (lower-cased). No I/O."""

@@ -94,6 +94,11 @@ class ConnectError(Exception):
         self.reply = r
         self.tls_failed = tls_failed
 
+    @property
+    def loops_back(self) -> bool:
+        """The host is this MTA itself (RFC 3463 X.4.6, see ClientSession._is_myself)."""
+        return self.reply.enhanced == "5.4.6"
+
 
 class SmtpConnection(asyncio.Protocol):
     """An established (or establishing) connection; use :func:`open_connection`."""

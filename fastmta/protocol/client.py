@@ -358,7 +358,7 @@ class ClientSession:
         for ... loops back to myself"."""
         first = r.lines[0] if r.lines else ""
         name = first.split(None, 1)[0] if first.strip() else ""
-        return name.rstrip(".").lower() == self.helo_name.rstrip(".").lower()
+        return bool(name) and name.rstrip(".").lower() == self.helo_name.rstrip(".").lower()
 
     def _loop_reply(self, r: Reply) -> Reply:
         # RFC 3463 X.4.6 routing loop detected; permanent, as in Postfix
