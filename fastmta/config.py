@@ -151,6 +151,7 @@ class ServerConfig(msgspec.Struct, **_STRUCT):
     workers: int = 0  # 0 -> os.cpu_count()
     spool_dir: str = ""  # "" -> $FASTMTA_SPOOL, $XDG_STATE_HOME/fastmta/spool, ./fastmta-spool
     hold_delivery: bool = False
+    soft_bounce: bool = False  # 5xx becomes 4xx: nothing bounces or is refused for good
     commit_delay: Duration = Duration(0.002)  # group-commit wait under load (0 = sync at once)
     compact_interval: Duration = Duration(30.0)  # how often sparse segments are compacted; 0: never
     compact_below: float = 0.25  # compact a sealed segment whose live messages fill less than this

@@ -82,6 +82,7 @@ class Listening:
             auth_mechanisms=auth.MECHANISMS if users is not None else (),
             auth=listener.auth if users is not None else "never",
             auth_required=listener.role == "submission",
+            soft_bounce=config.server.soft_bounce,
         )
         pol = config.policy
         self.policy = RelayPolicy(pol.mynetworks, pol.local_domains, pol.relay_domains)

@@ -181,6 +181,8 @@ class DeliveryEngine:
             max_threads=local_threads,
         )
         self._hold = config.server.hold_delivery
+        # Postfix soft_bounce: a 5xx outcome defers instead of bouncing (expiry still bounces)
+        self._soft_bounce = config.server.soft_bounce
         self._max_resident = q.max_resident
         self._park_batch = max(1, min(q.park_batch, q.max_resident // 2))
         self._parking: dict[str, StoredMessage] = {}  # being written to a parked file
@@ -751,7 +753,7 @@ class DeliveryEngine:
                 rc.state = _DELIVERED
                 outcome = "delivered"
                 st.delivered += 1
-            elif r.is_permanent():
+            elif r.is_permanent() and not self._soft_bounce:
                 rc.state = _BOUNCED
                 outcome = "bounced"
                 st.bounced += 1

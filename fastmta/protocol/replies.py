@@ -147,6 +147,15 @@ SHUTTING_DOWN = reply(421, "4.3.2", "Service shutting down")  # 3.8
 TLS_NOT_AVAILABLE = reply(454, "4.7.0", "TLS not available due to temporary reason")  # RFC 3207 4
 
 
+def soften(r: Reply) -> Reply:
+    """A 5xx reply as the 4xx it becomes under soft_bounce (550 5.1.1 -> 450 4.1.1); any other
+    reply as it is. The client keeps the mail and tries again later."""
+    if r.code < 500:
+        return r
+    enhanced = "4" + r.enhanced[1:] if r.enhanced and r.enhanced[0] == "5" else r.enhanced
+    return Reply(r.code - 100, enhanced, r.lines)
+
+
 def wire(r: Reply) -> bytes:
     """``r.to_bytes()``, taken from a table for the constant replies above: the server sends
     several of them per message, and formatting one costs more than looking it up."""

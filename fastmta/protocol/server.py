@@ -63,6 +63,7 @@ class SessionConfig(msgspec.Struct, kw_only=True):
     chunking: bool = True  # RFC 3030
     pipelining: bool = True  # RFC 2920; False: not offered, and a client must wait per reply
     smtputf8: bool = True  # RFC 6531; False: not offered, MAIL ... SMTPUTF8 gets 555
+    soft_bounce: bool = False  # every 5xx reply goes out as 4xx (Postfix soft_bounce)
 
 
 # ------------------------------------------------------------------------------ events
@@ -177,6 +178,8 @@ class ServerSession:
         self.errors = 0
         self._greeting = greeting or f"{config.hostname} ESMTP fastmta"
         self._out: list[bytes] = []
+        if config.soft_bounce:
+            self._send = self._send_soft  # type: ignore[method-assign]
         self._lines = LineReader(config.max_command_line, config.bare_newline == "normalize")
         self._waiting: Event | None = None  # the event whose answer we are waiting for
         self._ready: list[Event] = []  # events produced by receive() (content finished, close)
@@ -330,6 +333,9 @@ class ServerSession:
 
     def _send(self, r: Reply) -> None:
         self._out.append(R.wire(r))
+
+    def _send_soft(self, r: Reply) -> None:
+        self._out.append(R.wire(R.soften(r)))
 
     def _close(self, reason: str) -> None:
         self.state = State.CLOSED
