@@ -317,7 +317,7 @@ class SmtpConnection(asyncio.Protocol):
                 )
                 for r in ev.rcpts
             )
-        except AliasError as e:  # the table changed since RCPT (SIGHUP)
+        except AliasError as e:  # (RCPT checked each address; a bare postmaster is qualified here)
             log.error("%s: %s", queue_id, e)
             s.reject(reply(*e.reply))
             return
