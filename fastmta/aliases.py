@@ -102,7 +102,8 @@ class Aliases:
             return found
         detail = ""
         if self.delimiter and self.delimiter in local:
-            user, _, detail = local.partition(self.delimiter)
+            user, _, _ = local.partition(self.delimiter)
+            detail = address.rpartition("@")[0].partition(self.delimiter)[2]  # case kept
             found = table.get(f"{user}@{domain}")
             if found is not None:
                 return self._with_detail(found, detail)

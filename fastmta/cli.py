@@ -56,6 +56,8 @@ examples:
   fastmta send -t < message.eml                  queue a message (like sendmail -t)
   fastmta passwd alice --file /etc/fastmta/users add or change an SMTP AUTH user
   fastmta config --check /etc/fastmta.toml       validate a configuration file
+  fastmta config --check /etc/fastmta.toml --route sales@example.com
+                                                 where mail to an address would go
   fastmta queue list                             show queued messages
   fastmta dkim keygen example.com s1 --out k.pem make a DKIM key; print its DNS record
 
@@ -171,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--example", action="store_true", help="print the annotated example configuration"
     )
     g.add_argument("--check", metavar="FILE", help="validate FILE")
+    c.add_argument(
+        "--route", metavar="ADDRESS", action="append",
+        help="with --check: show how mail to ADDRESS would go under FILE ([aliases], then a "
+        "local Maildir, a route, the relayhost or the domain's MX hosts); no DNS lookups. "
+        "Repeat for more addresses. Postfix: sendmail -bv, postmap -q",
+    )  # fmt: skip
 
     q = sub.add_parser(
         "queue",
@@ -663,9 +671,64 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.example:
         sys.stdout.write(dump_example())
         return 0
-    _check_keys(_load(args.check))
+    if args.route and not args.check:
+        _err("config: --route needs --check FILE")
+        return EX_USAGE
+    config = _load(args.check)
+    _check_keys(config)
     print(f"{args.check}: OK")
+    for address in args.route or ():
+        print("\n".join(explain_route(config, address)))
     return 0
+
+
+def explain_route(config: Config, address: str) -> list[str]:
+    """Lines saying where mail to ``address`` goes under ``config`` (`fastmta config --route`):
+    its [aliases] expansion, then for each final address its local mailbox or next hop."""
+    from fastmta.aliases import AliasError, Aliases
+    from fastmta.delivery.maildir import MaildirDelivery
+    from fastmta.delivery.routing import Router
+
+    try:
+        targets = Aliases.from_config(config).expand(address)
+    except AliasError as e:
+        return [f"{address}: {e}"]
+    router = Router(config)
+    lc = config.local
+    maildir = MaildirDelivery(
+        lc.maildir_root, users=lc.users_by_domain() or None, catch_all=lc.catch_all or None,
+        recipient_delimiter=lc.recipient_delimiter,
+    )  # fmt: skip
+    lines = [] if targets == [address] else [f"{address}: an alias of {len(targets)} address(es)"]
+    for target in targets:
+        _, at, domain = target.rpartition("@")
+        if not at or not domain:
+            lines.append(f"{target}: not an address with a domain")
+            continue
+        route = router.route(domain)
+        if route.kind == "local":
+            refused = maildir.check(target)
+            where = (
+                f"refused at RCPT: {' '.join(map(str, refused))}"
+                if refused
+                else f"local Maildir {maildir.maildir_path(target)}"
+            )
+        else:
+            hop = (
+                f"host [{route.lookup}]:{route.port}" if route.bracketed
+                else f"MX hosts of {route.lookup}, port {route.port}"
+            )  # fmt: skip
+            if config.delivery.relayhost and route.lookup != domain.lower():
+                hop = f"relayhost {hop}"
+            elif domain.rstrip(".") in config.domain and config.domain[domain.rstrip(".")].route:
+                hop = f'[domain."{domain.rstrip(".")}"] route: {hop}'
+            where = f"{hop}, TLS {route.tls}"
+            if route.auth:
+                where += f", AUTH as {route.auth[0]}"
+            if route.sts:
+                where += ", MTA-STS policy applies"
+        lines.append(f"{'  -> ' if len(lines) else ''}{target}: {where}")
+    return lines
 
 
 def cmd_dkim(args: argparse.Namespace) -> int:

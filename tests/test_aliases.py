@@ -41,7 +41,7 @@ def test_lookup_order_and_forms():
     })  # fmt: skip
     assert a.lookup("Sales+EU@Example.Test") == ("eu@example.test",)  # as given, first
     assert a.lookup("sales@example.test") == ("bob@example.test",)
-    assert a.lookup("sales+us@example.test") == ("bob+us@example.test",)  # detail carried on
+    assert a.lookup("sales+Us@example.test") == ("bob+Us@example.test",)  # detail carried on
     assert a.lookup("info@example.test") == ("carol@example.test",)  # bare user: local domains
     assert a.lookup("info+x@example.test") == ("carol+x@example.test",)
     assert a.lookup("info@remote.test") is None  # ... only
@@ -224,3 +224,42 @@ def test_send_and_api_expand_too(tmp_path):
             return [r.address for r in msg.envelope.recipients]
 
     assert asyncio.run(main()) == ["nobody@example.test", "x@y.test"]
+
+
+def test_config_route_explains_addresses(tmp_path):
+    """`fastmta config --check FILE --route ADDRESS`: aliases, then mailbox or next hop."""
+    cfg = write(
+        tmp_path,
+        f"""
+[policy]
+local_domains = ["example.test"]
+[local]
+maildir_root = "{tmp_path / "md"}"
+users = ["alice@example.test"]
+[domain."partner.test"]
+route = "[10.1.2.3]:2525"
+tls = "required"
+[aliases]
+"sales@example.test" = ["alice@example.test", "bob@remote.test", "p@partner.test"]
+""",
+    )
+    done = subprocess.run(
+        fastmta_command("config", "--check", cfg, "--route", "Sales+X@example.test",
+                        "--route", "nobody@example.test"),
+        capture_output=True, cwd=REPO, env=child_env(), timeout=20,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
+    lines = done.stdout.decode().splitlines()
+    assert lines == [
+        f"{cfg}: OK",
+        "Sales+X@example.test: an alias of 3 address(es)",
+        f"  -> alice+X@example.test: local Maildir {tmp_path / 'md' / 'example.test' / 'alice'}",
+        "  -> bob+X@remote.test: MX hosts of remote.test, port 25, TLS opportunistic, "
+        "MTA-STS policy applies",
+        '  -> p+X@partner.test: [domain."partner.test"] route: host [10.1.2.3]:2525, TLS required',
+        "nobody@example.test: refused at RCPT: 550 5.1.1 <nobody@example.test>: Recipient "
+        "address rejected: User unknown",
+    ]
+    done = subprocess.run(fastmta_command("config", "--route", "a@b.test"), capture_output=True,
+                          cwd=REPO, env=child_env(), timeout=20)  # fmt: skip
+    assert done.returncode != 0
