@@ -21,11 +21,15 @@ import logging.handlers
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
-__all__ = ["DeliveryLog", "DeliveryRecord", "setup_logging"]
+__all__ = ["FINAL_OUTCOMES", "DeliveryLog", "DeliveryRecord", "ReceptionRecord", "setup_logging"]
+
+# DeliveryRecord outcomes after which the recipient is done with (nothing more will happen)
+FINAL_OUTCOMES = frozenset({"delivered", "bounced", "expired", "deleted"})
 
 _FORMAT = "%(asctime)s.%(msecs)03d %(levelname)-7s %(name)s[%(process)d]: %(message)s"
 _DATEFMT = "%Y-%m-%dT%H:%M:%S"
@@ -76,7 +80,7 @@ class DeliveryRecord(msgspec.Struct, kw_only=True, omit_defaults=False):
     enhanced: str = ""  # RFC 3463 status, e.g. "4.4.1"
     text: str = ""
     latency: float = 0.0  # seconds for this attempt
-    outcome: str  # "delivered" | "deferred" | "bounced" | "expired"
+    outcome: str  # "delivered" | "deferred" | "bounced" | "expired" | "deleted" (operator)
     attempt: int = 1
 
 
@@ -131,6 +135,30 @@ class DeliveryLog:
         self._fd: int | None = None
         self._identity = (0, 0)  # (st_dev, st_ino) of the open file
         self._open()
+        self._subscribers: list[Callable[[DeliveryRecord | ReceptionRecord], None]] = []
+
+    def subscribe(
+        self, callback: Callable[[DeliveryRecord | ReceptionRecord], None]
+    ) -> Callable[[], None]:
+        """Call ``callback(record)`` with every record written from now on, on the writer's
+        thread (the worker's event loop), as it is written; it must not block. A callback
+        that raises is logged and dropped. Returns the function that ends the subscription.
+        This is how the embedding API (fastmta/api.py) sees outcomes."""
+        self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._subscribers:
+                self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def _notify(self, record: DeliveryRecord | ReceptionRecord) -> None:
+        for callback in list(self._subscribers):
+            try:
+                callback(record)
+            except Exception:
+                log.exception("delivery log subscriber %r failed: dropped", callback)
+                self._subscribers.remove(callback)
 
     def _open(self) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
@@ -155,6 +183,8 @@ class DeliveryLog:
             raise ValueError("DeliveryLog is closed")
         if not record.time:
             record.time = time.time()
+        if self._subscribers:
+            self._notify(record)
         self._encoder.encode_into(record, self._buf, -1)
         self._buf += b"\n"
         if len(self._buf) >= self.buffer_size:

@@ -1,4 +1,5 @@
-"""Embedding: MTA.submit() from Python code, delivered like mail received over SMTP."""
+"""Embedding: MTA.submit() from Python code, delivered like mail received over SMTP; send()
+waits for the outcomes; records() streams the delivery log."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import msgspec
 import pytest
 
 from fastmta.api import MTA
-from fastmta.testing.sink import Sink
+from fastmta.protocol.replies import reply
+from fastmta.testing.sink import Behaviour, Sink
 
 
 def test_submit_is_durable_and_delivered(tmp_path):
@@ -57,3 +59,71 @@ def test_submit_refuses_bad_addresses(tmp_path):
             assert mta.worker.engine.stats.queued == 0
 
     asyncio.run(main())
+
+
+def _config(tmp_path, sink=None, **server):
+    return {
+        "server": {"spool_dir": str(tmp_path / "spool"), "hostname": "embed.test", **server},
+        "delivery": {"relayhost": f"[127.0.0.1]:{sink.port}" if sink else "[127.0.0.1]:9",
+                     "idle_timeout": 1},
+        "queue": {"retry_schedule": [60]},
+    }  # fmt: skip
+
+
+def test_send_waits_for_every_outcome(tmp_path):
+    """send(): submit, then the final record of each recipient (after aliases)."""
+    refuse = Behaviour(
+        rcpt_reply=lambda a: reply(550, "5.1.1", "no") if a.startswith("x") else None
+    )
+    with Sink(behaviour=refuse) as sink:
+        config = _config(tmp_path, sink)
+        config["aliases"] = {"team@b.test": ["u@b.test", "x@b.test"]}
+
+        async def main():
+            async with MTA(config, listen=False) as mta:
+                return await mta.send("app@a.test", ["team@b.test", "v@c.test"], b"Subject: s\n\nhi\n",
+                                      timeout=20)  # fmt: skip
+
+        results = asyncio.run(main())
+    assert list(results) == ["u@b.test", "x@b.test", "v@c.test"]
+    assert [(r.outcome, r.code) for r in results.values()] == [
+        ("delivered", 250), ("bounced", 550), ("delivered", 250),
+    ]  # fmt: skip
+    assert results["u@b.test"].ip == "127.0.0.1" and results["x@b.test"].text == "no"
+
+
+def test_send_times_out_and_the_message_stays_queued(tmp_path):
+    later = Behaviour(rcpt_reply=lambda a: reply(451, "4.3.0", "later"))
+    with Sink(behaviour=later) as sink:
+
+        async def main():
+            async with MTA(_config(tmp_path, sink), listen=False) as mta:
+                with pytest.raises(TimeoutError):
+                    await mta.send("app@a.test", ["u@b.test"], b"x\n", timeout=1)
+                return mta.worker.engine.stats.queued
+
+        assert asyncio.run(main()) == 1
+
+
+def test_records_stream_and_deleted_outcome(tmp_path):
+    """records(): reception and delivery records as they are written; an operator's delete
+    is an outcome too ("deleted", like Postfix's "removed"); a slow reader loses the oldest."""
+
+    async def main():
+        async with MTA(_config(tmp_path, hold_delivery=True), listen=False) as mta:
+            async with mta.records() as records:
+                qid = await mta.submit("app@a.test", ["u@b.test", "w@b.test"], b"x\n")
+                assert await mta.worker.engine.delete_message(qid)
+                got = [await anext(records) for _ in range(3)]
+            assert [anext_done async for anext_done in records] == []  # closed: ends
+            small = mta.records(maxsize=1)
+            await mta.submit("app@a.test", ["y@b.test"], b"x\n")
+            await mta.submit("app@a.test", ["z@b.test"], b"x\n")
+            last = await anext(small)
+            small.close()
+            return qid, got, last, small.dropped
+
+    qid, got, last, dropped = asyncio.run(main())
+    assert [(r.outcome, r.queue_id) for r in got] == [("received", qid)] + [("deleted", qid)] * 2
+    assert [r.recipient for r in got[1:]] == ["u@b.test", "w@b.test"]
+    assert last.recipients == ["z@b.test"] and dropped == 1

@@ -298,11 +298,26 @@ class DeliveryEngine:
     async def delete_message(self, queue_id: str) -> bool:
         """Remove the message from the spool without a DSN (like ``postsuper -d``)."""
         await self._settled(queue_id)
-        if self.spool.get(queue_id) is None:
+        sm = self.spool.get(queue_id)
+        if sm is None:
             return False
         await self.spool.done(queue_id)
         self.scheduler.remove(queue_id)
         self._held.pop(queue_id, None)
+        env = sm.envelope
+        if self.delivery_log is not None:  # (Postfix logs "removed")
+            for rc in env.recipients:
+                if rc.state in _PENDING:
+                    self.delivery_log.write(
+                        DeliveryRecord(
+                            queue_id=queue_id,
+                            recipient=rc.address,
+                            site="operator",
+                            text="deleted by an operator",
+                            outcome="deleted",
+                            attempt=env.attempts,
+                        )  # fmt: skip
+                    )
         return True
 
     async def bounce_message(self, queue_id: str, select: Selection, reason: str) -> bool:
