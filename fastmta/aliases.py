@@ -75,11 +75,11 @@ class Aliases:
     @classmethod
     def from_config(cls, config: Config) -> Aliases:
         """The [aliases] table with local.recipient_delimiter and limits.max_alias_expansion."""
-        from fastmta.policy import RelayPolicy
+        from fastmta.policy import DomainSet
 
         return cls(
             config.aliases,
-            is_local=RelayPolicy((), config.policy.local_domains).is_local,
+            is_local=DomainSet(config.policy.local_domains).__contains__,
             delimiter=config.local.recipient_delimiter,
             max_expansion=config.limits.max_alias_expansion,
         )

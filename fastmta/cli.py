@@ -2,7 +2,8 @@
 
 Exit codes follow sysexits.h where sendmail users expect them: 64 EX_USAGE (bad address, no
 recipient), 65 EX_DATAERR (message too big, or a mail loop), 69 EX_UNAVAILABLE (queue: server
-not running), 75 EX_TEMPFAIL (spool write failed); configuration errors exit 2 like argparse usage errors.
+not running), 75 EX_TEMPFAIL (spool write failed); configuration errors exit 2 like argparse
+usage errors.
 """
 
 from __future__ import annotations

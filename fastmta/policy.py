@@ -111,6 +111,9 @@ class DomainSet:
                 self._exact.add(_norm_domain(d))
         self._parents = tuple(parents)
 
+    def __bool__(self) -> bool:
+        return bool(self._exact or self._parents)
+
     def __contains__(self, domain: str) -> bool:
         d = _norm_domain(domain)
         if d in self._exact:
@@ -156,8 +159,8 @@ class RelayPolicy:
         if (
             not domain
             or domain in self._local
-            or domain in self._relay
             or self.may_relay(client_ip, authenticated)
+            or (self._relay and domain in self._relay)
         ):
             return None
         return RELAY_DENIED
