@@ -35,6 +35,7 @@ from typing import Any
 from .aliases import AliasError, Aliases
 from .app import Worker
 from .config import Config, load_config
+from .headers import header_block_end, message_id
 from .log import FINAL_OUTCOMES, DeliveryLog, DeliveryRecord, ReceptionRecord
 from .protocol.errors import ParseError
 from .protocol.parse import dot_stuff, parse_mail, parse_rcpt
@@ -158,6 +159,7 @@ class MTA:
             body=None if wire.isascii() else "8BITMIME",
             smtputf8=utf8 or not all(r.address.isascii() for r in expanded),
             client="api",
+            message_id=message_id(header_block_end([wire])[0]),
         )
         if self.worker.engine is None:
             raise RuntimeError("the MTA is not started (use `async with MTA(...)` or start())")

@@ -585,9 +585,10 @@ def cmd_send(args: argparse.Namespace) -> int:
     if len(wire) > limit:
         _err(f"message too big: {len(wire)} bytes > {limit} (limits.max_message_size)")
         return EX_DATAERR
-    from fastmta.headers import header_block_end, hop_count
+    from fastmta.headers import header_block_end, hop_count, message_id
 
-    hops = hop_count(header_block_end([wire])[0])
+    head = header_block_end([wire])[0]
+    hops = hop_count(head)
     if hops > config.limits.max_hops:
         _err(f"message refused: {hops} Received: header fields, over limits.max_hops "
              f"({config.limits.max_hops}): a mail loop?")  # fmt: skip
@@ -627,6 +628,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         body=None if wire.isascii() else "8BITMIME",
         smtputf8=smtputf8,
         client=f"local (uid {os.getuid()})",
+        message_id=message_id(head),
     )
     try:
         queue_id = inject(config.server.spool_dir, envelope, wire)

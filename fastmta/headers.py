@@ -85,6 +85,19 @@ def header_block_end(chunks: list[bytes], limit: int = 64 << 10) -> tuple[bytes,
 _RECEIVED = re.compile(rb"(?:^|\n)received[ \t]*:", re.IGNORECASE)
 
 
+_MESSAGE_ID = re.compile(rb"(?:^|\n)message-id[ \t]*:[ \t]*((?:[^\r\n]|\r\n[ \t])*)", re.I)
+
+
+def message_id(head: bytes) -> str | None:
+    """The Message-ID: field's value of a header block (unfolded, at most 256 characters), or
+    None when there is none."""
+    m = _MESSAGE_ID.search(head)
+    if m is None:
+        return None
+    value = b" ".join(m.group(1).split()).decode("utf-8", "replace")
+    return value[:256] or None
+
+
 def hop_count(head: bytes) -> int:
     """How many Received: fields a header block has: the hops the message made so far."""
     return len(_RECEIVED.findall(head))
@@ -96,10 +109,10 @@ def has_field(head: bytes, name: bytes) -> bool:
     return lower.startswith(name) or (b"\r\n" + name) in lower
 
 
-def submission_fields(chunks: list[bytes], hostname: str, queue_id: str) -> bytes:
-    """Message-ID and Date a submission client left out (RFC 6409 8.2, 8.3), as header lines
-    to add to the top of the message (empty if both are present)."""
-    head, _ = header_block_end(chunks)
+def submission_fields(head: bytes, hostname: str, queue_id: str) -> bytes:
+    """Message-ID and Date a submission client left out (RFC 6409 8.2, 8.3) of the header
+    block ``head``, as header lines to add to the top of the message (empty if both are
+    present)."""
     out = b""
     if not has_field(head, b"message-id:"):
         out += f"Message-ID: <{queue_id}.{os.getpid()}@{hostname}>\r\n".encode()

@@ -98,6 +98,7 @@ class ReceptionRecord(msgspec.Struct, kw_only=True, omit_defaults=False):
     auth: str = ""  # the SMTP AUTH user
     tls: bool = False  # received under TLS
     origin: str = ""  # a DSN: the queue id of the message it reports on
+    message_id: str = ""  # the message's Message-ID: field, "<...>" (Postfix logs it too)
 
     @classmethod
     def of(cls, env: Any, via: str, *, tls: bool = False, origin: str = "") -> ReceptionRecord:
@@ -112,6 +113,7 @@ class ReceptionRecord(msgspec.Struct, kw_only=True, omit_defaults=False):
             auth=env.auth or "",
             tls=tls,
             origin=origin,
+            message_id=env.message_id or "",
         )
 
 

@@ -356,6 +356,7 @@ def _as_json(env: Envelope) -> dict[str, object]:
         "attempts": env.attempts,
         "next_attempt": env.next_attempt,
         "held": env.held,
+        "message_id": env.message_id,
     }
 
 
@@ -520,6 +521,7 @@ def _describe(env: Envelope) -> str:
     rows.append(("next attempt", _when(env.next_attempt) if env.next_attempt else "now"))
     rows.append(("held", "yes" if env.held else "no"))
     for key, value in (
+        ("message-id", env.message_id),
         ("client", env.client),
         ("auth", env.auth),
         ("body", env.body),

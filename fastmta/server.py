@@ -300,7 +300,8 @@ class SmtpConnection(asyncio.Protocol):
         s = self.session
         queue_id = new_queue_id()
         mail = ev.mail
-        hops = headers.hop_count(headers.header_block_end(ev.chunks)[0])
+        head = headers.header_block_end(ev.chunks)[0]
+        hops = headers.hop_count(head)
         if hops > ctx.config.limits.max_hops:
             log.warning(
                 "%s: refused from [%s]: %d Received: fields, over limits.max_hops (%d)",
@@ -334,6 +335,7 @@ class SmtpConnection(asyncio.Protocol):
             envid=mail.envid,
             client=f"[{self.peer_ip}] {s.helo or ''}".rstrip(),
             auth=s.user,
+            message_id=headers.message_id(head),
         ).share_strings()
         trace = headers.received(
             helo=s.helo,
@@ -345,7 +347,9 @@ class SmtpConnection(asyncio.Protocol):
         )
         parts = [trace]
         if ctx.listener.role == "submission":
-            parts.append(headers.submission_fields(ev.chunks, ctx.config.server.hostname, queue_id))
+            added = headers.submission_fields(head, ctx.config.server.hostname, queue_id)
+            parts.append(added)
+            env.message_id = env.message_id or headers.message_id(added)
         parts += ev.chunks
         if ctx.dkim is not None and ctx.policy.may_relay(self.peer_ip, s.user is not None):
             # the signer by the From: field; the message is joined only when one signs it

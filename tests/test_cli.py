@@ -282,6 +282,7 @@ def test_send_into_spool(tmp_path):
     assert env.size == len(wire)
     assert b"Bcc" not in wire and b"\r\n..dot line\r\nbye\r\n" in wire
     assert wire.startswith(b"Subject: hello\r\n") and b"\r\nMessage-ID: <" in wire
+    assert f"\r\nMessage-ID: {env.message_id}\r\n".encode() in wire  # the added one
 
 
 @needs_spool
@@ -322,3 +323,12 @@ def test_send_errors(tmp_path):
     assert not os.path.exists(os.path.join(spool, "incoming")) or not os.listdir(
         os.path.join(spool, "incoming")
     )
+
+
+def test_message_id_is_read_from_the_header_block():
+    from fastmta.headers import message_id
+
+    assert message_id(b"Subject: x\r\nMessage-ID:  <a@b>\r\n") == "<a@b>"
+    assert message_id(b"message-id :\r\n <folded@x>\r\nX: y\r\n") == "<folded@x>"
+    assert message_id(b"Subject: Message-ID: <no@x>\r\n") is None  # not a field of its own
+    assert message_id(b"Message-ID:\r\n") is None

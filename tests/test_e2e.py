@@ -89,6 +89,7 @@ def test_relayhost_gets_exact_content_and_log_line(tmp_path):
                 qid, "smtp", "alice@sender.test", ["bob@dest.test"],
             )  # fmt: skip
             assert got["client"].startswith("[127.0.0.1] ") and got["tls"] is False
+            assert got["message_id"] == "<1.e2e@client.test>"  # grep the log by Message-ID
             assert got["size"] == m.mail_params.size and got["time"] <= rec["time"]
         assert srv.read_spool() == {}  # delivered: gone from the spool
         assert sink.count == 1

@@ -226,6 +226,7 @@ def test_submission_requires_auth_and_adds_missing_fields(smtpd, tls_files):
     ((env, data),) = reopen(d.spool_dir)
     head = data.split(b"\r\n\r\n")[0]
     assert b"\r\nMessage-ID: <" in head and b"\r\nDate: " in head
+    assert env.message_id and f"\r\nMessage-ID: {env.message_id}\r\n".encode() in head
 
 
 def test_failed_auth_slows_down_and_disconnects(smtpd, tls_files):

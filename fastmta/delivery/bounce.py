@@ -15,6 +15,7 @@ from typing import Literal
 import msgspec
 
 from fastmta.delivery.dsn import FailedRecipient, build_dsn, should_bounce
+from fastmta.headers import header_block_end, message_id
 from fastmta.spool.records import Envelope, Recipient, new_queue_id
 
 __all__ = ["Failure", "make_dsn", "wants_notice"]
@@ -101,5 +102,6 @@ def make_dsn(
         body=None if data.isascii() else "8BITMIME",
         smtputf8=not env.sender.isascii(),
         is_bounce=True,
+        message_id=message_id(header_block_end([data])[0]),
     )
     return dsn_env, data

@@ -68,6 +68,7 @@ class Envelope(msgspec.Struct, omit_defaults=True):
     is_bounce: bool = False  # a DSN we generated: never bounce a bounce
     held: bool = False  # on hold (`fastmta queue hold`): not delivered until released
     warned: bool = False  # the delay warning DSN was sent (RFC 3464 "delayed"): only once
+    message_id: str | None = None  # the Message-ID: field, for logs and `fastmta queue show`
 
     def share_strings(self) -> Envelope:
         """Make ``sender`` and ``client`` the interned copies: bulk mail repeats them in every
