@@ -304,6 +304,7 @@ class DomainPolicy(msgspec.Struct, **_STRUCT):
     tls: str | None = None
     chain_transactions: bool | None = None
     backlog_per_connection: int | None = None
+    recipients_per_transaction: int | None = None  # queue.recipients_per_transaction here
     chain_wait: Duration | None = None
     mta_sts: bool | None = None
     egress: list[str] | None = None  # addresses of [[egress]] sources to send from
@@ -316,7 +317,7 @@ class DomainPolicy(msgspec.Struct, **_STRUCT):
         return any(
             getattr(self, f) is not None
             for f in self.__struct_fields__
-            if f not in ("route", "mta_sts", "egress")
+            if f not in ("route", "mta_sts", "egress", "recipients_per_transaction")
         )
 
 
@@ -764,6 +765,8 @@ def validate(config: Config) -> None:
             _at_least(f"{k}.messages_per_second", pol.messages_per_second, 0)
         if pol.backlog_per_connection is not None:
             _at_least(f"{k}.backlog_per_connection", pol.backlog_per_connection, 1)
+        if pol.recipients_per_transaction is not None:
+            _at_least(f"{k}.recipients_per_transaction", pol.recipients_per_transaction, 1)
         if pol.tls is not None:
             _choice(f"{k}.tls", pol.tls, TLS_MODES)
         if pol.route is not None:

@@ -69,3 +69,22 @@ def test_one_rcpt_5xx_bounces_only_it(tmp_path):
             assert b"Status: 5.1.1" in dsn.data
 
     asyncio.run(main())
+
+
+def test_per_domain_recipients_per_transaction(tmp_path):
+    """[domain."x"] recipients_per_transaction: 5 recipients at a domain limited to 2 go as
+    three transactions; another domain on the same MX keeps the global limit (one)."""
+
+    async def main():
+        over = {"domain": {"small.test": {"recipients_per_transaction": 2}}}
+        async with Harness(tmp_path, overrides=over) as h:
+            h.mx("small.test", (10, "mx1.example.test", "127.0.0.2"))
+            h.mx("big.test", (10, "mx1.example.test", "127.0.0.2"))
+            rcpts = [f"u{i}@small.test" for i in range(5)] + [f"v{i}@big.test" for i in range(5)]
+            sm = await h.send("s@sender.test", rcpts)
+            sink = h.sinks["127.0.0.2"]
+            await h.until(lambda: h.live(sm.envelope.id) is None)
+            sizes = sorted(len(m.recipients) for m in sink.messages)
+            assert sizes == [1, 2, 2, 5]
+
+    asyncio.run(main())

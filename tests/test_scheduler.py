@@ -27,6 +27,9 @@ def test_batches_group_by_domain_and_cut():
     env = msg(1, ["a@A.test", "b@b.test", "c@a.test", "d@b.test", "e@a.test"]).envelope
     assert batches(env, 50) == [("a.test", [0, 2, 4]), ("b.test", [1, 3])]
     assert batches(env, 2) == [("a.test", [0, 2]), ("a.test", [4]), ("b.test", [1, 3])]
+    # a domain with a limit of its own ([domain."b.test"] recipients_per_transaction)
+    assert batches(env, 50, {"b.test": 1}) == [("a.test", [0, 2, 4]), ("b.test", [1]),
+                                              ("b.test", [3])]  # fmt: skip
     env.recipients[0].state = RcptState.DELIVERED
     env.recipients[1].state = RcptState.BOUNCED
     env.recipients[2].state = RcptState.DEFERRED

@@ -183,6 +183,11 @@ class DeliveryEngine:
         self._hold = config.server.hold_delivery
         # Postfix soft_bounce: a 5xx outcome defers instead of bouncing (expiry still bounces)
         self._soft_bounce = config.server.soft_bounce
+        self._rcpt_limits = {  # [domain."x"] recipients_per_transaction
+            name.rstrip(".").lower(): pol.recipients_per_transaction
+            for name, pol in config.domain.items()
+            if pol.recipients_per_transaction is not None
+        }
         self._max_resident = q.max_resident
         self._park_batch = max(1, min(q.park_batch, q.max_resident // 2))
         self._parking: dict[str, StoredMessage] = {}  # being written to a parked file
@@ -642,7 +647,11 @@ class DeliveryEngine:
         act.attempted = not env.held and (
             env.next_attempt <= 0 or env.next_attempt <= time.time() or not env.cancelled
         )
-        groups = batches(env, self.scheduler.recipients_per_transaction) if act.attempted else []
+        groups = (
+            batches(env, self.scheduler.recipients_per_transaction, self._rcpt_limits)
+            if act.attempted
+            else []
+        )
         self._active[env.id] = act
         if not groups:  # nothing to send (recovered after its last result, or bounce only)
             act.jobs = 1

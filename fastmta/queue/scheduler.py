@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from fastmta.protocol.errors import domain_of
 from fastmta.queue.retry import RetrySchedule
@@ -34,9 +34,12 @@ from fastmta.spool.records import Envelope, StoredMessage
 __all__ = ["Scheduler", "batches", "domain_of"]
 
 
-def batches(env: Envelope, per_transaction: int = 50) -> list[tuple[str, list[int]]]:
+def batches(
+    env: Envelope, per_transaction: int = 50, per_domain: Mapping[str, int] | None = None
+) -> list[tuple[str, list[int]]]:
     """Pending recipient indexes grouped by domain (first-seen order), each group cut into
-    runs of at most ``per_transaction``. No I/O; O(recipients)."""
+    runs of at most ``per_transaction`` (``per_domain[domain]`` for a domain listed there).
+    No I/O; O(recipients)."""
     groups: dict[str, list[int]] = {}
     for i, r in enumerate(env.recipients):
         if r.state in _PENDING:
@@ -48,8 +51,9 @@ def batches(env: Envelope, per_transaction: int = 50) -> list[tuple[str, list[in
                 g.append(i)
     out: list[tuple[str, list[int]]] = []
     for d, idx in groups.items():
-        for k in range(0, len(idx), per_transaction):
-            out.append((d, idx[k : k + per_transaction]))
+        n = per_domain.get(d, per_transaction) if per_domain else per_transaction
+        for k in range(0, len(idx), n):
+            out.append((d, idx[k : k + n]))
     return out
 
 
