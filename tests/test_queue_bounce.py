@@ -51,8 +51,7 @@ def test_bounce_by_domain_leaves_other_recipients_and_their_retry_time(tmp):
     peer = DeferAllBut()
     with Sink(behaviour=Behaviour(rcpt_reply=peer)) as sink:
         srv = Server(tmp, sink.port, workers=2)
-        try:
-            srv.start()
+        with srv.start():
             both = send(srv.port, ["b@slow.test", "c@other.test"], "both")
             other = send(srv.port, ["d@other.test"], "other")
             slow = send(srv.port, ["e@Slow.Test"], "from z", sender="z@x.test")
@@ -68,8 +67,6 @@ def test_bounce_by_domain_leaves_other_recipients_and_their_retry_time(tmp):
             assert (r.returncode, r.stdout.strip()) == (0, "bounced: 2 messages"), r.stderr
             assert sink.wait_for(2, WAIT), sink.messages
             envs = srv.wait_until(lambda e: slow not in e, "the slow.test-only message gone")
-        finally:
-            srv.stop()
 
     got = {m.recipients[0]: m for m in dsns(sink)}
     assert set(got) == {"a@x.test", "z@x.test"} and sink.count == 2
@@ -93,8 +90,7 @@ def test_bounce_held_message_on_a_stopped_server_ids_from_stdin(tmp):
     peer = DeferAllBut()
     with Sink(behaviour=Behaviour(rcpt_reply=peer)) as sink:
         srv = Server(tmp, sink.port)
-        try:
-            srv.start()
+        with srv.start():
             held = send(srv.port, ["b@slow.test", "c@other.test"], "held")
             kept = send(srv.port, ["d@slow.test"], "from z", sender="z@x.test")
             srv.wait_attempted([held, kept])
@@ -116,8 +112,6 @@ def test_bounce_held_message_on_a_stopped_server_ids_from_stdin(tmp):
             envs = srv.wait_until(
                 lambda e: held in e and states(e[held])["b@slow.test"] == 2, "the bounce"
             )
-        finally:
-            srv.stop()
     (dsn,) = dsns(sink)
     assert dsn.recipients == ["a@x.test"]
     assert "b@slow.test" in dsn.data.decode() and "c@other.test" not in dsn.data.decode()
@@ -163,8 +157,7 @@ def test_bounce_reaches_parked_messages(tmp):
     peer = DeferAllBut()
     with Sink(behaviour=Behaviour(rcpt_reply=peer)) as sink:
         srv = Server(tmp, sink.port, queue="max_resident = 4\npark_batch = 2")
-        try:
-            srv.start()
+        with srv.start():
             ids = [send(srv.port, [f"r{n}@slow.test"], f"m{n}") for n in range(8)]
             keep = send(srv.port, ["k@other.test"], "keep")
             srv.wait_attempted([*ids, keep])
@@ -177,8 +170,6 @@ def test_bounce_reaches_parked_messages(tmp):
             assert (r.returncode, r.stdout.strip()) == (0, "bounced: 8 messages"), r.stderr
             assert sink.wait_for(8, 30)
             envs = srv.wait_until(lambda e: set(e) == {keep}, "only the other.test one left")
-        finally:
-            srv.stop()
     got = sorted(m.data.decode().split("Final-Recipient: rfc822; ")[1][:12] for m in dsns(sink))
     assert got == sorted(f"r{n}@slow.test" for n in range(8)) and sink.count == 8
     assert states(envs[keep]) == {"k@other.test": 3} and peer.offered["k@other.test"] == 1

@@ -19,8 +19,7 @@ def test_suspend_defers_without_a_connection_and_resume_delivers_at_once(tmp):
     peer = Counting()
     with Sink(behaviour=Behaviour(rcpt_reply=peer)) as sink:
         srv = Server(tmp, sink.port, workers=2)
-        try:
-            srv.start()
+        with srv.start():
             r = srv.q("suspend", "--domain", "Slow.Test.", "--reason", "421s from them")
             assert (r.returncode, r.stdout.strip()) == (0, "suspended: slow.test (until resumed)")
             qid = send(srv.port, ["a@slow.test", "b@fast.test"], "half")
@@ -42,8 +41,6 @@ def test_suspend_defers_without_a_connection_and_resume_delivers_at_once(tmp):
             assert sink.wait_for(2, WAIT)
             srv.wait_until(lambda e: not e, "an empty queue")
             assert srv.q("suspend").stdout == "-- 0 suspended domains\n"
-        finally:
-            srv.stop()
     assert [m.recipients for m in sink.messages] == [["b@fast.test"], ["a@slow.test"]]
     assert not os.path.exists(suspend.path(srv.spool))
 
@@ -54,8 +51,7 @@ def test_suspension_made_while_stopped_holds_at_start_then_runs_out(tmp):
         srv = Server(tmp, sink.port)
         r = srv.q("suspend", "--domain", "slow.test", "--for", "5s")
         assert r.returncode == 0 and "(the server is not running" in r.stdout, r.stderr
-        try:
-            srv.start()
+        with srv.start():
             qid = send(srv.port, ["a@slow.test"], "later")
             envs = srv.wait_attempted([qid])
             assert envs[qid].recipients[0].last_reply == SUSPENDED
@@ -63,8 +59,6 @@ def test_suspension_made_while_stopped_holds_at_start_then_runs_out(tmp):
             # the suspension runs out: delivered then, not at the retry an hour away
             assert sink.wait_for(1, WAIT)
             srv.wait_until(lambda e: not e, "an empty queue")
-        finally:
-            srv.stop()
     assert peer.offered == {"a@slow.test": 1}
 
 
@@ -72,8 +66,7 @@ def test_resume_on_a_stopped_server_makes_the_mail_due_at_start(tmp):
     with Sink() as sink:
         srv = Server(tmp, sink.port)
         assert srv.q("suspend", "--domain", "slow.test").returncode == 0
-        try:
-            srv.start()
+        with srv.start():
             qid = send(srv.port, ["a@slow.test"], "wait")
             srv.wait_attempted([qid])
             srv.stop()
@@ -81,8 +74,6 @@ def test_resume_on_a_stopped_server_makes_the_mail_due_at_start(tmp):
             assert r.returncode == 0 and "resumed: slow.test" in r.stdout, r.stderr
             srv.start()
             assert sink.wait_for(1, WAIT)
-        finally:
-            srv.stop()
 
 
 def test_suspend_errors_are_usage_errors(tmp):

@@ -60,6 +60,12 @@ class Server:
                 "connect_timeout = 3\nidle_timeout = 1\n"
             )
 
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def q(self, *args: str) -> subprocess.CompletedProcess[str]:
         """`fastmta queue ARGS --config <this server's config>`."""
         return cli("queue", *args, "--config", self.config)
@@ -183,8 +189,7 @@ def snapshot(root: str) -> dict[str, tuple[int, int]]:
 def test_list_show_stats_running_then_stopped(tmp):
     with Sink(behaviour=Behaviour(rcpt_reply=Gate())) as sink:
         srv = Server(tmp, sink.port, workers=2)
-        try:
-            srv.start()
+        with srv.start():
             ids = [send(srv.port, ["b@y.test", "c@z.test"], f"hello {n}") for n in range(4)]
             srv.wait_attempted(ids)
 
@@ -234,8 +239,6 @@ def test_list_show_stats_running_then_stopped(tmp):
                 s.sendall(b'{"cmd": "explode"}\n')
                 answer = json.loads(s.makefile("rb").readline())
             assert answer["end"] is True and "unknown command" in answer["error"]
-        finally:
-            srv.stop()
         assert sink.count == 0
 
     # stopped: the same listing from the spool files, which are not touched
@@ -268,8 +271,7 @@ def test_hold_survives_restart_then_release(tmp):
     gate = Gate()
     with Sink(behaviour=Behaviour(rcpt_reply=gate)) as sink:
         srv = Server(tmp, sink.port)
-        try:
-            srv.start()
+        with srv.start():
             a = send(srv.port, ["held@y.test"], "keep me")
             b = send(srv.port, ["free@y.test"], "let me go")
             srv.wait_attempted([a, b])
@@ -300,15 +302,12 @@ def test_hold_survives_restart_then_release(tmp):
             assert sink.wait_for(2, WAIT)
             srv.wait_until(lambda envs: not envs, "an empty queue")
             assert sink.messages[1].recipients == ["held@y.test"]
-        finally:
-            srv.stop()
 
 
 def test_delete_by_id_and_all_without_bounce(tmp):
     with Sink(behaviour=Behaviour(rcpt_reply=Gate())) as sink:
         srv = Server(tmp, sink.port, workers=2)
-        try:
-            srv.start()
+        with srv.start():
             ids = [send(srv.port, [f"r{n}@y.test"], f"m{n}") for n in range(3)]
             srv.wait_attempted(ids)
             r = srv.q("delete", ids[0])
@@ -322,8 +321,6 @@ def test_delete_by_id_and_all_without_bounce(tmp):
             assert (r.returncode, r.stdout.strip()) == (0, "deleted: 2 messages")
             r = srv.q("list")
             assert r.stdout.strip() == "-- 0 messages, 0 bytes, 0 held"  # and no DSN queued
-        finally:
-            srv.stop()
         assert sink.count == 0
     r = srv.q("list")  # the DONE records are in the spool: still gone after the stop
     assert r.stdout.strip() == "-- 0 messages, 0 bytes, 0 held"
@@ -332,8 +329,7 @@ def test_delete_by_id_and_all_without_bounce(tmp):
 def test_flush_all_and_by_id(tmp):
     with Sink(behaviour=Behaviour(rcpt_reply=Gate(once=True))) as sink:
         srv = Server(tmp, sink.port)
-        try:
-            srv.start()
+        with srv.start():
             x = send(srv.port, ["x@y.test"], "x")
             y = send(srv.port, ["y@y.test"], "y")
             envs = srv.wait_attempted([x, y])
@@ -350,8 +346,6 @@ def test_flush_all_and_by_id(tmp):
             srv.wait_until(lambda envs: not envs, "an empty queue")
             rows = [json.loads(ln) for ln in srv.q("stats", "--json").stdout.splitlines()]
             assert (rows[0]["delivered"], rows[0]["deferred"]) == (2, 2)
-        finally:
-            srv.stop()
 
 
 def test_parked_messages_listed_changed_and_delivered(tmp):
@@ -360,8 +354,7 @@ def test_parked_messages_listed_changed_and_delivered(tmp):
     gate = Gate()
     with Sink(behaviour=Behaviour(rcpt_reply=gate)) as sink:
         srv = Server(tmp, sink.port, queue="max_resident = 4\npark_batch = 2")
-        try:
-            srv.start()
+        with srv.start():
             ids = [send(srv.port, [f"r{n}@y.test"], f"m{n}") for n in range(12)]
             srv.wait_attempted(ids)
             shard = os.path.join(srv.spool, "shard-0", "parked")
@@ -397,8 +390,6 @@ def test_parked_messages_listed_changed_and_delivered(tmp):
             srv.wait_until(lambda envs: not envs, "an empty queue")
             got = sorted(m.recipients[0] for m in sink.messages)
             assert len(got) == 11 and len(set(got)) == 11
-        finally:
-            srv.stop()
 
 
 def _parked_envelopes(directory: str) -> list[Envelope]:
@@ -508,8 +499,7 @@ def test_header_section():
 def test_summary_counts_recipients_by_domain_and_age(tmp):
     with Sink(behaviour=Behaviour(rcpt_reply=Gate())) as sink:
         srv = Server(tmp, sink.port, workers=2)
-        try:
-            srv.start()
+        with srv.start():
             a = send(srv.port, ["a1@big.test", "a2@big.test", "x@small.test"], "one")
             b = send(srv.port, ["a3@big.test"], "two")
             srv.wait_attempted([a, b])
@@ -529,7 +519,5 @@ def test_summary_counts_recipients_by_domain_and_age(tmp):
             r = srv.q("summary", "--top", "1", "--json", "--domain", "small.test")
             (doc,) = [json.loads(x) for x in r.stdout.splitlines()]
             assert (doc["domain"], doc["total"], doc["ages"]["5m"]) == ("big.test", 2, 2)
-        finally:
-            srv.stop()
     r = srv.q("summary")  # stopped: from the spool files, the same table
     assert r.returncode == 0 and r.stdout.splitlines()[1].split()[:4] == ["TOTAL", "4", "1", "3"]
