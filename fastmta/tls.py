@@ -5,9 +5,10 @@ Both contexts refuse anything older than TLS 1.2 (RFC 8996 deprecates 1.0 and 1.
 
 from __future__ import annotations
 
+import functools
 import ssl
 
-__all__ = ["client_context", "server_context"]
+__all__ = ["client_context", "server_context", "shared_client_context"]
 
 
 def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
@@ -21,6 +22,13 @@ def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.load_cert_chain(cert_file, key_file)
     return ctx
+
+
+@functools.cache
+def shared_client_context(verify: bool, cafile: str | None = None) -> ssl.SSLContext:
+    """:func:`client_context`, made once per process for each (verify, cafile) and shared by
+    every connection that needs it; made on first use (loading the CA store takes ~25 ms)."""
+    return client_context(verify, cafile)
 
 
 def client_context(verify: bool, cafile: str | None = None) -> ssl.SSLContext:

@@ -52,7 +52,7 @@ from fastmta.queue.select import Selection, bounce_reason, command_change
 from fastmta.queue.sites import limits_for
 from fastmta.spool import Spool, SpoolError
 from fastmta.spool.records import PENDING, RcptState, StoredMessage
-from fastmta.tls import client_context
+from fastmta.tls import shared_client_context
 
 __all__ = ["DeliveryEngine", "EngineStats"]
 
@@ -147,15 +147,13 @@ class DeliveryEngine:
             recipients_per_transaction=q.recipients_per_transaction,
         )
         ca_file = d.tls_ca_file or None
-        verifying = client_context(True, ca_file)
         self.pool = ConnectionPool(
             self._on_result,
             helo_name=d.helo_name or self.hostname,
             timeouts=Timeouts.from_config(d),
             idle_timeout=d.idle_timeout,
-            tls_context=client_context(d.tls_verify, ca_file),
-            tls_verify=d.tls_verify,
-            verify_context=verifying,
+            tls_context=shared_client_context(d.tls_verify, ca_file),
+            ca_file=ca_file,
             source_address=d.source_address or None,
         )
         self.egress = EgressPool.from_config(config, d.helo_name or self.hostname)
@@ -166,7 +164,10 @@ class DeliveryEngine:
         }
         # MTA-STS policies (RFC 8461) of the domains delivered to their own MX hosts
         self.sts = MtaSts(
-            resolver, lambda domain: fetch_policy(domain, resolver, verifying, port=d.mta_sts_port)
+            resolver,
+            lambda domain: fetch_policy(
+                domain, resolver, shared_client_context(True, ca_file), port=d.mta_sts_port
+            ),
         )
         lc = config.local
         users = lc.users_by_domain() or None

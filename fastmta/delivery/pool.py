@@ -55,6 +55,7 @@ from fastmta.dns import Destination
 from fastmta.protocol.client import NO_RESPONSE, Message
 from fastmta.protocol.replies import Reply, reply
 from fastmta.queue.limits import SiteLimits
+from fastmta.tls import shared_client_context
 
 __all__ = ["AttemptInfo", "ConnectionPool", "Job", "PoolStats", "SitePool"]
 
@@ -378,8 +379,7 @@ class ConnectionPool:
         timeouts: Timeouts | None = None,
         idle_timeout: float = 30.0,
         tls_context: ssl.SSLContext | None = None,
-        tls_verify: bool = False,
-        verify_context: ssl.SSLContext | None = None,
+        ca_file: str | None = None,
         source_address: str | None = None,
         max_addresses: int = 10,
         use_pipelining: bool = True,
@@ -390,8 +390,7 @@ class ConnectionPool:
         self.timeouts = timeouts or Timeouts()
         self.idle_timeout = idle_timeout
         self.tls_context = tls_context
-        self.tls_verify = tls_verify
-        self.verify_context = verify_context  # for routes whose tls is "verify"
+        self.ca_file = ca_file  # CAs for routes whose tls is "verify" (None: the system's)
         self.source_address = source_address or None
         self.max_addresses = max_addresses  # Postfix smtp_mx_address_limit-like bound
         self.use_pipelining = use_pipelining
@@ -457,7 +456,9 @@ class ConnectionPool:
             helo_name=source.helo_name if source else self.helo_name,
             timeouts=self.timeouts,
             tls=tls,
-            tls_context=self.verify_context if tls == "verify" else self.tls_context,
+            tls_context=(
+                shared_client_context(True, self.ca_file) if tls == "verify" else self.tls_context
+            ),
             source_address=source.address if source else self.source_address,
             auth=route.auth,
             use_pipelining=self.use_pipelining,

@@ -40,7 +40,7 @@ from fastmta.protocol.client import (
     TransactionResult,
 )
 from fastmta.protocol.replies import Reply, reply
-from fastmta.tls import client_context
+from fastmta.tls import shared_client_context
 
 __all__ = ["ConnectError", "SmtpConnection", "Timeouts", "open_connection"]
 
@@ -372,7 +372,7 @@ async def open_connection(
             conn._arm()
             ev = await conn.next_event()
             if isinstance(ev, StartTLS):
-                ctx = tls_context or _default_context()
+                ctx = tls_context or shared_client_context(False)
                 sni = host if host and not _is_ip(host) else None
                 if tls == "verify" and (sni is None or not ctx.check_hostname):
                     conn.abort()  # no name to check: never a certificate we cannot verify
@@ -402,16 +402,6 @@ async def open_connection(
         conn.abort()
         raise
     return conn
-
-
-_ctx_cache: dict[bool, ssl.SSLContext] = {}
-
-
-def _default_context() -> ssl.SSLContext:
-    ctx = _ctx_cache.get(False)
-    if ctx is None:
-        ctx = _ctx_cache[False] = client_context(False)
-    return ctx
 
 
 def _is_ip(name: str) -> bool:
