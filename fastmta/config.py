@@ -335,6 +335,8 @@ class Config(msgspec.Struct, **_STRUCT):
     dkim: list[DkimConfig] = msgspec.field(default_factory=list)
     egress: list[EgressSource] = msgspec.field(default_factory=list)
     aliases: dict[str, list[str]] = msgspec.field(default_factory=dict)  # see fastmta/aliases.py
+    # class -> regexes tried before the built-in bounce classification (delivery/classify.py)
+    bounce_rules: dict[str, list[str]] = msgspec.field(default_factory=dict)
 
     @property
     def listeners(self) -> list[Listener]:
@@ -700,6 +702,15 @@ def validate(config: Config) -> None:
                 table.expand(f"x{key}" if key.startswith("@") else key)
             except AliasError as e:
                 raise _fail(f'aliases."{key}"', str(e)) from None
+
+    for name, patterns in config.bounce_rules.items():
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
+            raise _fail(f'bounce_rules."{name}"', "expected a class name such as SpamBlock")
+        for i, p in enumerate(patterns):
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise _fail(f'bounce_rules."{name}"[{i}]', f"bad regular expression: {e}") from None
 
     d = config.dns
     for i, ns in enumerate(d.nameservers):

@@ -82,6 +82,7 @@ class DeliveryRecord(msgspec.Struct, kw_only=True, omit_defaults=False):
     latency: float = 0.0  # seconds for this attempt
     outcome: str  # "delivered" | "deferred" | "bounced" | "expired" | "deleted" (operator)
     attempt: int = 1
+    classification: str = ""  # a failure's class (fastmta/delivery/classify.py), KumoMTA's names
 
 
 class ReceptionRecord(msgspec.Struct, kw_only=True, omit_defaults=False):

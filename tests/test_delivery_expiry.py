@@ -31,6 +31,7 @@ def test_expiry_bounces(tmp_path):
             recs = [r for r in h.records() if r["queue_id"] == env.id]
             assert [r["outcome"] for r in recs[:-1]] == ["deferred"] * (len(recs) - 1)
             assert recs[-1]["outcome"] == "expired" and recs[-1]["code"] == 451
+            assert recs[-1]["classification"] == "MessageExpired"
             dsn = sink.messages[0]
             assert dsn.sender == "" and b"Action: failed" in dsn.data
             assert b"mailbox busy" in dsn.data

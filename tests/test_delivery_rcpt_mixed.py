@@ -67,6 +67,9 @@ def test_one_rcpt_5xx_bounces_only_it(tmp_path):
             assert b"Final-Recipient: rfc822; x@example.test" in dsn.data
             assert b"a@example.test" not in dsn.data.split(b"Undelivered Message")[0]
             assert b"Status: 5.1.1" in dsn.data
+            by = {r["recipient"]: r for r in h.records()}
+            assert by["x@example.test"]["classification"] == "InvalidRecipient"
+            assert by["a@example.test"]["classification"] == ""  # delivered: none
 
     asyncio.run(main())
 

@@ -33,6 +33,7 @@ import msgspec
 
 from fastmta.config import Config
 from fastmta.delivery.bounce import Failure, make_dsn
+from fastmta.delivery.classify import Classifier
 from fastmta.delivery.egress import EgressPool
 from fastmta.delivery.local import LocalDelivery
 from fastmta.delivery.maildir import MaildirDelivery
@@ -184,6 +185,7 @@ class DeliveryEngine:
         self._hold = config.server.hold_delivery
         # Postfix soft_bounce: a 5xx outcome defers instead of bouncing (expiry still bounces)
         self._soft_bounce = config.server.soft_bounce
+        self.classifier = Classifier(config.bounce_rules)  # a failure's class in its log record
         self._rcpt_limits = {  # [domain."x"] recipients_per_transaction
             name.rstrip(".").lower(): pol.recipients_per_transaction
             for name, pol in config.domain.items()
@@ -806,6 +808,9 @@ class DeliveryEngine:
                         latency=latency,
                         outcome=outcome,
                         attempt=attempt,
+                        classification=""
+                        if outcome == "delivered"
+                        else self.classifier.classify(r),
                     )
                 )
         await self._job_finished(act)
@@ -884,6 +889,9 @@ class DeliveryEngine:
                     text=text,
                     outcome=outcome,
                     attempt=env.attempts,
+                    classification="MessageExpired"
+                    if outcome == "expired"
+                    else self.classifier.classify(reply(f.code, f.enhanced, f.text)),
                 )
             )
 
