@@ -163,6 +163,11 @@ class Aliases:
         the client gave one, and the NOTIFY of the original. An address given or reached twice
         is kept once, the first time (case-insensitively; Postfix's cleanup duplicate filter).
         Raises AliasError."""
+        if not self._table:  # the usual case: only duplicates to drop, if any
+            given = list(recipients)
+            if len(given) < 2 or len({r.address.lower() for r in given}) == len(given):
+                return given
+            recipients = given
         out: list[Recipient] = []
         seen: set[str] = set()
         for r in recipients:
