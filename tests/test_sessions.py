@@ -511,6 +511,11 @@ def test_client_detects_a_loop_back_to_itself(replies, looped):
         assert "loops back to myself" in ev.reply.text and client.phase.value == "closed"
     else:
         assert isinstance(ev, Ready)
+    # a name that is not unique ("localhost", no dot) is never taken for ourselves
+    for mine in ("localhost", "localhost.localdomain", "box"):
+        client = ClientSession(mine)
+        client.receive(f"220 {mine} ESMTP\r\n250 {mine}\r\n".encode())
+        assert isinstance(client.next_event(), Ready)
 
 
 def test_client_connection_lost_mid_data():

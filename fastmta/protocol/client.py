@@ -356,9 +356,12 @@ class ClientSession:
         """The greeting or EHLO reply starts with the name this client says in EHLO: the
         connection went back to this MTA (an MX or route that points at us). Postfix: "mail
         for ... loops back to myself"."""
+        mine = self.helo_name.rstrip(".").lower()
+        if "." not in mine or mine.startswith("localhost."):
+            return False  # "localhost" and bare names are not unique: many test servers use them
         first = r.lines[0] if r.lines else ""
         name = first.split(None, 1)[0] if first.strip() else ""
-        return bool(name) and name.rstrip(".").lower() == self.helo_name.rstrip(".").lower()
+        return name.rstrip(".").lower() == mine
 
     def _loop_reply(self, r: Reply) -> Reply:
         # RFC 3463 X.4.6 routing loop detected; permanent, as in Postfix
