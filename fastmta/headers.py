@@ -95,6 +95,8 @@ def message_id(head: bytes) -> str | None:
     if m is None:
         return None
     value = b" ".join(m.group(1).split()).decode("utf-8", "replace")
+    if not value.isprintable():  # no control characters into logs and terminals
+        value = "".join(c for c in value if c.isprintable())
     return value[:256] or None
 
 

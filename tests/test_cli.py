@@ -332,3 +332,4 @@ def test_message_id_is_read_from_the_header_block():
     assert message_id(b"message-id :\r\n <folded@x>\r\nX: y\r\n") == "<folded@x>"
     assert message_id(b"Subject: Message-ID: <no@x>\r\n") is None  # not a field of its own
     assert message_id(b"Message-ID:\r\n") is None
+    assert message_id(b"Message-ID: <a\x1b[31m@b>\r\n") == "<a[31m@b>"  # no terminal escapes
