@@ -330,7 +330,7 @@ def format_line(env: Envelope, now: float) -> str:
             final += 1
             continue
         text = f"<{r.address}> {_STATES.get(r.state, str(r.state))}"
-        parts.append(f"{text} ({r.last_reply})" if r.last_reply else text)
+        parts.append(f"{text} ({_printable(r.last_reply)})" if r.last_reply else text)
     if final:
         parts.append(f"+{final} done")
     return (
@@ -515,7 +515,7 @@ def _describe(env: Envelope) -> str:
     ]
     for r in env.recipients:
         state = _STATES.get(r.state, str(r.state))
-        reply = f": {r.last_reply}" if r.last_reply else ""
+        reply = f": {_printable(r.last_reply)}" if r.last_reply else ""
         rows.append(("recipient", f"<{r.address}> {state}{reply}"))
     rows.append(("attempts", str(env.attempts)))
     rows.append(("next attempt", _when(env.next_attempt) if env.next_attempt else "now"))
@@ -532,8 +532,14 @@ def _describe(env: Envelope) -> str:
         ("delay dsn", "sent" if env.warned else None),
     ):
         if value:
-            rows.append((key, value))
+            rows.append((key, _printable(value)))
     return "".join(f"{key + ':':<14}{value}\n" for key, value in rows)
+
+
+def _printable(text: str) -> str:
+    """Remote text (a reply, a HELO name, a Message-ID) for a terminal: control characters
+    (an escape sequence could rewrite the screen) shown as "?"."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
 
 
 def cmd_change(args: argparse.Namespace, root: str) -> int:

@@ -521,3 +521,17 @@ def test_summary_counts_recipients_by_domain_and_age(tmp):
             assert (doc["domain"], doc["total"], doc["ages"]["5m"]) == ("big.test", 2, 2)
     r = srv.q("summary")  # stopped: from the spool files, the same table
     assert r.returncode == 0 and r.stdout.splitlines()[1].split()[:4] == ["TOTAL", "4", "1", "3"]
+
+
+def test_remote_text_cannot_drive_the_terminal():
+    """A reply or Message-ID with an escape sequence is shown with "?" for each control."""
+    from fastmta.queuecmd import _describe, format_line
+    from fastmta.spool.records import Envelope, Recipient
+
+    env = Envelope(
+        id="q1", sender="a@b.test", arrival=0.0, message_id="<x\x1b[2J@y>",
+        recipients=[Recipient("c@d.test", state=3, last_reply="451 4.3.0 \x1b]0;pwned\x07 later")],
+    )  # fmt: skip
+    for text in (_describe(env), format_line(env, 0.0)):
+        assert "\x1b" not in text and "\x07" not in text
+    assert "?]0;pwned? later" in format_line(env, 0.0) and "<x?[2J@y>" in _describe(env)
