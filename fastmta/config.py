@@ -207,6 +207,7 @@ class PolicyConfig(msgspec.Struct, **_STRUCT):
     mynetworks: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     local_domains: list[str] = msgspec.field(default_factory=list)
     relay_domains: list[str] = msgspec.field(default_factory=list)  # anyone may send to them
+    relay_recipients: list[str] = msgspec.field(default_factory=list)  # "u@d", "@d": known ones
     users_file: str = ""
 
 
@@ -679,6 +680,19 @@ def validate(config: Config) -> None:
                 f'"{dom}" is in policy.local_domains too: delivered here or relayed on, not both',
             )
 
+    relay = {d.strip().rstrip(".").lower() for d in config.policy.relay_domains}
+    for i, entry in enumerate(config.policy.relay_recipients):
+        user, at, dom = entry.rpartition("@")
+        if not at or not dom or any(c.isspace() or c in "<>" for c in entry):
+            raise _fail(
+                f"policy.relay_recipients[{i}]",
+                f'expected "user@domain" or "@domain", got "{entry}"',
+            )
+        if dom.rstrip(".").lower() not in relay:
+            raise _fail(
+                f"policy.relay_recipients[{i}]",
+                f'"{dom}" is not in policy.relay_domains (an exact entry there)',
+            )
     for i, user in enumerate(config.local.users):
         if not _ADDRESS.fullmatch(user):
             raise _fail(f"local.users[{i}]", f'expected "user@domain", got "{user}"')

@@ -128,6 +128,9 @@ class RelayPolicy:
     ``local_domains``: domains delivered here (see DomainSet for the matching).
     ``relay_domains``: domains anyone may send to, relayed on to their MX hosts or route
     (a backup MX, a gateway in front of internal servers; Postfix ``relay_domains``).
+    ``relay_recipients``: "user@domain" (or "@domain": all of it) entries; a relay domain with
+    any entry takes only those (Postfix ``relay_recipient_maps``: no bounces for made-up
+    addresses later, no backscatter).
     """
 
     def __init__(
@@ -135,14 +138,33 @@ class RelayPolicy:
         mynetworks: Iterable[str] | Networks,
         local_domains: Iterable[str],
         relay_domains: Iterable[str] = (),
+        relay_recipients: Iterable[str] = (),
     ) -> None:
         self.mynetworks = mynetworks if isinstance(mynetworks, Networks) else Networks(mynetworks)
         self._local = DomainSet(local_domains)
         self._relay = DomainSet(relay_domains)
+        self._relay_users: dict[str, set[str]] = {}  # domain -> local parts ("" = any)
+        for entry in relay_recipients:
+            user, _, domain = entry.strip().lower().rpartition("@")
+            self._relay_users.setdefault(_norm_domain(domain), set()).add(user)
 
     def is_local(self, domain: str) -> bool:
         """True if mail for ``domain`` is delivered here (case-insensitive; trailing dot ok)."""
         return domain in self._local
+
+    def relay_recipient_check(self, address: str, domain: str) -> None | tuple[int, str, str]:
+        """None unless ``address`` is at a relay domain with a recipient list that lacks it:
+        then (550, "5.1.1", "<address>: Recipient address rejected: User unknown in relay
+        recipient table"), Postfix's answer."""
+        if not self._relay_users:
+            return None
+        users = self._relay_users.get(_norm_domain(domain))
+        if users is None or "" in users or domain not in self._relay:
+            return None
+        if address.rpartition("@")[0].lower() in users:
+            return None
+        return (550, "5.1.1", f"<{address}>: Recipient address rejected: "
+                "User unknown in relay recipient table")  # fmt: skip
 
     def may_relay(self, client_ip: str, authenticated: bool) -> bool:
         """True if this client may send to any domain (authenticated, or in mynetworks)."""

@@ -85,7 +85,9 @@ class Listening:
             soft_bounce=config.server.soft_bounce,
         )
         pol = config.policy
-        self.policy = RelayPolicy(pol.mynetworks, pol.local_domains, pol.relay_domains)
+        self.policy = RelayPolicy(
+            pol.mynetworks, pol.local_domains, pol.relay_domains, pol.relay_recipients
+        )
         # RCPT TO:<postmaster> (RFC 5321 4.5.1) is stored as postmaster@ the first local domain,
         # else @ the hostname (Postfix appends $myorigin): delivered like any other address
         exact = [d.rstrip(".") for d in config.policy.local_domains if not d.startswith(".")]
@@ -247,6 +249,10 @@ class SmtpConnection(asyncio.Protocol):
             if aliased:
                 self.session.accept()  # an alias need not be a mailbox itself
                 return
+        unknown = ctx.policy.relay_recipient_check(address, domain)
+        if unknown is not None:
+            self.session.reject(reply(*unknown))
+            return
         if ctx.local_check is not None and domain and ctx.policy.is_local(domain):
             unknown = ctx.local_check(address)
             if unknown is not None:

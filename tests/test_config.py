@@ -285,6 +285,14 @@ def test_overrides_are_validated_like_the_file(tmp_path):
             "config error: policy.local_domains[0]: expected a domain name",
         ),
         (
+            '[policy]\nrelay_domains = ["a.test"]\nrelay_recipients = ["u@b.test"]',
+            'config error: policy.relay_recipients[0]: "b.test" is not in policy.relay_domains',
+        ),
+        (
+            '[policy]\nrelay_domains = ["a.test"]\nrelay_recipients = ["nobody"]',
+            "config error: policy.relay_recipients[0]: expected",
+        ),
+        (
             '[policy]\nrelay_domains = ["a b"]',
             "config error: policy.relay_domains[0]: expected a domain name",
         ),

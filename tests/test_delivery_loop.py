@@ -75,7 +75,11 @@ def test_relay_domain_from_an_outsider_goes_to_its_mx(tmp_path):
         dns.add_mx("backup.test", (10, "mx.backup.test")).add_a("mx.backup.test", "127.0.0.2")
         with Sink("127.0.0.2", port) as sink:
             over = {
-                "policy": {"mynetworks": ["192.0.2.0/24"], "relay_domains": ["backup.test"]},
+                "policy": {
+                    "mynetworks": ["192.0.2.0/24"],
+                    "relay_domains": ["backup.test"],
+                    "relay_recipients": ["b@backup.test"],
+                },
                 "dns": {"nameservers": [dns.address], "timeout": 2},
                 "delivery": {"port": port},
             }
@@ -84,6 +88,8 @@ def test_relay_domain_from_an_outsider_goes_to_its_mx(tmp_path):
                     c.ehlo("client.test")
                     assert c.mail("a@sender.test")[0] == 250
                     assert c.rcpt("b@backup.test")[0] == 250
+                    code, text = c.rcpt("made-up@backup.test")  # not in relay_recipients
+                    assert (code, text[:5]) == (550, b"5.1.1")
                     assert c.rcpt("c@elsewhere.test")[0] == 554
                     assert c.data(b"Subject: x\r\n\r\nhi\r\n")[0] == 250
                 assert sink.wait_for(1, 10), srv.output()

@@ -113,3 +113,19 @@ def test_relay_domains_open_to_anyone_and_nothing_else():
     for domain in ("gw.test", "x.backup.test", "gmail.com"):
         assert p.rcpt_allowed("203.0.113.5", False, domain) == RELAY_DENIED, domain
     assert not p.is_local("backup.test") and p.is_local("LOCAL.test")
+
+
+def test_relay_recipients_list_the_valid_addresses_of_a_relay_domain():
+    """policy.relay_recipients (Postfix relay_recipient_maps): a relay domain with entries
+    takes only those; "@domain" takes all of it; other domains are not concerned."""
+    p = RelayPolicy([], [], ["listed.test", "open.test", "all.test"],
+                    ["Bob@Listed.test", "@all.test"])  # fmt: skip
+    assert p.relay_recipient_check("bob@LISTED.test", "LISTED.test") is None
+    assert p.relay_recipient_check("eve@listed.test", "listed.test") == (
+        550, "5.1.1",
+        "<eve@listed.test>: Recipient address rejected: User unknown in relay recipient table",
+    )  # fmt: skip
+    assert p.relay_recipient_check("any@open.test", "open.test") is None  # no list: all
+    assert p.relay_recipient_check("any@all.test", "all.test") is None
+    assert p.relay_recipient_check("x@other.test", "other.test") is None
+    assert RelayPolicy([], []).relay_recipient_check("x@y.test", "y.test") is None
