@@ -324,7 +324,7 @@ class DeliveryEngine:
                             text="deleted by an operator",
                             outcome="deleted",
                             attempt=env.attempts,
-                        )  # fmt: skip
+                        )
                     )
         return True
 
