@@ -241,7 +241,7 @@ class SmtpConnection(asyncio.Protocol):
             return
         if ctx.aliases:
             try:
-                aliased = ctx.aliases.lookup(address) is not None and ctx.aliases.expand(address)
+                aliased = ctx.aliases.expand(address) != [address]
             except AliasError as e:
                 log.error("RCPT <%s>: %s", address, e)
                 self.session.reject(reply(*e.reply))
