@@ -1176,9 +1176,15 @@ cdef Py_ssize_t _enhanced(int code, const unsigned char* text, Py_ssize_t n):
     return i
 
 
+# RFC 5321 4.2: reply text is HT and printable characters; the other C0 controls and DEL
+# become "?" (remote text reaches logs, DSNs and terminals)
+_CONTROLS = {c: "?" for c in (*range(9), *range(10, 32), 127)}
+
+
 cdef object _make_reply(int code, list lines):
-    cdef Py_ssize_t k, tn, e
+    cdef Py_ssize_t k, tn, e, j
     cdef const unsigned char* t
+    cdef bint control
     enhanced = None
     texts = []
     for k in range(PyList_GET_SIZE(lines)):
@@ -1195,5 +1201,11 @@ cdef object _make_reply(int code, list lines):
             tn -= e + 1
             if tn < 0:
                 tn = 0
-        PyList_Append(texts, PyUnicode_DecodeUTF8(<const char*>t, tn, "replace"))
+        control = False
+        for j in range(tn):
+            if (t[j] < 32 and t[j] != 9) or t[j] == 127:
+                control = True
+                break
+        text = PyUnicode_DecodeUTF8(<const char*>t, tn, "replace")
+        PyList_Append(texts, text.translate(_CONTROLS) if control else text)
     return Reply(code, enhanced, tuple(texts))

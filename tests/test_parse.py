@@ -485,6 +485,13 @@ def test_enhanced_code_must_match_class(impl):
     assert rep.enhanced is None and rep.text == "4.1.1 mismatched class"
 
 
+def test_reply_control_characters_become_question_marks(impl):
+    """RFC 5321 4.2: reply text is HT and printable; an escape sequence or NUL from a remote
+    server must not reach logs, DSNs and terminals as such (UTF-8 text stays)."""
+    (rep,) = read_replies(impl, [b"451-4.7.1 \x1b[2J\x00x\r\n451 4.7.1 \ttab \x7f \xc3\xa9\r\n"])
+    assert rep == Reply(451, "4.7.1", ("?[2J?x", "\ttab ? \u00e9"))
+
+
 def test_reply_bare_lf_accepted(impl):
     assert read_replies(impl, [b"250 ok\n"]) == [Reply(250, None, ("ok",))]
 

@@ -783,6 +783,11 @@ def _enhanced(code: int, text: bytes) -> int:
     return i
 
 
+# RFC 5321 4.2: reply text is HT and printable characters; the other C0 controls and DEL
+# become "?" (remote text reaches logs, DSNs and terminals)
+_CONTROLS = {c: "?" for c in (*range(9), *range(10, 32), 127)}
+
+
 def _make_reply(code: int, lines: list[bytes]) -> Reply:
     enhanced = None
     texts = []
@@ -793,5 +798,5 @@ def _make_reply(code: int, lines: list[bytes]) -> Reply:
             if k == 0:
                 enhanced = text[:e].decode("ascii")
             text = text[e + 1 :]
-        texts.append(text.decode("utf-8", "replace"))
+        texts.append(text.decode("utf-8", "replace").translate(_CONTROLS))
     return Reply(code, enhanced, tuple(texts))
