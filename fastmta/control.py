@@ -89,7 +89,7 @@ class Line(msgspec.Struct, omit_defaults=True):
     headers: str = ""  # show: the message's header section
     found: list[str] = []  # ids this worker has (requests that named ids)
     count: int = 0  # list: lines sent; hold/release/delete: messages found
-    stats: dict[str, int | float] = {}
+    stats: dict[str, int | float | dict[str, int]] = {}
     worker: int = -1
 
 
@@ -365,7 +365,7 @@ class ControlServer:
         return Line()
 
     async def _stats(self, req: Request, writer: asyncio.StreamWriter) -> Line:
-        stats: dict[str, int | float] = msgspec.structs.asdict(self.engine.stats)
+        stats: dict[str, int | float | dict[str, int]] = msgspec.structs.asdict(self.engine.stats)
         stats["spool"] = len(self.spool)
         stats["pid"] = os.getpid()
         return Line(stats=stats)

@@ -53,6 +53,13 @@ def render(workers: list[tuple[int, dict]]) -> str:
             value = stats.get(key)
             if isinstance(value, int | float):
                 out.append(f'{full}{{worker="{index}"}} {value}')
+    out.append("# HELP fastmta_failures_total Failed delivery attempts by bounce class")
+    out.append("# TYPE fastmta_failures_total counter")
+    for index, stats in workers:
+        failures = stats.get("failures")
+        if isinstance(failures, dict):
+            for cls, n in sorted(failures.items()):
+                out.append(f'fastmta_failures_total{{worker="{index}",class="{cls}"}} {n}')
     return "\n".join(out) + "\n"
 
 

@@ -728,7 +728,7 @@ _STAT_COLUMNS = (
 
 def cmd_stats(args: argparse.Namespace, root: str) -> int:
     workers = _Workers(root)
-    rows: list[tuple[int, dict[str, int | float]]] = []
+    rows: list[tuple[int, dict[str, int | float | dict[str, int]]]] = []
     for index, line in workers.ask(Request("stats")):
         if line.end:
             rows.append((index, line.stats))
@@ -745,6 +745,13 @@ def cmd_stats(args: argparse.Namespace, root: str) -> int:
         widths = [max(len(r[k]) for r in (header, *table, total)) for k in range(len(header))]
         for r in (header, *table, total):
             print("  ".join(cell.rjust(w) for cell, w in zip(r, widths, strict=True)))
+        failures: dict[str, int] = {}
+        for _, s in rows:
+            for cls, n in (s.get("failures") or {}).items():  # type: ignore[union-attr]
+                failures[cls] = failures.get(cls, 0) + n
+        if failures:
+            ranked = sorted(failures.items(), key=lambda kv: (-kv[1], kv[0]))
+            print("failed attempts by class: " + ", ".join(f"{c} {n}" for c, n in ranked))
     workers.warn_down()
     return EX_NOT_FOUND if workers.down else EX_OK
 

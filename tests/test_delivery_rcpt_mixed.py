@@ -70,6 +70,7 @@ def test_one_rcpt_5xx_bounces_only_it(tmp_path):
             by = {r["recipient"]: r for r in h.records()}
             assert by["x@example.test"]["classification"] == "InvalidRecipient"
             assert by["a@example.test"]["classification"] == ""  # delivered: none
+            assert h.engine.stats.failures == {"InvalidRecipient": 1}  # (metrics, queue stats)
 
     asyncio.run(main())
 

@@ -3,14 +3,17 @@ with two workers scraped over HTTP on loopback."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 import urllib.error
 import urllib.request
 
 import pytest
-from e2e_harness import ServerProcess, free_port, send
+from e2e_harness import REPO, ServerProcess, child_env, fastmta_command, free_port, send
 
 from fastmta.metrics import render
+from fastmta.protocol.replies import reply
+from fastmta.testing.sink import Behaviour, Sink
 
 MSG = b"From: a@x.test\r\nTo: u@local.test\r\nSubject: m\r\n\r\nhello\r\n"
 
@@ -26,6 +29,12 @@ def test_render_exposition_format():
     assert 'fastmta_queued_messages{worker="0"} 2' in lines
     assert not any("pid" in line for line in lines)  # only the documented metrics
     assert text.endswith("\n")
+    text = render([(0, {"failures": {"SpamBlock": 2, "InvalidRecipient": 5}}), (1, {})])
+    assert text.splitlines()[-3:] == [
+        "# TYPE fastmta_failures_total counter",
+        'fastmta_failures_total{worker="0",class="InvalidRecipient"} 5',
+        'fastmta_failures_total{worker="0",class="SpamBlock"} 2',
+    ]
 
 
 def scrape(port: int, path: str = "/metrics") -> tuple[int, str, str]:
@@ -76,3 +85,28 @@ def test_bad_metrics_address_is_a_config_error(tmp_path, value):
 
     with pytest.raises(ConfigError, match="server.metrics_listen"):
         load_config(None, {"server": {"metrics_listen": value}})
+
+
+def test_failures_by_class_in_metrics_and_queue_stats(tmp_path):
+    """Each failed attempt is counted by its bounce class: the Prometheus endpoint shows it
+    per worker, `fastmta queue stats` sums it (through the workers' control sockets)."""
+    port = free_port()
+    unknown = Behaviour(rcpt_reply=lambda a: reply(550, "5.1.1", "no such user"))
+    with Sink("127.0.0.1", 0, unknown) as sink:
+        over = {
+            "server": {"metrics_listen": f"127.0.0.1:{port}"},
+            "delivery": {"relayhost": f"[127.0.0.1]:{sink.port}"},
+        }
+        with ServerProcess(tmp_path, over) as srv:
+            send(srv.host, srv.port, "", ["u@remote.test"], MSG)  # null sender: no DSN back
+            deadline = time.monotonic() + 15
+            while "InvalidRecipient" not in (text := scrape(port)[2]):
+                assert time.monotonic() < deadline, text
+                time.sleep(0.2)
+            assert 'fastmta_failures_total{worker="0",class="InvalidRecipient"} 1' in text
+            done = subprocess.run(
+                fastmta_command("queue", "stats", "--config", srv.config_path),
+                capture_output=True, cwd=REPO, env=child_env(), timeout=20,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            assert b"failed attempts by class: InvalidRecipient 1" in done.stdout

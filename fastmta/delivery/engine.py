@@ -82,6 +82,7 @@ class EngineStats(msgspec.Struct):
     queued: int = 0
     held: int = 0  # messages on hold (fastmta queue hold), not counted in queued
     parked: int = 0  # of queued (held ones included): in parked files on disk, not in memory
+    failures: dict[str, int] = msgspec.field(default_factory=dict)  # failed attempts by class
 
 
 _BALANCE_BACKOFF = 5.0  # seconds without parking/loading after a parked-file error
@@ -228,7 +229,7 @@ class DeliveryEngine:
 
     @property
     def stats(self) -> EngineStats:
-        s = msgspec.structs.replace(self._stats)
+        s = msgspec.structs.replace(self._stats, failures=dict(self._stats.failures))
         s.connections_opened = self.pool.stats.connections_opened
         s.reused = self.pool.stats.reused
         s.chained = self.pool.stats.chained
@@ -776,6 +777,7 @@ class DeliveryEngine:
             text = str(r)
             if rc.state != _CANCELLED:  # (cancelled while in flight: its reason stays)
                 rc.last_reply = text
+            cls = ""
             if r.is_positive():
                 rc.state = _DELIVERED
                 outcome = "delivered"
@@ -785,12 +787,14 @@ class DeliveryEngine:
                 outcome = "bounced"
                 st.bounced += 1
                 act.failures.append(Failure(i, r.code, r.enhanced, r.text, info.mx or None))
+                cls = self._failed(r)
             else:
                 if rc.state != _CANCELLED:  # bounced when the attempt ends (_job_finished)
                     rc.state = _DEFERRED
                 outcome = "deferred"
                 st.deferred += 1
                 act.last[i] = (r, info.mx)
+                cls = self._failed(r)
             if dlog is not None:
                 dlog.write(
                     DeliveryRecord(
@@ -808,12 +812,17 @@ class DeliveryEngine:
                         latency=latency,
                         outcome=outcome,
                         attempt=attempt,
-                        classification=""
-                        if outcome == "delivered"
-                        else self.classifier.classify(r),
+                        classification=cls,
                     )
                 )
         await self._job_finished(act)
+
+    def _failed(self, r: Reply, cls: str | None = None) -> str:
+        """A failure's class (``cls``, else the classifier's), counted in stats.failures."""
+        cls = cls or self.classifier.classify(r)
+        failures = self._stats.failures
+        failures[cls] = failures.get(cls, 0) + 1
+        return cls
 
     async def _job_finished(self, act: _Active) -> None:
         act.jobs -= 1
@@ -877,6 +886,8 @@ class DeliveryEngine:
         rc.state = _BOUNCED
         act.failures.append(f)
         self._stats.bounced += 1
+        expired = "MessageExpired" if outcome == "expired" else None
+        cls = self._failed(reply(f.code, f.enhanced, f.text), expired)
         if self.delivery_log is not None:
             self.delivery_log.write(
                 DeliveryRecord(
@@ -889,9 +900,7 @@ class DeliveryEngine:
                     text=text,
                     outcome=outcome,
                     attempt=env.attempts,
-                    classification="MessageExpired"
-                    if outcome == "expired"
-                    else self.classifier.classify(reply(f.code, f.enhanced, f.text)),
+                    classification=cls,
                 )
             )
 
