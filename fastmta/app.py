@@ -252,13 +252,7 @@ def _local_check(config: Config) -> Callable[[str], tuple[int, str, str] | None]
         return None
     from .delivery.maildir import MaildirDelivery
 
-    md = MaildirDelivery(
-        config.local.maildir_root,
-        users=config.local.users_by_domain() or None,
-        catch_all=config.local.catch_all or None,
-        recipient_delimiter=config.local.recipient_delimiter,
-    )
-    return md.check
+    return MaildirDelivery.from_config(config.local).check
 
 
 def _server_ssl(config: Config):

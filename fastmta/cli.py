@@ -697,11 +697,7 @@ def explain_route(config: Config, address: str) -> list[str]:
     except AliasError as e:
         return [f"{address}: {e}"]
     router = Router(config)
-    lc = config.local
-    maildir = MaildirDelivery(
-        lc.maildir_root, users=lc.users_by_domain() or None, catch_all=lc.catch_all or None,
-        recipient_delimiter=lc.recipient_delimiter,
-    )  # fmt: skip
+    maildir = MaildirDelivery.from_config(config.local)
     lines = [] if targets == [address] else [f"{address}: an alias of {len(targets)} address(es)"]
     for target in targets:
         _, at, domain = target.rpartition("@")

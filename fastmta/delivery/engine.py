@@ -171,16 +171,8 @@ class DeliveryEngine:
                 domain, resolver, shared_client_context(True, ca_file), port=d.mta_sts_port
             ),
         )
-        lc = config.local
-        users = lc.users_by_domain() or None
         self.local = LocalDelivery(
-            MaildirDelivery(
-                lc.maildir_root or "maildir",
-                users=users,
-                catch_all=lc.catch_all or None,
-                recipient_delimiter=lc.recipient_delimiter,
-                hostname=self.hostname,
-            ),
+            MaildirDelivery.from_config(config.local, hostname=self.hostname),
             max_threads=local_threads,
         )
         self._hold = config.server.hold_delivery

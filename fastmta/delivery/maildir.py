@@ -15,6 +15,10 @@ import itertools
 import os
 import socket
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fastmta.config import LocalConfig
 
 __all__ = ["MaildirDelivery", "UnknownRecipient", "unstuff_to_lf"]
 
@@ -102,6 +106,17 @@ class MaildirDelivery:
         # because ",S=" starts the size field.
         self._host = host.replace("/", r"\057").replace(":", r"\072").replace(",", r"\054")
         self._ready: set[str] = set()  # Maildirs known to exist with tmp/new/cur
+
+    @classmethod
+    def from_config(cls, local: LocalConfig, *, hostname: str | None = None) -> MaildirDelivery:
+        """The Maildirs of the ``[local]`` section (root, users, catch-all, delimiter)."""
+        return cls(
+            local.maildir_root or "maildir",
+            users=local.users_by_domain() or None,
+            catch_all=local.catch_all or None,
+            recipient_delimiter=local.recipient_delimiter,
+            hostname=hostname,
+        )
 
     # -- addressing ---------------------------------------------------------------------------
 
