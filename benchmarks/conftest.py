@@ -95,7 +95,9 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         if c and py:
             rows.append([group, _fmt(c[0] / c[2], c[1]), _fmt(py[0] / py[2], py[1]),
                          f"{py[2] / c[2]:.1f}x"])  # fmt: skip
-    if rows and len(rows) == len({g for g, _ in RESULTS}):  # a full run of both: keep it
+    opt = tr.config.option
+    whole = not opt.keyword and not opt.markexpr and not any("::" in a for a in tr.config.args)
+    if whole and rows and len(rows) == len({g for g, _ in RESULTS}):  # every case, both: keep it
         import harness as h  # noqa: PLC0415 - benchmarks/ is on sys.path under pytest
 
         text = (
