@@ -158,6 +158,7 @@ ERR_BARE_LF = (521, "5.5.2", "Error: bare <LF> received")  # Postfix 3.9 smtpd_f
 ERR_BARE_CR = (521, "5.5.2", "Error: bare <CR> received")
 ERR_TOO_BIG = (552, "5.3.4", "Error: message file too big")  # RFC 1870 6.3
 ERR_DATA_LINE = (500, "5.5.2", "Error: message line too long")  # RFC 5321 4.5.3.1.6
+ERR_NUL = (554, "5.6.0", "Error: NUL character in message content")  # see the twin
 
 
 cdef object _fatal(tuple err):
@@ -336,6 +337,7 @@ cdef Py_ssize_t _domain_end(
     """Domain / address-literal (4.1.2, 4.1.3) from s[i]; the index after it."""
     cdef Py_ssize_t j, label = 0
     cdef unsigned char c, last = 0
+    cdef bint utf8 = False
     if i < n and s[i] == 91:  # "[" address-literal
         j = _find(s, i, n, 93)
         if j < 0:
@@ -347,12 +349,16 @@ cdef Py_ssize_t _domain_end(
         c = s[i]
         if (_CLS[c] & K_LETDIG) or c >= 128:
             label += 1
+            utf8 = utf8 or c >= 128
         elif c == 45 and label:  # "-" not first
             label += 1
         elif c == C_DOT and label and last != 45:
             label = 0
+            utf8 = False
         else:
             break
+        if label > 63 and not utf8:  # RFC 1035 2.3.4 (see the twin)
+            raise _err(bad)
         last = c
         i += 1
     if not label or last == 45:
@@ -778,6 +784,24 @@ cdef inline Py_ssize_t _find_crlf(const unsigned char* p, Py_ssize_t i, Py_ssize
     return n
 
 
+cdef inline Py_ssize_t _find_eol_nul(const unsigned char* p, Py_ssize_t i, Py_ssize_t n) nogil:
+    """Index of the first CR, LF or NUL in p[i:n], or n. Eight bytes per step (a word has
+    one iff one of its bytes, or of it XOR 0x0A / 0x0D, is zero: the has-zero-byte test)."""
+    cdef uint64_t w, x, y
+    while i + 8 <= n:
+        memcpy(&w, p + i, 8)
+        x = w ^ LFS
+        y = w ^ CRS
+        if ((x - ONES) & ~x & HIGHS) | ((y - ONES) & ~y & HIGHS) | ((w - ONES) & ~w & HIGHS):
+            break
+        i += 8
+    while i < n:
+        if p[i] <= 13 and (p[i] == 13 or p[i] == 10 or p[i] == 0):
+            return i
+        i += 1
+    return n
+
+
 @cython.final
 cdef class DataReader:
     """Message content after DATA (or inside BDAT chunks), incremental. See the twin.
@@ -791,8 +815,9 @@ cdef class DataReader:
     cdef public bint normalize
     cdef public int mode
     cdef public bint done
-    cdef public Py_ssize_t size  # octets of output content (counted even when not kept)
+    cdef public Py_ssize_t size  # octets of content without transparency dots
     cdef public bint line_too_long
+    cdef public bint nul  # a NUL was seen
     cdef int _state
     cdef Py_ssize_t _line  # octets of the current line so far, as received
     cdef bint _lf  # the previous line ended in a bare LF (normalize): no end marker now
@@ -812,6 +837,7 @@ cdef class DataReader:
         self.done = False
         self.size = 0
         self.line_too_long = False
+        self.nul = False
         self._state = C_BOL
         self._line = 0
         self._lf = False
@@ -828,6 +854,8 @@ cdef class DataReader:
             return ParseError(*ERR_TOO_BIG)
         if self.line_too_long:
             return ParseError(*ERR_DATA_LINE)
+        if self.nul:
+            return ParseError(*ERR_NUL)
         return None
 
     def take(self) -> list:
@@ -841,7 +869,7 @@ cdef class DataReader:
         if b <= a:
             return 0
         self.size += b - a
-        if self.size <= self.max_size and not self.line_too_long:
+        if self.size <= self.max_size and not self.line_too_long and not self.nul:
             if a == 0 and b == PyBytes_GET_SIZE(data):
                 PyList_Append(self._chunks, data)
             else:
@@ -876,7 +904,7 @@ cdef class DataReader:
         cdef unsigned char c
         while i < n:
             if state == C_MID:
-                j = _find_crlf(p, i, n)
+                j = _find_eol_nul(p, i, n)
                 if j == n:
                     line += n - i
                     i = n
@@ -885,6 +913,11 @@ cdef class DataReader:
                     break
                 line += j - i + 1
                 i = j + 1
+                if p[j] == 0:
+                    self.nul = True
+                    if PyList_GET_SIZE(self._chunks):
+                        del self._chunks[:]
+                    continue
                 if p[j] == C_CR:
                     # fast path: CRLF then an ordinary line start stays in this loop
                     if i + 1 < n and p[i] == C_LF:
@@ -905,11 +938,12 @@ cdef class DataReader:
                         self.line_too_long = True
                     state = C_SCR
                     continue
-                if line > max_line:
-                    self.line_too_long = True
                 # bare LF ends a line
                 if not normalize:
                     raise _fatal(ERR_BARE_LF)
+                line += 1  # stored as CRLF
+                if line > max_line:
+                    self.line_too_long = True
                 self._emit(d, out, j)
                 self._emit_const(b"\r\n")
                 out = i
@@ -920,17 +954,19 @@ cdef class DataReader:
             c = p[i]
             if state == C_BOL:
                 if c == C_DOT:
-                    line = 1
                     i += 1
                     if mode == C_BDAT:
-                        # stuff: the output gets an extra "." before this one
+                        # content; the output gets an extra "." before it (not counted)
+                        line = 1
                         self._emit(d, out, i - 1)
+                        self.size -= 1
                         self._emit_const(b".")
                         out = i - 1
                         state = C_MID
                         if line > max_line:
                             self.line_too_long = True
                         continue
+                    line = 0  # a transparency dot (4.5.2) is not part of the line
                     dot_at = i - 1  # held back until we know what it is
                     state = C_SDOT
                     continue
@@ -975,6 +1011,8 @@ cdef class DataReader:
                     if dot_at >= 0:
                         self._emit(d, out, dot_at)
                     i += 1
+                    if mode != C_UNSTUFF:
+                        self.size -= 1  # the stuffed dot of "..\r\n"
                     self._emit_const(b".\r\n" if mode == C_UNSTUFF else b"..\r\n")
                     out = i
                     state = C_BOL
@@ -986,8 +1024,10 @@ cdef class DataReader:
                     if dot_at >= 0:
                         self._emit(d, out, dot_at)
                     out = i
-                elif dot_at < 0:  # the dot ended the previous chunk
-                    self._emit_const(b".")
+                else:
+                    self.size -= 1  # kept in wire form, but not part of the message
+                    if dot_at < 0:  # the dot ended the previous chunk
+                        self._emit_const(b".")
                 state = C_MID
                 continue
             # state == S_DOTCR
@@ -999,6 +1039,8 @@ cdef class DataReader:
             if lf:
                 # "\n.\r\n": the line before ended in a bare LF, so this is not
                 # CRLF.CRLF (smuggling); it is a content line "."
+                if mode != C_UNSTUFF:
+                    self.size -= 1
                 self._emit_const(b".\r\n" if mode == C_UNSTUFF else b"..\r\n")
                 out = i
                 state = C_BOL

@@ -163,7 +163,7 @@ def run_data(mod, chunks, mode, normalize, max_line, max_size, take_at, finish):
     def state():
         err = d.error
         err = None if err is None else (err.code, err.enhanced, err.text, err.fatal)
-        return (d.done, d.size, d.line_too_long, d.too_big, err)
+        return (d.done, d.size, d.line_too_long, d.nul, d.too_big, err)
 
     for k, chunk in enumerate(chunks):
         trace.append(("feed", outcome(d.feed, chunk), state()))

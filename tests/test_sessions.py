@@ -260,6 +260,115 @@ def test_bdat_chunks():
     assert b"".join(p.messages[0].chunks) == b"Subject: x\r\n\r\n..dot\r\n"  # stuffed for the spool
 
 
+def test_bdat_every_split_and_octets_without_stuffing():
+    """A BDAT transaction split anywhere is the same conversation; the octets a chunk reply
+    counts are the client's (RFC 3030), not the stuffed form kept for the spool."""
+    chunk1 = b".dot\r\nline"
+    chunk2 = b" two\r\n"
+    stream = (
+        b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nBDAT %d\r\n" % len(chunk1)
+        + chunk1
+        + b"BDAT %d LAST\r\n" % len(chunk2)
+        + chunk2
+        + b"NOOP\r\n"
+    )
+    want = [
+        b"250 2.1.0 Ok",
+        b"250 2.1.5 Ok",
+        b"250 2.0.0 Ok: 10 octets",
+        b"250 2.0.0 Ok: queued as Q1",
+        b"250 2.0.0 Ok",
+    ]
+    for k in range(len(stream) + 1):
+        p = Peer()
+        p.greeting()
+        p.feed(b"EHLO c\r\n")
+        got = p.feed(stream[:k]) + p.feed(stream[k:])
+        assert got.splitlines() == want, k
+        assert b"".join(p.messages[0].chunks) == b"..dot\r\nline two\r\n"
+
+
+def test_data_after_bdat_is_bad_sequence():
+    """RFC 3030 2: DATA after BDAT in one transaction gets 503; the chunk already sent is not
+    dropped for a new body, and BDAT LAST still completes the message."""
+    p = Peer()
+    p.greeting()
+    talk(p, b"EHLO c\r\n")
+    out = talk(p, b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nBDAT 7\r\nhello\r\nDATA\r\n")
+    assert out[-2:] == [b"250 2.0.0 Ok: 7 octets", b"503 5.5.1 Error: bad sequence of commands"]
+    assert talk(p, b"BDAT 7 LAST\r\nworld\r\n")[0].startswith(b"250 2.0.0 Ok: queued")
+    assert b"".join(p.messages[0].chunks) == b"hello\r\nworld\r\n"
+
+
+@pytest.mark.parametrize("content", [b"a\r\n\x00.\r\nMAIL FROM:<evil@x.test>\r\n", b"a\x00b\r\n"])
+def test_nul_in_content_is_refused_and_the_session_goes_on(content):
+    """A NUL is read to the real end of data and the message refused with 554 5.6.0 (never
+    stored, never ending data); the connection carries on."""
+    for mode in ("reject", "normalize"):
+        p = Peer(S.SessionConfig(bare_newline=mode))
+        p.greeting()
+        talk(p, b"EHLO c\r\n")
+        talk(p, b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
+        out = talk(p, content + b"more\r\n.\r\nNOOP\r\n")
+        assert out == [b"554 5.6.0 Error: NUL character in message content", b"250 2.0.0 Ok"]
+        assert not p.messages and not p.closed
+        out = talk(
+            p,
+            b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nBDAT %d LAST\r\n" % len(content)
+            + content,
+        )
+        assert out[-1] == b"554 5.6.0 Error: NUL character in message content"
+        assert not p.messages and talk(p, b"NOOP\r\n") == [b"250 2.0.0 Ok"]
+
+
+def test_command_line_limit_in_session():
+    p = Peer()
+    p.greeting()
+    talk(p, b"EHLO c\r\n")
+    assert talk(p, b"NOOP " + b"x" * 505 + b"\r\n") == [b"250 2.0.0 Ok"]  # 512 with CRLF
+    assert talk(p, b"NOOP " + b"x" * 506 + b"\r\nNOOP\r\n") == [
+        b"500 5.5.2 Line too long",
+        b"250 2.0.0 Ok",
+    ]
+
+
+def test_auth_response_lines_have_their_own_limit():
+    """RFC 4954 4: a SASL response may be longer than a command (max_auth_line); one over
+    that fails the exchange with 500 5.5.6 and the next line is a command again."""
+    cfg = S.SessionConfig(auth="always", max_auth_line=2048)
+    p = Peer(cfg)
+    p.greeting()
+    talk(p, b"EHLO c\r\n")
+    assert talk(p, b"AUTH PLAIN\r\n") == [b"334 "]
+    response = base64.b64encode(b"\0alice\0" + b"p" * 700)  # 940 octets: over 512
+    assert talk(p, response + b"\r\n") == [b"235 2.7.0 Authentication successful"]
+    p = Peer(cfg)
+    p.greeting()
+    talk(p, b"EHLO c\r\n")
+    assert talk(p, b"AUTH PLAIN\r\n") == [b"334 "]
+    out = talk(p, b"A" * 3000 + b"\r\nNOOP " + b"x" * 600 + b"\r\nQUIT\r\n")
+    assert out == [
+        b"500 5.5.6 Authentication Exchange line is too long",
+        b"500 5.5.2 Line too long",  # commands have their 512 again
+        b"221 2.0.0 Bye",
+    ]
+    assert p.s.user is None and p.closed
+
+
+def test_sans_io_sessions_import_no_io():
+    """The sessions are sans-IO: importing them pulls in no event loop, sockets or TLS."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fastmta.protocol.server, fastmta.protocol.client\n"
+        "print(sorted(m for m in ('asyncio', 'socket', 'ssl', 'selectors', 'uvloop')"
+        " if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_bdat_without_rcpt_consumes_chunk():
     p = Peer()
     p.greeting()

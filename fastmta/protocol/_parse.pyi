@@ -20,6 +20,7 @@ ERR_BARE_LF: Final[tuple[int, str, str]]
 ERR_BARE_CR: Final[tuple[int, str, str]]
 ERR_TOO_BIG: Final[tuple[int, str, str]]  # RFC 1870 6.3
 ERR_DATA_LINE: Final[tuple[int, str, str]]  # RFC 5321 4.5.3.1.6
+ERR_NUL: Final[tuple[int, str, str]]
 ERR_MAIL_SYNTAX: Final[tuple[int, str, str]]
 ERR_RCPT_SYNTAX: Final[tuple[int, str, str]]
 ERR_SENDER: Final[tuple[int, str, str]]
@@ -77,6 +78,7 @@ class DataReader:
     done: bool
     size: int
     line_too_long: bool
+    nul: bool
     def __init__(
         self,
         max_size: int,

@@ -29,6 +29,15 @@ ERR_BARE_LF = (521, "5.5.2", "Error: bare <LF> received")  # Postfix 3.9 smtpd_f
 ERR_BARE_CR = (521, "5.5.2", "Error: bare <CR> received")
 ERR_TOO_BIG = (552, "5.3.4", "Error: message file too big")  # RFC 1870 6.3
 ERR_DATA_LINE = (500, "5.5.2", "Error: message line too long")  # RFC 5321 4.5.3.1.6
+# A NUL is not text (RFC 5322 2.2, RFC 6152 3: not even in 8BITMIME), and a relay that strips it
+# could turn "CRLF NUL . CRLF" into an end of data: the message is read to its end and refused.
+ERR_NUL = (554, "5.6.0", "Error: NUL character in message content")
+
+
+def _bytes(data: bytes) -> bytes:
+    """``data`` as exact bytes (a bytearray or memoryview is copied once, as the compiled
+    module does)."""
+    return data if type(data) is bytes else bytes(data)
 
 
 def _fatal(err: tuple[int, str, str]) -> ParseError:
@@ -52,6 +61,7 @@ class LineReader:
         self._discard = False  # dropping the rest of an over-long line
 
     def feed(self, data: bytes) -> None:
+        data = _bytes(data)
         if self._discard:
             i = data.find(b"\n")
             if i < 0:
@@ -110,6 +120,7 @@ class LineReader:
 def parse_command(line: bytes) -> tuple[str, bytes]:
     """Split a command line into (VERB, argument). The verb is upper-cased ASCII
     (RFC 5321 2.4: verbs are case-insensitive); the argument keeps its bytes."""
+    line = _bytes(line)
     sp = line.find(b" ")
     if sp < 0:
         verb, arg = line, b""
@@ -198,19 +209,25 @@ def _domain_end(s: bytes, i: int, n: int, bad: tuple[int, str, str]) -> int:
         if not _valid_literal(s[i + 1 : j]):
             raise _err(bad)
         return j + 1
-    # Domain = sub-domain *("." sub-domain); sub-domain = Let-dig [Ldh-str]
+    # Domain = sub-domain *("." sub-domain); sub-domain = Let-dig [Ldh-str]; an ASCII label
+    # has at most 63 octets (RFC 1035 2.3.4; a UTF-8 label is measured as its A-label, later)
     label = 0
+    utf8 = False
     last = 0
     while i < n:
         c = s[i]
         if c in _LETDIG or c >= 128:
             label += 1
+            utf8 = utf8 or c >= 128
         elif c == 45 and label:  # "-" not first
             label += 1
         elif c == DOT and label and last != 45:
             label = 0
+            utf8 = False
         else:
             break
+        if label > 63 and not utf8:
+            raise _err(bad)
         last = c
         i += 1
     if not label or last == 45:
@@ -367,6 +384,7 @@ def _skip_keyword(s: bytes, kw: bytes, syntax: tuple[int, str, str]) -> int:
 
 def parse_mail(arg: bytes) -> MailFrom:
     """Parse the argument of MAIL (``FROM:<path> [params]``). Raises ParseError."""
+    arg = _bytes(arg)
     n = len(arg)
     i = _skip_keyword(arg, b"FROM:", ERR_MAIL_SYNTAX)
     address, i, eight = _parse_path(arg, i, n, ERR_SENDER, True, False)
@@ -413,6 +431,7 @@ _NOTIFY = (b"SUCCESS", b"FAILURE", b"DELAY")
 def parse_rcpt(arg: bytes, smtputf8: bool = False) -> RcptTo:
     """Parse the argument of RCPT (``TO:<path> [params]``). ``smtputf8``: the transaction's
     MAIL carried SMTPUTF8, so UTF-8 addresses are allowed (RFC 6531 3.4)."""
+    arg = _bytes(arg)
     n = len(arg)
     i = _skip_keyword(arg, b"TO:", ERR_RCPT_SYNTAX)
     address, i, eight = _parse_path(arg, i, n, ERR_RCPT, False, True)
@@ -459,7 +478,7 @@ S_CR = 2  # just after a CR; only LF may follow
 S_DOT = 3  # a "." at the beginning of a line (DATA only): stuffing or the end marker
 S_DOTCR = 4  # ".\r" at the beginning of a line: only LF may follow (end of data)
 
-_CRLF_RE = re.compile(b"[\r\n]")
+_EOL_NUL_RE = re.compile(b"[\r\n\x00]")
 
 
 class DataReader:
@@ -468,8 +487,10 @@ class DataReader:
     Only ``CRLF . CRLF`` ends DATA (4.1.1.4); a bare CR is always fatal; a bare LF is fatal
     unless ``normalize`` (then it counts as CRLF but a lone "." line ended by a bare LF never
     ends data: SMTP smuggling). Lines longer than ``max_line`` octets including the line
-    ending (4.5.3.1.6) and content over ``max_size`` are not fatal: scanning goes on to the
-    end so the session stays in sync, and :attr:`error` says what to answer.
+    ending (4.5.3.1.6; a transparency dot does not count), content over ``max_size`` (RFC
+    1870: the message as the client has it, without transparency dots) and a NUL anywhere
+    are not fatal: scanning goes on to the end so the session stays in sync, nothing more is
+    handed on, and :attr:`error` says what to answer.
 
     Output: ``take()`` returns the content as a few large chunks (slices of the input
     between the places where bytes are dropped or inserted). In ``MODE_WIRE`` and
@@ -488,8 +509,9 @@ class DataReader:
         self.normalize = normalize
         self.mode = mode
         self.done = False
-        self.size = 0  # octets of output content (counted even when not kept)
+        self.size = 0  # octets of content without transparency dots (counted when not kept)
         self.line_too_long = False
+        self.nul = False  # a NUL was seen
         self._state = S_BOL
         self._line = 0  # octets of the current line so far, as received
         self._lf = False  # the previous line ended in a bare LF (normalize): no end marker now
@@ -506,6 +528,8 @@ class DataReader:
             return ParseError(*ERR_TOO_BIG)
         if self.line_too_long:
             return ParseError(*ERR_DATA_LINE)
+        if self.nul:
+            return ParseError(*ERR_NUL)
         return None
 
     def take(self) -> list[bytes]:
@@ -517,7 +541,7 @@ class DataReader:
     def _emit(self, piece: bytes) -> None:
         if piece:
             self.size += len(piece)
-            if self.size <= self.max_size and not self.line_too_long:
+            if self.size <= self.max_size and not self.line_too_long and not self.nul:
                 self._chunks.append(piece)
             elif self._chunks:
                 self._chunks.clear()
@@ -528,6 +552,7 @@ class DataReader:
         ParseError on a bare CR or (unless normalizing) a bare LF."""
         if self.done:
             return 0
+        data = _bytes(data)
         n = len(data)
         i = 0
         out = 0  # start of the pending output span in data
@@ -537,7 +562,7 @@ class DataReader:
         lf = self._lf
         max_line = self.max_line
         mode = self.mode
-        search = _CRLF_RE.search
+        search = _EOL_NUL_RE.search
         while i < n:
             if state == S_MID:
                 m = search(data, i)
@@ -549,15 +574,23 @@ class DataReader:
                     break
                 j = m.start()
                 line += j - i + 1
-                if line > max_line:
-                    self.line_too_long = True
                 i = j + 1
-                if data[j] == CR:
+                c = data[j]
+                if c == 0:
+                    self.nul = True
+                    self._chunks.clear()
+                    continue
+                if c == CR:
+                    if line > max_line:
+                        self.line_too_long = True
                     state = S_CR
                     continue
                 # bare LF ends a line
                 if not self.normalize:
                     raise _fatal(ERR_BARE_LF)
+                line += 1  # stored as CRLF
+                if line > max_line:
+                    self.line_too_long = True
                 self._emit(data[out:j])
                 self._emit(b"\r\n")
                 out = i
@@ -568,17 +601,19 @@ class DataReader:
             c = data[i]
             if state == S_BOL:
                 if c == DOT:
-                    line = 1
                     i += 1
                     if mode == MODE_BDAT:
-                        # stuff: the output gets an extra "." before this one
+                        # content; the output gets an extra "." before it (not counted)
+                        line = 1
                         self._emit(data[out : i - 1])
+                        self.size -= 1
                         self._emit(b".")
                         out = i - 1
                         state = S_MID
                         if line > max_line:
                             self.line_too_long = True
                         continue
+                    line = 0  # a transparency dot (4.5.2) is not part of the line
                     dot_at = i - 1  # held back until we know what it is
                     state = S_DOT
                     continue
@@ -623,6 +658,8 @@ class DataReader:
                     if dot_at >= 0:
                         self._emit(data[out:dot_at])
                     i += 1
+                    if mode != MODE_UNSTUFF:
+                        self.size -= 1  # the stuffed dot of "..\r\n"
                     self._emit(b".\r\n" if mode == MODE_UNSTUFF else b"..\r\n")
                     out = i
                     state = S_BOL
@@ -634,8 +671,10 @@ class DataReader:
                     if dot_at >= 0:
                         self._emit(data[out:dot_at])
                     out = i
-                elif dot_at < 0:  # the dot ended the previous chunk
-                    self._emit(b".")
+                else:
+                    self.size -= 1  # kept in wire form, but not part of the message
+                    if dot_at < 0:  # the dot ended the previous chunk
+                        self._emit(b".")
                 state = S_MID
                 continue
             # state == S_DOTCR
@@ -647,6 +686,8 @@ class DataReader:
             if lf:
                 # "\n.\r\n": the line before ended in a bare LF, so this is not
                 # CRLF.CRLF (smuggling); it is a content line "."
+                if mode != MODE_UNSTUFF:
+                    self.size -= 1
                 self._emit(b".\r\n" if mode == MODE_UNSTUFF else b"..\r\n")
                 out = i
                 state = S_BOL
@@ -683,6 +724,7 @@ def dot_stuff(body: bytes, terminate: bool = True) -> bytes:
     """Turn a message from an API caller into wire form: every line ending (CRLF, bare LF
     or bare CR) becomes CRLF, a line starting with "." gets another (4.5.2), the last line
     is ended, and with ``terminate`` the end marker ".\\r\\n" follows."""
+    body = _bytes(body)
     if b"\r" in body:
         body = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     if body and not body.endswith(b"\n"):

@@ -83,7 +83,7 @@ def parse_ehlo(r: Reply) -> Capabilities:
         if keyword == "PIPELINING":
             caps.pipelining = True
         elif keyword == "SIZE":
-            caps.size = int(params) if params.strip().isdigit() else 0
+            caps.size = int(v) if (v := params.strip()).isascii() and v.isdigit() else 0
         elif keyword == "8BITMIME":
             caps.eightbitmime = True
         elif keyword == "SMTPUTF8":
@@ -131,6 +131,7 @@ ALREADY_AUTH = reply(503, "5.5.1", "Error: already authenticated")
 AUTH_NOT_NOW = reply(503, "5.5.1", "Error: MAIL transaction in progress")
 NO_VALID_RCPTS = reply(554, "5.5.1", "Error: no valid recipients")  # RFC 2920 3.1
 AUTH_REQUIRED = reply(530, "5.7.0", "Authentication required")  # RFC 4954 6
+AUTH_LINE_TOO_LONG = reply(500, "5.5.6", "Authentication Exchange line is too long")  # RFC 4954 6
 MUST_STARTTLS = reply(530, "5.7.0", "Must issue a STARTTLS command first")  # RFC 3207 4
 ENCRYPTION_REQUIRED = reply(
     538, "5.7.11", "Encryption required for requested authentication mechanism"

@@ -239,7 +239,13 @@ class ServerSession:
             try:
                 line = self._lines.readline()
             except ParseError as e:
-                self._parse_error(e)
+                if self.state is State.AUTH and not e.fatal:
+                    # RFC 4954 6: the exchange fails; what follows is a command again
+                    self.state = State.READY
+                    self._lines.max_line = self.config.max_command_line
+                    self._error(R.AUTH_LINE_TOO_LONG)
+                else:
+                    self._parse_error(e)
                 continue
             if line is None:
                 return None
@@ -488,7 +494,8 @@ class ServerSession:
             # RFC 2920 3.1: with pipelining the client may send DATA although every RCPT failed
             self._error(R.NO_VALID_RCPTS if self.esmtp else R.NEED_RCPT)
             return None
-        if self.state is not State.RCPT:
+        if self.state is not State.RCPT or self._data is not None:
+            # (RFC 3030 2: after a BDAT chunk only BDAT may carry the rest of the message)
             self._error(R.NEED_MAIL if self.state is State.READY else R.BAD_SEQUENCE)
             return None
         if self._pipelined_illegally():
