@@ -586,6 +586,23 @@ def test_client_smtputf8_needed_but_not_offered():
     assert client.data_to_send() == b"EHLO c.test\r\n"  # nothing sent for that message
 
 
+def test_client_closed_right_behind_ready_answers_the_next_send():
+    """A server that sends 421 in the same packet as its EHLO reply: the caller saw Ready,
+    and the message it then sends gets the 421 for every recipient, not an exception."""
+    c = ClientSession("client.test")
+    c.receive(b"220 mx.test\r\n")
+    c.data_to_send()
+    c.receive(b"250-mx.test\r\n250 PIPELINING\r\n421 4.3.2 shutting down\r\n")
+    assert isinstance(c.next_event(), Ready)
+    c.send(Message("a@b.test", ["c@d.test", "e@d.test"], b"x\r\n"))
+    assert c.data_to_send() == b""
+    failed = c.next_event()
+    assert isinstance(failed, Failed) and failed.reply.code == 421
+    result = c.next_event()
+    assert isinstance(result, TransactionResult)
+    assert [r.code for r in result.rcpts] == [421, 421] and result.mail.code == 421
+
+
 def test_client_421_and_greeting_failures():
     client = ClientSession("c.test")
     client.receive(b"421 4.3.2 busy\r\n")

@@ -128,6 +128,7 @@ class ClientSession:
         self.capabilities = Capabilities(esmtp=False, keywords={})
         self.tls = False
         self.greeting: Reply | None = None
+        self._closed_by: Reply | None = None  # why the session failed, once it has
         self._reader = ReplyReader(max_reply_line, max_reply_lines)
         self._out: list[bytes] = []
         self._events: list[ClientEvent] = []
@@ -234,6 +235,12 @@ class ClientSession:
     def send(self, msg: Message) -> None:
         """Start a transaction (Phase.IDLE, or chained when :attr:`can_chain`). Its outcome
         arrives as TransactionResult, after those of the transactions sent before it."""
+        if self.phase is Phase.CLOSED:
+            # the server closed behind the reply that made us ready (e.g. "250 ..." then
+            # "421 ..." in one packet): the message gets the reason, nothing is sent
+            r = self._closed_by or NO_RESPONSE
+            self._events.append(TransactionResult(r, [r] * len(msg.recipients), None))
+            return
         if self.phase is not Phase.IDLE:
             if not self.can_chain:
                 raise RuntimeError(f"not allowed in phase {self.phase.value}")
@@ -283,6 +290,7 @@ class ClientSession:
     def _fail(self, r: Reply) -> None:
         phase = self.phase
         self.phase = Phase.CLOSED
+        self._closed_by = r
         if self._msg is not None:
             # the transaction in flight gets the failure for every recipient not yet final
             msg = self._msg

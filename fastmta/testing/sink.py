@@ -103,6 +103,7 @@ class Behaviour(msgspec.Struct):
     greeting: Reply | None = None  # None: 220. 421 (RFC 5321 3.8): send and close.
     # Any other non-220 (554, RFC 5321 3.1): send, then 503 to everything except QUIT.
     ehlo: bool = True  # False: EHLO -> 502 (RFC 5321 4.1.4: client falls back to HELO)
+    close_after_ehlo: Reply | None = None  # sent in the same write as the EHLO reply, then close
     pipelining: bool = True  # False: not offered, and a client that pipelines gets 554
     chunking: bool = True  # RFC 3030
     starttls: bool = False  # offer STARTTLS (RFC 3207); a self-signed cert if none given
@@ -148,6 +149,7 @@ class _SinkSession(ServerSession):
         super().__init__(config, greeting=g.text if g is not None and g.code == 220 else None)
         self._greeting_reply = g if g is not None and g.code != 220 else None
         self._ehlo_ok = b.ehlo
+        self._close_after_ehlo = b.close_after_ehlo
         self._refused = False
 
     def greet(self) -> None:
@@ -166,7 +168,13 @@ class _SinkSession(ServerSession):
         if esmtp and not self._ehlo_ok:
             self._send(R.NOT_IMPLEMENTED)
             return None
-        return super()._helo(arg, esmtp)
+        ev = super()._helo(arg, esmtp)
+        bye = self._close_after_ehlo
+        if bye is not None:
+            self._send(bye)
+            self._close("closed after EHLO")
+            return self._ready.pop(0)
+        return ev
 
     def _command(self, line: bytes) -> Event | None:
         if self._refused and line.split(b" ", 1)[0].upper() != b"QUIT":
