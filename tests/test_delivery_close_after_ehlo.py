@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from delivery_harness import Harness
 
 from fastmta.protocol.replies import reply
 from fastmta.spool import RcptState
 from fastmta.testing.sink import Behaviour
 
-GOING_DOWN = Behaviour(close_after_ehlo=reply(421, "4.3.2", "shutting down"))
+BYE = reply(421, "4.3.2", "shutting down")
 
 
-def test_421_behind_ehlo_defers_then_delivers(tmp_path, caplog):
+@pytest.mark.parametrize("starttls", [False, True], ids=["plain", "starttls-offered"])
+def test_421_behind_ehlo_defers_then_delivers(tmp_path, caplog, starttls):
+    """With STARTTLS offered the client's next step is STARTTLS, not MAIL: same outcome."""
+    going_down = Behaviour(close_after_ehlo=BYE, starttls=starttls)
+
     async def main():
-        async with Harness(tmp_path, {"127.0.0.2": GOING_DOWN}, retry=0.3) as h:
+        async with Harness(tmp_path, {"127.0.0.2": going_down}, retry=0.3) as h:
             h.mx("example.test", (10, "mx1.example.test", "127.0.0.2"))
             sm = await h.send("a@sender.test", ["b@example.test", "c@example.test"])
             await h.until(lambda: h.engine.stats.deferred == 2)

@@ -603,6 +603,24 @@ def test_client_closed_right_behind_ready_answers_the_next_send():
     assert [r.code for r in result.rcpts] == [421, 421] and result.mail.code == 421
 
 
+@pytest.mark.parametrize("step", ["starttls", "authenticate", "quit"])
+def test_client_closed_right_behind_ready_ignores_the_next_step(step):
+    """Whatever the caller does on Ready (STARTTLS, AUTH, QUIT) after the server already
+    closed: nothing is sent, no exception, and the queued Failed says why."""
+    c = ClientSession("client.test")
+    c.receive(b"220 mx.test\r\n")
+    c.data_to_send()
+    c.receive(b"250-mx.test\r\n250-STARTTLS\r\n250 AUTH PLAIN\r\n421 4.3.2 bye\r\n")
+    assert isinstance(c.next_event(), Ready)
+    getattr(c, step)(*(("u", "p") if step == "authenticate" else ()))
+    if step == "starttls":
+        c.tls_started()  # even a late handshake does not revive it
+    assert c.data_to_send() == b""
+    failed = c.next_event()
+    assert isinstance(failed, Failed) and failed.reply.code == 421
+    assert c.next_event() is None and c.phase.value == "closed"
+
+
 def test_client_421_and_greeting_failures():
     client = ClientSession("c.test")
     client.receive(b"421 4.3.2 busy\r\n")

@@ -181,12 +181,15 @@ class ClientSession:
 
     def starttls(self) -> None:
         """Ask for TLS (only in Phase.IDLE, when capabilities.starttls)."""
-        self._require(Phase.IDLE)
+        if not self._may(Phase.IDLE):
+            return
         self.phase = Phase.STARTTLS
         self._out.append(b"STARTTLS\r\n")
 
     def tls_started(self) -> None:
         """The transport now speaks TLS: EHLO again (RFC 3207 4.2)."""
+        if self.phase is Phase.CLOSED:
+            return
         self.tls = True
         self.capabilities = Capabilities(esmtp=False, keywords={})
         self._send_ehlo()
@@ -194,7 +197,8 @@ class ClientSession:
     def authenticate(self, username: str, password: str) -> None:
         """AUTH (Phase.IDLE only): PLAIN with an initial response when offered (or when
         LOGIN is not), else LOGIN (RFC 4954, RFC 4616). Authenticated or Failed follows."""
-        self._require(Phase.IDLE)
+        if not self._may(Phase.IDLE):
+            return
         b64 = base64.b64encode
         if "PLAIN" in self.capabilities.auth or "LOGIN" not in self.capabilities.auth:
             token = b64(b"\0" + username.encode() + b"\0" + password.encode())
@@ -283,9 +287,15 @@ class ClientSession:
 
     # ------------------------------------------------------------------ internals
 
-    def _require(self, phase: Phase) -> None:
-        if self.phase is not phase:
-            raise RuntimeError(f"not allowed in phase {self.phase.value}")
+    def _may(self, phase: Phase) -> bool:
+        """True in ``phase``. False once closed: the server may close right behind the reply
+        the caller is acting on, and the Failed event already queued tells it why. A call in
+        any other phase is a bug in the caller."""
+        if self.phase is phase:
+            return True
+        if self.phase is Phase.CLOSED:
+            return False
+        raise RuntimeError(f"not allowed in phase {self.phase.value}")
 
     def _fail(self, r: Reply) -> None:
         phase = self.phase
