@@ -104,6 +104,13 @@ NEED_SMTPUTF8 = reply(553, "5.6.7", "Message needs SMTPUTF8 but the server does 
 TOO_BIG_FOR_SERVER = reply(552, "5.3.4", "Message size exceeds the server's fixed limit")
 NO_RESPONSE = reply(451, "4.4.2", "Connection lost")
 
+# A 552 to RCPT with one of these enhanced codes is taken as 452 4.5.3. RFC 5321 4.5.3.1.10:
+# RFC 821 gave 552 for "too many recipients"; "clients SHOULD treat a 552 code in this case as a
+# temporary ... failure", so the rest go in a later transaction. Only "in this case": a 552 whose
+# enhanced code says something else (5.2.2 mailbox full, 5.3.4 too big) keeps its meaning; that
+# is why Postfix leaves the rewrite disabled (smtp_proto.c, "#ifdef notdef").
+_TOO_MANY_RECIPIENTS = (None, "5.5.3", "5.0.0")
+
 
 def _path(address: str) -> bytes:
     return b"<" + address.encode("utf-8") + b">"
@@ -305,8 +312,13 @@ class ClientSession:
             # the transaction in flight gets the failure for every recipient not yet final
             msg = self._msg
             self._msg = None
-            rcpts = self._rcpt_replies + [r] * (len(msg.recipients) - len(self._rcpt_replies))
-            if self._mail_reply is not None and self._mail_reply.is_positive():
+            mail = self._mail_reply
+            if mail is not None and not mail.is_positive():
+                # MAIL was refused: that refusal is the answer for every recipient, as in
+                # _finish. The RCPT replies behind it (e.g. "503 5.5.1 need MAIL") only echo it.
+                rcpts = [mail] * len(msg.recipients)
+            else:
+                rcpts = self._rcpt_replies + [r] * (len(msg.recipients) - len(self._rcpt_replies))
                 rcpts = [x if not x.is_positive() else r for x in rcpts]
             self._events.append(TransactionResult(self._mail_reply or r, rcpts, None))
         for m in self._chained:
@@ -461,6 +473,8 @@ class ClientSession:
                 self.phase = Phase.RCPT
             return
         if what == "rcpt":
+            if r.code == 552 and r.enhanced in _TOO_MANY_RECIPIENTS:
+                r = reply(452, "4.5.3", *r.lines)  # the server's text stays
             self._rcpt_replies.append(r)
             if r.is_positive():
                 self._accepted += 1
@@ -491,6 +505,13 @@ class ClientSession:
                     self._expect.append("discard")
                 self.phase = Phase.DATA_DONE
                 return
+            if r.is_positive():
+                # RFC 5321 4.3.2: DATA goes on only after 354 ("I", then "S" after the content);
+                # a 2xx or another 3xx here accepted nothing, and what the server's next reply
+                # would answer is unknown: give up on this connection, transiently. (A 1yz never
+                # gets here: the reply reader refuses it, RFC 5321 4.2.)
+                self._fail(_unexpected("DATA", r))
+                return
             self._dirty = True
             self._finish(r if ok else None)
             return
@@ -499,6 +520,12 @@ class ClientSession:
             self._finish(None)
             return
         # "done" (after the final dot) or "bdat"
+        if 300 <= r.code < 400:
+            # RFC 5321 4.2.1: only 2yz completes the transaction; a 3yz to the end of the
+            # content (or to BDAT LAST, RFC 3030 2) accepted nothing, and leaves the reply
+            # sequence unknown: give up on this connection, transiently.
+            self._fail(_unexpected("the end of data" if what == "done" else "BDAT", r))
+            return
         ok = self._mail_reply is not None and self._mail_reply.is_positive() and self._accepted
         if not r.is_positive() and not self._chained:
             self._dirty = True  # (a chained MAIL already went out: the "." ended it anyway)
@@ -525,6 +552,11 @@ class ClientSession:
         else:
             self._msg = None
             self.phase = Phase.IDLE
+
+
+def _unexpected(what: str, r: Reply) -> Reply:
+    """Why a session gave up on a reply that makes no sense where it came (RFC 3463 4.5.0)."""
+    return reply(451, "4.5.0", f"Unexpected reply to {what}: {r}")
 
 
 def _unstuff(wire: bytes) -> bytes:
