@@ -6,8 +6,13 @@ order of precedence is Postfix's: a local domain is delivered locally; then a pe
 ``route`` (transport map); then the global ``relayhost``; else the domain's MX hosts.
 
 A route written ``"[host]:port"`` is used as is (no MX lookup, RFC 5321 section 5.1 does not
-apply to an explicit next hop); ``"host:port"`` looks up the MX records of ``host``. Without a
-port, the global ``delivery.port`` applies (25 unless tests override it).
+apply to an explicit next hop); ``"host:port"`` looks up the MX records of ``host``, unless
+``host`` is an IP address, which is used as if bracketed. Without a port, the global
+``delivery.port`` applies (25 unless tests override it).
+
+A configured next hop that does not resolve is our mistake, not the recipient's: its DNS
+errors are all transient (451 4.3.5, Postfix's "relayhost configuration problem"), so mail
+waits in the queue for the fix instead of bouncing.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ class Route(msgspec.Struct, frozen=True):
     "opportunistic" | "required" | "verify". ``auth``: (username, password) for AUTH, relayhost
     only. ``tag``: extra site-key text; domains with per-domain limits get their own site.
     ``sts``: the recipient domain's own MX hosts, so its MTA-STS policy applies (mtasts.py).
+    ``via``: "relayhost" or "route" when the next hop comes from configuration, "" for the
+    recipient domain's own MX hosts (names the setting in a configuration-problem reply).
     """
 
     kind: str
@@ -43,6 +50,16 @@ class Route(msgspec.Struct, frozen=True):
     auth: tuple[str, str] | None = None
     tag: str = ""
     sts: bool = False
+    via: str = ""
+
+
+def _is_ip(text: str) -> bool:
+    """True when ``text`` is an IPv4 or IPv6 address (no brackets, no "IPv6:" tag)."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def is_loopback(address: str) -> bool:
@@ -56,6 +73,10 @@ def is_loopback(address: str) -> bool:
 def _split_next_hop(value: str, default_port: int) -> tuple[str, bool, int]:
     bracketed = value.strip().startswith("[")
     host, port = parse_hostport(value, default_port)
+    if not bracketed and _is_ip(host):
+        # "127.0.0.1:2525" (the documented --relay HOST:PORT form): an address has no MX
+        # records to look up, so it is the host itself, as Postfix treats "[127.0.0.1]:2525".
+        bracketed = True
     if bracketed and ":" in host and not host.lower().startswith("ipv6:"):
         host = "IPv6:" + host  # keep the RFC 5321 4.1.3 literal form for address_literal()
     return host, bracketed, port
@@ -107,10 +128,10 @@ class Router:
                 tag = domain  # its own limits: its own site
             if policy.route:
                 host, bracketed, port = _split_next_hop(policy.route, self._port)
-                return Route("smtp", host, bracketed, port, tls, None, tag)
+                return Route("smtp", host, bracketed, port, tls, None, tag, via="route")
         if self._relay is not None:
             host, bracketed, port = self._relay
-            return Route("smtp", host, bracketed, port, tls, self._relay_auth, tag)
+            return Route("smtp", host, bracketed, port, tls, self._relay_auth, tag, via="relayhost")
         return Route("smtp", domain, False, self._port, tls, None, tag, sts)
 
     @staticmethod
@@ -121,7 +142,17 @@ class Router:
 
     @staticmethod
     async def destination(route: Route, resolver: Resolver) -> Destination:
-        """Resolve ``route`` into hosts to try. Raises DnsError (see Resolver.destination)."""
+        """Resolve ``route`` into hosts to try. Raises DnsError (see Resolver.destination);
+        only transient ones for a configured next hop (``route.via``)."""
+        try:
+            return await Router._resolve(route, resolver)
+        except DnsError as e:
+            if e.transient or not route.via:
+                raise
+            raise _configuration_problem(route, e) from None
+
+    @staticmethod
+    async def _resolve(route: Route, resolver: Resolver) -> Destination:
         if not route.bracketed:
             return await resolver.destination(route.lookup)
         literal = address_literal(f"[{route.lookup}]")
@@ -134,3 +165,22 @@ class Router:
         host = MXHost(route.lookup, 0, addresses)
         expires = resolver.clock() + resolver.min_ttl
         return Destination(route.lookup, route.lookup.lower(), (host,), expires)
+
+
+# Why a configured next hop failed, in words about the host rather than the resolver's
+# "Recipient domain ... does not exist": the recipient domain is not the one at fault.
+_REASONS = {
+    "5.1.2": "no such domain or not a valid name",
+    "5.1.10": "null MX, accepts no mail",
+    "5.4.4": "no address for it or its MX hosts",
+}
+
+
+def _configuration_problem(route: Route, error: DnsError) -> DnsError:
+    """A permanent DNS error for a configured relayhost or route, made transient: 451 4.3.5
+    (RFC 3463 section 3.4: system not configured properly; Postfix smtp_connect.c defers a
+    relayhost it cannot find with "relayhost configuration problem", status 4.3.5). Bouncing
+    would lose mail for our own typo, and the bounce, routed the same way, would fail too."""
+    reason = _REASONS.get(error.enhanced, error.text)
+    text = f"{route.via} {route.lookup}: {reason} (configuration problem)"
+    return DnsError(451, "4.3.5", text)
