@@ -11,7 +11,16 @@ import os
 import msgspec
 
 from .records import DONE_DECODER, ENVELOPE_DECODER, UPDATE_DECODER, StoredMessage
-from .segment import HEADER_SIZE, RecordType, list_segments, scan, segment_name, split_message
+from .segment import (
+    HEADER,
+    HEADER_SIZE,
+    MAGIC,
+    RecordType,
+    list_segments,
+    salvage,
+    segment_name,
+    split_message,
+)
 
 log = logging.getLogger("fastmta.spool")
 
@@ -54,16 +63,71 @@ class Recovered:
         self.segments: dict[int, SegmentInfo] = {}
         self.next_segment = 1
         self.truncated_bytes = 0
+        self.damaged_bytes = 0  # inside segments, skipped (not truncated: sound records follow)
         self.skipped_records = 0
+
+
+_LOSS = {
+    RecordType.MESSAGE: "that message (it is not delivered)",
+    RecordType.MOVE: "that copy of a moved message (its older copy is used if still there)",
+    RecordType.UPDATE: "that state change (the message keeps its last good state)",
+    RecordType.DONE: "that message's completion (it will be delivered again)",
+}
+
+
+def describe_damage(buf: bytes, start: int, end: int) -> str:
+    """What the damaged bytes [start, end) held, as far as their unverified header and payload
+    tell (for the log): record type, queue id if it decodes, and what losing it means."""
+    if end - start < HEADER_SIZE:
+        return "part of a record header"
+    magic, rtype, _flags, _res, length, _crc = HEADER.unpack_from(buf, start)
+    if magic != MAGIC or rtype not in _LOSS:
+        return "a record with a damaged header (type unknown)"
+    kind = RecordType(rtype)
+    payload = memoryview(buf)[start + HEADER_SIZE : min(end, start + HEADER_SIZE + length)]
+    try:  # best effort: the bytes failed their crc
+        if kind == RecordType.MESSAGE or kind == RecordType.MOVE:
+            qid = ENVELOPE_DECODER.decode(split_message(payload)[0]).id
+        elif kind == RecordType.UPDATE:
+            qid = UPDATE_DECODER.decode(payload).id
+        else:
+            qid = DONE_DECODER.decode(payload).id
+        what = f"queue id {qid} (unverified)"
+    except (msgspec.DecodeError, ValueError):
+        what = "queue id unreadable"
+    more = end - start - HEADER_SIZE - length
+    rest = f", and {more} more damaged bytes" if more > 0 else ""
+    return f"a {kind.name} record, {what}: {_LOSS[kind]}{rest}"
+
+
+def _keep_aside(path: str, buf: bytes, start: int, end: int) -> str:
+    """Copy the damaged bytes to ``<path>.corrupt-<start>`` for an operator to salvage by hand
+    (the segment itself is deleted in time, once its live messages are done). Returns the
+    log's note. A failure to copy does not stop recovery."""
+    aside = f"{path}.corrupt-{start}"
+    try:
+        with open(aside, "xb") as f:  # a second recovery finds it there already
+            f.write(buf[start:end])
+    except FileExistsError:
+        pass
+    except OSError as e:
+        return f" (copying them aside failed: {e})"
+    return f"; the damaged bytes are kept in {aside}"
 
 
 def recover(directory: str, *, fsync: bool = True, readonly: bool = False) -> Recovered:
     """Scan every segment in order and replay MESSAGE / UPDATE / DONE records.
 
-    A torn tail (bad magic, length or crc) is truncated away on disk: those records were never
-    acknowledged (the writer fdatasyncs before acknowledging), so no acknowledged message is
-    lost and the torn one is never delivered half. Unknown record types (from a newer fastmta)
-    and records that do not decode are skipped and logged.
+    A torn tail (bad magic, length or crc, and no sound record after it) is truncated away on
+    disk: those records were never acknowledged (the writer fdatasyncs before acknowledging),
+    so no acknowledged message is lost and the torn one is never delivered half. A damaged
+    record with sound records after it is damage inside the file (segment.salvage): it is
+    skipped and logged, its bytes are copied aside (``<segment>.corrupt-<offset>``) and the
+    segment is left as it is, so the acknowledged records after it still count. What the
+    damaged record held is lost, as it cannot be trusted: a MESSAGE is not delivered (its
+    later records find no message and are ignored), a lost UPDATE leaves its message at its
+    last good state and a lost DONE brings it back (delivered again: at-least-once). Unknown
+    record types (from a newer fastmta) and records that do not decode are skipped and logged.
 
     ``readonly`` (for `fastmta queue list` beside a running server): nothing on disk changes,
     a torn tail is only skipped, and a segment deleted since it was listed is ignored.
@@ -81,7 +145,16 @@ def recover(directory: str, *, fsync: bool = True, readonly: bool = False) -> Re
             if not readonly:
                 raise
             continue
-        records, good = scan(buf)
+        records, damaged, good = salvage(buf)
+        for start, end in damaged:  # never cut away: sound, acknowledged records follow
+            res.skipped_records += 1
+            res.damaged_bytes += end - start
+            kept = "" if readonly else _keep_aside(path, buf, start, end)
+            resumes = f"resumes at {end}" if end < len(buf) else "gave up its search to the end"
+            log.error(
+                "segment %s: %d damaged bytes at offset %d skipped, recovery %s; lost: %s%s",
+                path, end - start, start, resumes, describe_damage(buf, start, end), kept,
+            )  # fmt: skip
         if good < len(buf) and not readonly:
             log.warning(
                 "segment %s: torn tail of %d bytes at %d cut off", path, len(buf) - good, good

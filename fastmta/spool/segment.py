@@ -97,32 +97,105 @@ def split_message(payload: memoryview) -> tuple[memoryview, int]:
     return payload[start : start + envlen], start + envlen
 
 
-def scan(buf: bytes | memoryview) -> tuple[list[tuple[int, int, memoryview]], int]:
-    """Parse the records of one segment's contents.
+def scan(buf: bytes | memoryview, start: int = 0) -> tuple[list[tuple[int, int, memoryview]], int]:
+    """Parse the records of one segment's contents, from offset `start`.
 
     Returns ([(record offset, type, payload view), ...], good_end): the records up to the first
     one that is incomplete or damaged (bad magic, length beyond the end, crc mismatch), and the
-    offset where that damaged tail starts (== len(buf) when the whole segment is sound).
-    Records are appended, so damage can only be a torn tail of writes never acknowledged:
-    the caller truncates the file to `good_end`. No I/O.
+    offset where that damaged record starts (== len(buf) when the rest of the segment is sound).
+    Whether the damage is a torn tail or damage inside the file is salvage()'s question. No I/O.
     """
     mv = memoryview(buf)
     end = len(mv)
-    pos = 0
+    pos = start
     records = []
     unpack = HEADER.unpack_from
     crc32 = zlib.crc32
     while pos + HEADER_SIZE <= end:
         magic, rtype, _flags, _res, length, crc = unpack(mv, pos)
-        start = pos + HEADER_SIZE
-        if magic != MAGIC or start + length > end:
+        body = pos + HEADER_SIZE
+        if magic != MAGIC or body + length > end:
             break
-        payload = mv[start : start + length]
+        payload = mv[body : body + length]
         if crc32(payload, crc32(mv[pos + 4 : pos + 12])) != crc:
             break
         records.append((pos, rtype, payload))
-        pos = start + length
+        pos = body + length
     return records, pos
+
+
+def _sound_at(mv: memoryview, pos: int) -> tuple[bool, int]:
+    """(whether a sound record starts at `pos`: magic, length within the buffer, crc; the bytes
+    the crc check read, for salvage()'s budget)."""
+    if pos + HEADER_SIZE > len(mv):
+        return False, 0
+    magic, _rtype, _flags, _res, length, crc = HEADER.unpack_from(mv, pos)
+    body = pos + HEADER_SIZE
+    if magic != MAGIC or body + length > len(mv):
+        return False, 0
+    ok = zlib.crc32(mv[body : body + length], zlib.crc32(mv[pos + 4 : pos + 12])) == crc
+    return ok, HEADER_SIZE + length
+
+
+def salvage(
+    buf: bytes, budget: int | None = None
+) -> tuple[list[tuple[int, int, memoryview]], list[tuple[int, int]], int]:
+    """Parse one segment's contents like scan(), stepping over damage inside the file.
+
+    Returns (records, damaged spans [(start, end)], good_end). A damaged record followed by no
+    sound record is a torn tail: the writes of a batch never acknowledged (the writer
+    fdatasyncs before acknowledging); good_end is where it starts (== len(buf) if there is
+    none) and the caller truncates there. A damaged record followed by a sound one is damage
+    inside the file (a bad sector, a flipped bit): acknowledged records follow it, so parsing
+    resumes at the next sound record and [start, that record) is reported as a damaged span.
+
+    The next sound record is first looked for where the damaged record's own header says it
+    ends (a damaged payload leaves the header right), then at each later occurrence of the
+    magic: a sound record is a magic, a length within the buffer and a matching crc. (A record
+    forged inside a message body could pass for one, but only when the header of the very
+    record holding it is the damaged part.) Bounded work: the candidates' crc checks cost at
+    most `budget` bytes (default 8 x len(buf) + 1 MiB; real damage costs about 1 x); past it
+    the search gives up and the rest is one damaged span reaching the end, so nothing after it
+    is truncated as if it were a torn tail. No I/O.
+    """
+    mv = memoryview(buf)
+    end = len(mv)
+    if budget is None:
+        budget = 8 * end + (1 << 20)
+    records, pos = scan(mv)
+    spans: list[tuple[int, int]] = []
+    while pos < end:  # bounded: pos only grows
+        nxt = -1
+        if pos + HEADER_SIZE <= end:  # where the damaged record's header says it ends
+            magic, _rtype, _flags, _res, length, _crc = HEADER.unpack_from(mv, pos)
+            if magic == MAGIC:
+                ok, work = _sound_at(mv, pos + HEADER_SIZE + length)
+                budget -= work
+                if ok:
+                    nxt = pos + HEADER_SIZE + length
+        at = pos + 1
+        gave_up = False
+        while nxt < 0:  # bounded: `at` only grows, and the budget only shrinks
+            if budget <= 0:
+                gave_up = True
+                break
+            at = buf.find(MAGIC, at)
+            if at < 0:
+                break
+            ok, work = _sound_at(mv, at)
+            budget -= work + 1
+            if ok:
+                nxt = at
+            at += 1
+        if nxt < 0:
+            if gave_up:  # not known to be a torn tail: keep it
+                spans.append((pos, end))
+                pos = end
+            break  # else nothing sound follows: a torn tail starts at pos
+        spans.append((pos, nxt))
+        more, pos = scan(mv, nxt)
+        records += more
+    return records, spans, pos
 
 
 def write_all(fd: int, bufs: list[Any], offset: int) -> int:
