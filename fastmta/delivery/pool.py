@@ -5,12 +5,15 @@ to ``SiteLimits.max_connections`` worker tasks. A worker owns one connection at 
 a job, connects if it has no usable connection (MX hosts and their addresses in order, the next
 one on a connect failure, a 4xx/5xx greeting, 421, or a TLS failure), runs the transaction,
 hands the replies to ``on_result``, and takes the next job over the same connection (the client
-session sends RSET when needed). While a job's content is going out, the next queued job is
-chained behind it (``SiteLimits.chain``: its MAIL/RCPT/DATA leave with the previous ".", so a
-backlog costs one round trip per message, not two); a site whose server drops a chained
-transaction unanswered (closes, or never answers its MAIL) stops chaining, and a job whose MAIL
-was never answered (a chained one, or the first over a reused connection, which may have died
-silently) is queued once more instead of counted as an attempt.
+session sends RSET when needed). A 421 to a fresh connection's first transaction, before the
+server took the message for anyone, is a failure of that host too: the job goes on to the
+hosts and addresses after it, each once, and is deferred with the last reply when all fail.
+While a job's content is going out, the next queued job is chained behind it
+(``SiteLimits.chain``: its MAIL/RCPT/DATA leave with the previous ".", so a backlog costs one
+round trip per message, not two); a site whose server drops a chained transaction unanswered
+(closes, or never answers its MAIL) stops chaining, and a job whose MAIL was never answered (a
+chained one, or the first over a reused connection, which may have died silently) is queued once
+more instead of counted as an attempt.
 
 How many connections work: a queued job waits for a worker already at work (starting, woken,
 or, on a chaining site, busy with a transaction it will chain the job to) as long as there are
@@ -52,7 +55,7 @@ from fastmta.delivery.egress import Source
 from fastmta.delivery.routing import Route
 from fastmta.delivery.smtp import ConnectError, SmtpConnection, Timeouts, open_connection
 from fastmta.dns import Destination
-from fastmta.protocol.client import NO_RESPONSE, Message
+from fastmta.protocol.client import NO_RESPONSE, Message, TransactionResult
 from fastmta.protocol.replies import Reply, reply
 from fastmta.queue.limits import SiteLimits
 from fastmta.tls import shared_client_context
@@ -103,6 +106,15 @@ class Job:
 
 
 ResultHandler = Callable[[Job, list[Reply], AttemptInfo], Awaitable[None]]
+
+
+def _site_failed(result: TransactionResult) -> bool:
+    """The server closed with 421 (RFC 5321 3.8) before it took the message for anyone: every
+    recipient got that 421 (MAIL refused, or the connection closed before any RCPT was
+    answered or before the content was accepted). Postfix takes a 421 as a failure of the
+    host, not of the message, and tries the next MX host."""
+    rcpts = result.rcpts
+    return bool(rcpts) and result.data is None and all(r.code == 421 for r in rcpts)
 
 
 class PoolStats(msgspec.Struct):
@@ -225,6 +237,8 @@ class SitePool:
         conn: SmtpConnection | None = None
         # sent over conn, result not yet handled: (job, info, chained)
         inflight: deque[tuple[Job, AttemptInfo, bool]] = deque()
+        # a job whose first transaction got 421, taken out of inflight, not yet sent again
+        failover: tuple[Job, AttemptInfo, TransactionResult] | None = None
         first = True
         busy = False
         try:
@@ -251,47 +265,46 @@ class SitePool:
                     except ConnectError as e:
                         await self._unreachable(job, e.reply)
                         continue
-                    self.connected += 1
-                    if self.chaining and not conn.session.pipelining:
-                        self._stop_chaining()  # the server does not pipeline
-                    if self.chaining:
-                        conn.chain = self._chainer(conn, inflight)
+                    self._connected(conn, inflight)
                 else:
                     pool.stats.reused += 1
-                inflight.append(
-                    (
-                        job,
-                        AttemptInfo(
-                            conn.host, conn.ip, conn.tls, time.monotonic(), self._source_ip
-                        ),
-                        False,
+                while True:
+                    inflight.append(
+                        (
+                            job,
+                            AttemptInfo(
+                                conn.host, conn.ip, conn.tls, time.monotonic(), self._source_ip
+                            ),
+                            False,
+                        )
                     )
-                )
-                conn.send(job.message)
-                while inflight:
-                    job, info, chained = inflight[0]
-                    result = await conn.result(job.message)
-                    inflight.popleft()
-                    if result.mail is not NO_RESPONSE:
-                        self._timed(info.started)
-                    if result.mail is NO_RESPONSE and not conn.usable and not job.retried:
-                        # the connection died (closed, or silent until a timeout) before the
-                        # server answered this MAIL
-                        if chained and self.chaining:
-                            self._stop_chaining()  # it lost a chained one: no more for this site
-                            log.warning(
-                                "site %s (%s[%s]): a transaction sent with the previous one's "
-                                "final dot got no answer; no more chained transactions to it",
-                                self.key, conn.host, conn.ip,
-                            )  # fmt: skip
-                        if chained or reused:
-                            # not a real attempt: once more over a fresh connection (Postfix
-                            # does the same for a cached connection)
-                            job.retried = True
-                            self.queue.appendleft(job)
-                            continue
-                    await pool.on_result(job, result.rcpts, info)
-                if not conn.usable or self.limits.connection_spent(conn.transactions):
+                    conn.send(job.message)
+                    failover = await self._results(conn, inflight, reused)
+                    if failover is None:
+                        break
+                    # the server said 421 to a fresh connection's first transaction: the next
+                    # host or address, each at most once (pool.connect starts after this one)
+                    self._drop(conn)
+                    conn = None
+                    job, info, result = failover
+                    try:
+                        conn = await pool.connect(job, self.source, after=(info.mx, info.ip))
+                    except ConnectError as e:
+                        if e.reply is NO_HOSTS or e.loops_back:
+                            # none left (or the rest are no better than us): the 421 it is
+                            await pool.on_result(job, result.rcpts, info)
+                        else:  # every host left failed too: the last one's reason
+                            pool.stats.connect_failures += 1
+                            info = AttemptInfo("", "", False, time.monotonic(), self._source_ip)
+                            await pool.on_result(job, [e.reply] * len(job.message.recipients), info)
+                        failover = None
+                        break
+                    failover = None
+                    reused = False
+                    self._connected(conn, inflight)
+                if conn is not None and (
+                    not conn.usable or self.limits.connection_spent(conn.transactions)
+                ):
                     self._drop(conn)
                     conn = None
         except asyncio.CancelledError:
@@ -301,6 +314,8 @@ class SitePool:
             # sent, outcome unknown: once more (at least once) rather than never finished
             self.queue.extendleft(job for job, _, _ in reversed(inflight))
             inflight.clear()
+            if failover is not None:
+                self.queue.appendleft(failover[0])
         finally:
             if first:
                 self._starting -= 1
@@ -313,6 +328,52 @@ class SitePool:
                 self._spawn()
             elif not self.queue and not self._starting and len(self.workers) <= 1:
                 pool.reap(self)
+
+    def _connected(
+        self, conn: SmtpConnection, inflight: deque[tuple[Job, AttemptInfo, bool]]
+    ) -> None:
+        """A new connection of this worker: count it, and chain over it if the site may."""
+        self.connected += 1
+        if self.chaining and not conn.session.pipelining:
+            self._stop_chaining()  # the server does not pipeline
+        if self.chaining:
+            conn.chain = self._chainer(conn, inflight)
+
+    async def _results(
+        self, conn: SmtpConnection, inflight: deque[tuple[Job, AttemptInfo, bool]], reused: bool
+    ) -> tuple[Job, AttemptInfo, TransactionResult] | None:
+        """Hand every transaction sent over ``conn`` to on_result, oldest first. Returns the
+        first transaction of a fresh connection instead when the server said 421 to all of
+        it (see _site_failed): the caller tries it at the next host."""
+        pool = self.pool
+        failover = None
+        while inflight:
+            job, info, chained = inflight[0]
+            result = await conn.result(job.message)
+            inflight.popleft()
+            if result.mail is not NO_RESPONSE:
+                self._timed(info.started)
+            if result.mail is NO_RESPONSE and not conn.usable and not job.retried:
+                # the connection died (closed, or silent until a timeout) before the
+                # server answered this MAIL
+                if chained and self.chaining:
+                    self._stop_chaining()  # it lost a chained one: no more for this site
+                    log.warning(
+                        "site %s (%s[%s]): a transaction sent with the previous one's "
+                        "final dot got no answer; no more chained transactions to it",
+                        self.key, conn.host, conn.ip,
+                    )  # fmt: skip
+                if chained or reused:
+                    # not a real attempt: once more over a fresh connection (Postfix
+                    # does the same for a cached connection)
+                    job.retried = True
+                    self.queue.appendleft(job)
+                    continue
+            if not chained and not reused and _site_failed(result):
+                failover = (job, info, result)
+                continue
+            await pool.on_result(job, result.rcpts, info)
+        return failover
 
     def _chainer(
         self, conn: SmtpConnection, inflight: deque[tuple[Job, AttemptInfo, bool]]
@@ -414,18 +475,26 @@ class ConnectionPool:
         if self.sites.get(sp.key) is sp:
             del self.sites[sp.key]
 
-    async def connect(self, job: Job, source: Source | None = None) -> SmtpConnection:
+    async def connect(
+        self, job: Job, source: Source | None = None, after: tuple[str, str] | None = None
+    ) -> SmtpConnection:
         """Open a connection for ``job`` (from ``source``, else the pool's address and EHLO
-        name): hosts in order, each host's addresses in order."""
+        name): hosts in order, each host's addresses in order. ``after`` (host, address): only
+        the addresses after that one (it said 421 to the job); they count towards
+        ``max_addresses`` as if tried. Raises ConnectError(NO_HOSTS) when none is left."""
         dest, route = job.destination, job.route
         assert dest is not None and route is not None
         last: ConnectError | None = None
         tried = 0
+        skipping = after is not None
         for mx in dest.hosts:
             for ip in mx.addresses:
                 if tried >= self.max_addresses:
                     break
                 tried += 1
+                if skipping:
+                    skipping = (mx.name, ip) != after
+                    continue
                 try:
                     conn = await self._open(mx.name, ip, route, route.tls, source)
                 except ConnectError as e:

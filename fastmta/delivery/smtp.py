@@ -87,7 +87,8 @@ class Timeouts(msgspec.Struct, frozen=True):
 
 class ConnectError(Exception):
     """Connecting to one address failed; ``reply`` says why (transient unless the server
-    said 5xx). ``tls_failed``: the STARTTLS handshake failed (opportunistic: retry in clear)."""
+    said 5xx after its greeting, or it is ourselves). ``tls_failed``: the STARTTLS handshake
+    failed (opportunistic: retry in clear)."""
 
     def __init__(self, r: Reply, *, tls_failed: bool = False) -> None:
         super().__init__(str(r))
@@ -345,8 +346,9 @@ async def open_connection(
     must chain to a CA of ``tls_context`` (a verifying one) and name ``host`` (the MX name,
     also sent as SNI; RFC 8461 4.2, Postfix "verify"). ``auth`` (username, password): AUTH after
     TLS, or in clear only to a loopback address. Raises ConnectError for every failure (connect
-    refused/timeout, 4xx/5xx greeting, 421, EHLO refused, TLS, AUTH); the caller tries the next
-    address. ``ConnectError.tls_failed`` marks a failed opportunistic handshake.
+    refused/timeout, 4xx/5xx greeting (a 5xx made transient, see _greeting_refused), 421, EHLO
+    refused, TLS, AUTH); the caller tries the next address. ``ConnectError.tls_failed`` marks a
+    failed opportunistic handshake.
     """
     loop = asyncio.get_running_loop()
     session = ClientSession(helo_name, use_pipelining=use_pipelining, use_chunking=use_chunking)
@@ -384,6 +386,8 @@ async def open_connection(
                 conn.abort()
                 raise ConnectError(ev.reply, tls_failed=True)
         if isinstance(ev, Failed):
+            if ev.phase is Phase.GREETING:
+                raise ConnectError(_greeting_refused(host, ip, ev.reply))
             raise ConnectError(ev.reply)
         if not isinstance(ev, Ready):
             raise ConnectError(reply(451, "4.4.2", f"Unexpected session event {ev!r}"))
@@ -402,6 +406,22 @@ async def open_connection(
         conn.abort()
         raise
     return conn
+
+
+def _greeting_refused(host: str, ip: str, r: Reply) -> Reply:
+    """A 5xx greeting (RFC 5321 3.1 "554") as a transient failure: such refusals are mostly
+    temporary (a block list, a busy server), so the next MX is tried and, when none is left,
+    the mail is deferred, not bounced (Postfix smtp_skip_5xx_greeting = yes, its default).
+    The server's own code stays in the text. A mail loop (X.4.6, our own name in the greeting)
+    stays permanent."""
+    if not r.is_permanent() or r.enhanced == "5.4.6":
+        return r
+    enhanced = "4" + r.enhanced[1:] if r.enhanced else "4.0.0"  # RFC 3463 2: class 4 = transient
+    first, *rest = r.lines or ("",)
+    code = f"{r.code} {r.enhanced}" if r.enhanced else str(r.code)
+    return reply(
+        r.code - 100, enhanced, f"{host}[{ip}] refused to talk to me: {code} {first}", *rest
+    )
 
 
 def _is_ip(name: str) -> bool:
