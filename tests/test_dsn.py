@@ -224,7 +224,7 @@ def test_arguments_are_validated():
     with pytest.raises(ValueError):
         dsn(recipients=[])
     with pytest.raises(ValueError):
-        dsn(kind="success")
+        dsn(kind="bogus")
 
 
 def test_should_bounce():

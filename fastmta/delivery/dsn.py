@@ -1,4 +1,5 @@
-"""Delivery status notifications (bounces and delay warnings), RFC 3464 in RFC 6522 reports.
+"""Delivery status notifications (bounces, delay warnings and success reports), RFC 3464 in
+RFC 6522 reports.
 
 :func:`build_dsn` returns a complete message in wire form (CRLF line endings, dot-stuffed,
 without the final ".\\r\\n"), ready to be queued from the null sender (RFC 5321 section
@@ -35,7 +36,7 @@ _HOSTNAME = re.compile(r"^[A-Za-z0-9.-]{1,40}$")
 
 
 class FailedRecipient(msgspec.Struct):
-    """One recipient reported in a DSN.
+    """One recipient reported in a DSN; ``action`` is RFC 3464 section 2.3.3's.
 
     ``status`` is an RFC 3463 enhanced code ("5.1.1"); ``diagnostic`` is the RFC 3464
     section 2.3.6 diagnostic code ("smtp; 550 5.1.1 no such user"; a bare text gets "smtp; ");
@@ -45,7 +46,7 @@ class FailedRecipient(msgspec.Struct):
 
     address: str
     orcpt: str | None = None
-    action: Literal["failed", "delayed"] = "failed"
+    action: Literal["failed", "delayed", "delivered", "relayed"] = "failed"
     status: str = "5.0.0"
     diagnostic: str | None = None
     remote_mta: str | None = None
@@ -131,7 +132,14 @@ def _human_text(
     retry_until: float | None,
 ) -> str:
     lines = [f"This is the mail system at host {reporting_mta}.", ""]
-    if kind == "delay":
+    if kind == "success":  # (Postfix's words)
+        lines += [
+            "Your message was successfully delivered to the destination(s)",
+            "listed below. If the message was delivered to mailbox you will",
+            "receive no further notifications. Otherwise you may still receive",
+            "notifications of mail delivery errors from other systems.",
+        ]
+    elif kind == "delay":
         hours = max(0.0, (now - arrival) / 3600)
         lines += [
             "####################################################################",
@@ -160,7 +168,7 @@ def _human_text(
             diag = diag.split(";", 1)[1]
         diag = _one_line(diag)
         if not diag:
-            diag = "delivery temporarily suspended" if r.action == "delayed" else "delivery failed"
+            diag = _NO_DIAGNOSTIC[r.action]
         addr = _one_line(r.address, 512)
         if r.remote_mta:
             lines.append(f"<{addr}>: host {_one_line(r.remote_mta, 255)} said: {diag}")
@@ -168,6 +176,14 @@ def _human_text(
             lines.append(f"<{addr}>: {diag}")
         lines.append("")
     return "\r\n".join(lines)
+
+
+_NO_DIAGNOSTIC = {
+    "failed": "delivery failed",
+    "delayed": "delivery temporarily suspended",
+    "delivered": "delivered to mailbox",
+    "relayed": "relayed to a host without DSN support",
+}
 
 
 def _status_part(
@@ -222,7 +238,7 @@ def build_dsn(
     recipients: list[FailedRecipient],
     original: bytes,
     ret: str | None,
-    kind: Literal["failure", "delay"] = "failure",
+    kind: Literal["failure", "delay", "success"] = "failure",
     queue_id: str | None = None,
     retry_until: float | None = None,
     max_original: int = MAX_ORIGINAL,
@@ -234,13 +250,15 @@ def build_dsn(
     original MAIL command (RFC 3461 section 4.3): "FULL" returns the whole original as
     message/rfc822 when it is at most ``max_original`` bytes; otherwise (``"HDRS"``, None, or
     too large) only its header section is returned as text/rfc822-headers (RFC 6522 section
-    4), itself capped at ``max_original`` at a line boundary. ``envelope_id`` and recipient
-    ``orcpt`` values are taken as received (xtext) and decoded. ``retry_until`` adds
+    4), itself capped at ``max_original`` at a line boundary. A success report
+    (``kind="success"``: recipients "delivered" or "relayed") always returns the headers only:
+    RET=FULL asks for the content in "failed" DSNs (RFC 3461 section 4.3). ``envelope_id``
+    and recipient ``orcpt`` values are taken as received (xtext) and decoded. ``retry_until`` adds
     Will-Retry-Until to delayed recipients. ``now`` (default: the clock) sets the Date.
     Field values are made single-line, so remote text cannot inject header fields.
     """
-    if kind not in ("failure", "delay"):
-        raise ValueError(f"kind must be 'failure' or 'delay', not {kind!r}")
+    if kind not in ("failure", "delay", "success"):
+        raise ValueError(f"kind must be 'failure', 'delay' or 'success', not {kind!r}")
     if not recipients:
         raise ValueError("a DSN needs at least one recipient")
     now = time.time() if now is None else now
@@ -248,15 +266,15 @@ def build_dsn(
     to = _one_line(original_sender, 512).strip("<>")
 
     headers, whole = _split_original(original)
-    full = (ret or "").upper() == "FULL" and len(whole) <= max_original
+    full = (ret or "").upper() == "FULL" and len(whole) <= max_original and kind != "success"
     if full:
         returned = whole
         ctype3, desc3 = "message/rfc822", "Undelivered Message"
     else:
         returned = _cap_headers(headers, max_original)
         ctype3, desc3 = "text/rfc822-headers", "Undelivered Message Headers"
-    if kind == "delay":
-        desc3 = desc3.replace("Undelivered", "Delayed")
+    if kind != "failure":
+        desc3 = desc3.replace("Undelivered", "Delayed" if kind == "delay" else "Delivered")
 
     text = _human_text(mta, recipients, kind, arrival, now, retry_until).encode("utf-8")
     status = _status_part(mta, envelope_id, queue_id, arrival, recipients, retry_until)
@@ -271,11 +289,11 @@ def build_dsn(
     eight_bit = not (text.isascii() and status_b.isascii() and returned.isascii())
     eight_bit = eight_bit or not (mta.isascii() and to.isascii())
 
-    subject = (
-        "Delayed Mail (still being retried)"
-        if kind == "delay"
-        else "Undelivered Mail Returned to Sender"
-    )
+    subject = {  # (Postfix's subjects)
+        "failure": "Undelivered Mail Returned to Sender",
+        "delay": "Delayed Mail (still being retried)",
+        "success": "Successful Mail Delivery Report",
+    }[kind]
     top = "\r\n".join(
         [
             f"From: Mail Delivery System <MAILER-DAEMON@{mta}>",

@@ -26,13 +26,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 import socket
 import time
 
 import msgspec
 
 from fastmta.config import Config
-from fastmta.delivery.bounce import Failure, make_dsn
+from fastmta.delivery.bounce import Failure, make_dsn, wants_notice
 from fastmta.delivery.classify import Classifier
 from fastmta.delivery.egress import EgressPool
 from fastmta.delivery.local import LocalDelivery
@@ -43,6 +44,7 @@ from fastmta.delivery.routing import Route, Router
 from fastmta.delivery.smtp import Timeouts
 from fastmta.dkim import Signers
 from fastmta.dns import Destination, DnsError, Resolver
+from fastmta.dns.mx import Plan
 from fastmta.log import DeliveryLog, DeliveryRecord, ReceptionRecord
 from fastmta.protocol.client import Message
 from fastmta.protocol.replies import Reply, reply
@@ -92,7 +94,7 @@ _PARK_BYTES = 32 << 20  # message bytes per parked file at most (one message may
 class _Active:
     """A message being delivered in this attempt (its bytes are in memory)."""
 
-    __slots__ = ("sm", "data", "jobs", "failures", "last", "attempted")
+    __slots__ = ("sm", "data", "jobs", "failures", "successes", "cancelled", "last", "attempted")
 
     def __init__(self, sm: StoredMessage, data: bytes) -> None:
         self.sm = sm
@@ -100,6 +102,8 @@ class _Active:
         self.jobs = 0
         self.attempted = True  # False: taken up only to bounce what an operator cancelled
         self.failures: list[Failure] = []
+        self.successes: list[Failure] = []  # deliveries whose NOTIFY asks for SUCCESS
+        self.cancelled: set[int] = set()  # recipients an operator bounced, in failures
         self.last: dict[int, tuple[Reply, str]] = {}  # index -> (reply, mx) of this attempt
 
 
@@ -197,8 +201,11 @@ class DeliveryEngine:
         self._suspended: dict[str, suspend.Suspension] = {}  # by domain (queue/suspend.py)
         self._suspension_timer: asyncio.TimerHandle | None = None  # the next one to run out
         # (lookup, bracketed, sts) -> the hosts to try, and the route MTA-STS made of the
-        # domain's own (tls "verify"), if its policy is enforced
-        self._dest_cache: dict[tuple[str, bool, bool], tuple[Destination, Route | None]] = {}
+        # domain's own (tls "verify"), if its policy is enforced. The hosts are kept as a Plan:
+        # every job draws its own order of equal preferences (RFC 5321 5.1), else one order
+        # would stand for a whole TTL and the other equal hosts get no mail.
+        self._dest_cache: dict[tuple[str, bool, bool], tuple[Plan, Route | None]] = {}
+        self._rng = random.Random()
         self._resolving: dict[tuple[str, bool, bool], list[Job]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -683,7 +690,7 @@ class DeliveryEngine:
             key = (route.lookup, route.bracketed, route.sts)
             hit = self._dest_cache.get(key)
             if hit is not None and hit[0].expires > self.resolver.clock():
-                self._dispatch(job, hit[1] or route, hit[0])
+                self._dispatch(job, hit[1] or route, hit[0].pick(self._rng))
             elif key in self._resolving:  # one resolution per domain at a time
                 self._resolving[key].append(job)
             else:
@@ -721,14 +728,17 @@ class DeliveryEngine:
                 await self._on_result(job, [found] * len(job.message.recipients), AttemptInfo())
             return
         dest, sts_route = found
+        # (the site stays the whole MX set's, whatever order pick() draws: one pool per site)
+        plan = Plan(dest.domain, dest.site, dest.hosts, dest.expires)
         if len(self._dest_cache) > 100_000:
             self._dest_cache.clear()
-        self._dest_cache[key] = (dest, sts_route)
+        self._dest_cache[key] = (plan, sts_route)
         jobs = self._resolving.pop(key, [])
         if self._stopping:
             return
         for job in jobs:
-            self._dispatch(job, sts_route or job.route, dest)  # type: ignore[arg-type]
+            to = sts_route or job.route
+            self._dispatch(job, to, plan.pick(self._rng))  # type: ignore[arg-type]
 
     async def _destination(self, route: Route) -> tuple[Destination, Route | None] | Reply:
         """The hosts to try for ``route``. For a domain's own MX hosts with an enforced MTA-STS
@@ -774,6 +784,8 @@ class DeliveryEngine:
                 rc.state = _DELIVERED
                 outcome = "delivered"
                 st.delivered += 1
+                if rc.notify and wants_notice(rc.notify, "success"):
+                    self._succeeded(act, Failure(i, r.code, r.enhanced, r.text), info, site)
             elif r.is_permanent() and not self._soft_bounce:
                 rc.state = _BOUNCED
                 outcome = "bounced"
@@ -809,6 +821,18 @@ class DeliveryEngine:
                 )
         await self._job_finished(act)
 
+    @staticmethod
+    def _succeeded(act: _Active, f: Failure, info: AttemptInfo, site: str) -> None:
+        """A delivery whose NOTIFY has SUCCESS (RFC 3461 section 5.2): "delivered" into a
+        mailbox here; over SMTP, NOTIFY went on to a next hop that offers DSN and the notice
+        is its to make, else ours: "relayed" (section 5.2.2)."""
+        if site != "local":
+            if getattr(info, "dsn", True):  # (pool.AttemptInfo.dsn: the next hop offered DSN)
+                return
+            f.action = "relayed"
+            f.remote_mta = info.mx or None
+        act.successes.append(f)
+
     def _failed(self, r: Reply, cls: str | None = None) -> str:
         """A failure's class (``cls``, else the classifier's), counted in stats.failures."""
         cls = cls or self.classifier.classify(r)
@@ -830,29 +854,81 @@ class DeliveryEngine:
         if pending and act.attempted and self.scheduler.expired(env):
             self._expire(act, pending)
             pending = []
-        try:
-            if act.failures:
+        reported = True
+        if act.failures:
+            try:
                 await self._send_dsn(act, "failure")
-            if not pending:
+            except SpoolError as e:
+                self._unreported(act, e)
+                reported = False
+        if act.successes:
+            try:
+                await self._send_dsn(act, "success")
+            except SpoolError as e:  # (delivered: a lost report beats a second delivery)
+                log.error("message %s: success notice not stored: %s", env.id, e)
+        slot = True  # the scheduler still counts the message as in delivery
+        try:
+            if reported and not pending:
                 await self.spool.done(env.id)
+                slot = False
                 self.scheduler.finished(sm)
-            elif not act.attempted:  # bounce only: back to hold, or to its retry time
+            elif reported and not act.attempted:  # bounce only: back to hold, or its retry time
+                slot = False
                 self.scheduler.finished(sm)
                 await self.spool.update(env)
                 self._requeue(sm)
-            else:
+            else:  # (the bounce not stored: its recipients are deferred, tried again then)
+                slot = False
                 self.scheduler.retry(sm)
-                await self._maybe_warn(act, pending)  # before the update, which records it
+                if reported:
+                    await self._maybe_warn(act, pending)  # before the update, which records it
                 await self.spool.update(env)
-        except (KeyError, SpoolError) as e:  # removed meanwhile, or the spool is closing
+        except KeyError as e:  # removed meanwhile
             log.warning("message %s: cannot record the result: %s", env.id, e)
+            if slot:
+                self.scheduler.finished(sm)
+        except SpoolError as e:  # a full disk, or the spool is closing
+            log.warning("message %s: cannot record the result: %s", env.id, e)
+            if slot:  # not marked done: the next attempt (nothing to send) tries again
+                self.scheduler.retry(sm)
+            elif reported and not act.attempted:
+                self._requeue(sm)
         self._arm_timer()
         self._kick()
+
+    def _unreported(self, act: _Active, e: SpoolError) -> None:
+        """The bounce could not be stored (a full disk): its recipients are not final without
+        it. As Postfix does on a "bounce or trace service failure", they are deferred (an
+        operator's bounce stays pending) and the next attempt bounces them again, so neither
+        the notice nor the message's other recipients are lost."""
+        env = act.sm.envelope
+        log.error("message %s: bounce not stored, tried again later: %s", env.id, e)
+        text = f"bounce notice not stored, tried again later: {e}"
+        for f in act.failures:
+            rc = env.recipients[f.index]
+            rc.state = _CANCELLED if f.index in act.cancelled else _DEFERRED
+            self._stats.bounced -= 1
+            self._stats.deferred += 1
+            if self.delivery_log is not None:
+                self.delivery_log.write(
+                    DeliveryRecord(
+                        time=time.time(),
+                        queue_id=env.id,
+                        recipient=rc.address,
+                        code=f.code,
+                        enhanced=f.enhanced or "",
+                        text=text,
+                        outcome="deferred",
+                        attempt=env.attempts,
+                    )
+                )
+        act.failures = []
 
     def _bounce_cancelled(self, act: _Active) -> None:
         """Recipients an operator bounced (`fastmta queue bounce`) fail now: in this DSN."""
         for i, rc in enumerate(act.sm.envelope.recipients):
             if rc.state == _CANCELLED:
+                act.cancelled.add(i)
                 text = rc.last_reply or bounce_reason("")
                 self._fail(act, Failure(i, 550, "5.0.0", text), "bounced", text, "operator")
 
@@ -900,6 +976,8 @@ class DeliveryEngine:
         env = act.sm.envelope
         if kind == "failure":
             failures = act.failures
+        elif kind == "success":
+            failures = act.successes
         else:
             failures = []
             for i in pending or ():
@@ -935,5 +1013,9 @@ class DeliveryEngine:
             env.arrival, time.time(), env.warned, warn_after
         ):
             return
+        try:
+            await self._send_dsn(act, "delay", pending)
+        except SpoolError as e:  # not warned: the next attempt tries again
+            log.error("message %s: delay notice not stored: %s", env.id, e)
+            return
         env.warned = True  # in the spool with the update that follows: once, across restarts
-        await self._send_dsn(act, "delay", pending)
