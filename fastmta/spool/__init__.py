@@ -25,7 +25,10 @@ recovery 130,000-150,000 msg/s.
 - Records: MESSAGE (envelope + wire-form bytes, sent as stored), UPDATE (recipient states,
   attempts, next attempt, hold, delay warning), DONE, MOVE (see compaction). State changes
   never rewrite message bytes.
-- Recovery (recover.py) replays the segments in order; a torn tail fails its crc and is cut.
+- Recovery (recover.py) replays the segments in order. A torn tail (writes never acknowledged)
+  fails its crc and is cut. Damage inside a file (segment.salvage) is skipped, not cut: the
+  damaged record is lost and logged, its bytes are kept aside, and every sound record after it
+  counts. Parked and injected files are read the same way.
 - A segment is deleted when none of its messages is live and no older segment its DONE records
   refer to remains (else a finished message would come back).
 - Compaction (Spool.compact, run by each worker every server.compact_interval): the few live

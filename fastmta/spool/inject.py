@@ -24,12 +24,13 @@ import os
 
 from .errors import SpoolError
 from .records import ENCODER, ENVELOPE_DECODER, Envelope, new_queue_id
+from .recover import describe_damage
 from .segment import (
     RecordType,
     frame,
     fsync_dir,
     message_payload,
-    scan,
+    salvage,
     split_message,
     write_all,
 )
@@ -89,7 +90,9 @@ def claim_incoming(
 
     Leftovers already in `<shard>/adopting/` (a crash before their unlink) come first.
     Blocking: run it in a worker thread. A claimed file that does not hold exactly one sound
-    MESSAGE record is renamed to `*.bad` (kept for the operator) and skipped.
+    MESSAGE record is renamed to `*.bad` (kept for the operator) and skipped. Damage outside
+    that record (segment.salvage) is logged and the file copied to `*.bad`; its message is
+    adopted.
     """
     adopting = os.path.join(shard, ADOPTING)
     os.makedirs(adopting, exist_ok=True)
@@ -115,9 +118,16 @@ def claim_incoming(
         path = os.path.join(adopting, name)
         with open(path, "rb") as f:
             buf = f.read()
-        records, good = scan(buf)
+        records, spans, good = salvage(buf)
+        if good < len(buf):  # nothing sound follows; no torn tail here (renamed after its fsync)
+            spans.append((good, len(buf)))
+        for start, end in spans:
+            log.error(
+                "injected file %s: %d damaged bytes at offset %d skipped; lost: %s",
+                path, end - start, start, describe_damage(buf, start, end),
+            )  # fmt: skip
         try:
-            if good != len(buf) or len(records) != 1 or records[0][1] != RecordType.MESSAGE:
+            if len(records) != 1 or records[0][1] != RecordType.MESSAGE:
                 raise ValueError("not exactly one sound MESSAGE record")
             env_bytes, data_at = split_message(records[0][2])
             env = ENVELOPE_DECODER.decode(env_bytes)
@@ -126,8 +136,24 @@ def claim_incoming(
             log.error("injected file %s is damaged (%s): renamed to .bad", path, e)
             os.rename(path, path + ".bad")
             continue
+        if spans:  # the sound message is adopted; the file is kept for the operator
+            _keep_bad(path, buf)
         out.append((path, env, data))
     return out
+
+
+def _keep_bad(path: str, buf: bytes) -> None:
+    """Copy a damaged file whose message is adopted anyway to ``<path>.bad`` (the claimed
+    file itself is unlinked once the message is in the log). A failure is only logged."""
+    try:
+        with open(path + ".bad", "xb") as f:  # a claim retried after a crash finds it there
+            f.write(buf)
+    except FileExistsError:
+        return
+    except OSError as e:
+        log.error("injected file %s: keeping a copy as .bad failed: %s", path, e)
+        return
+    log.error("injected file %s: its sound message is adopted, the file kept as .bad", path)
 
 
 def unlink_claimed(paths: list[str], shard: str, *, fsync: bool = True) -> None:

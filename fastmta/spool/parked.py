@@ -17,7 +17,9 @@ memory) done in batches, so a file costs one fsync for up to ``queue.park_batch`
 
 Writing: ``.<name>.tmp``, fsync, rename, fsync the directory. A crashed write leaves only a
 tmp file, deleted by :func:`list_parked`. A damaged file (it can only be damaged by the disk:
-writes are renamed into place after their fsync) is renamed to ``*.bad`` for the operator.
+writes are renamed into place after their fsync) costs only its damaged records: every sound
+record is still loaded (segment.salvage), each damaged span is logged and the file is renamed
+to ``*.bad`` for the operator, so nothing is silently deleted.
 
 A message is live in the log or parked, never both, also across a crash. Spool.park writes
 the file as ``<name>.pending``, makes the DONE records of its messages durable, then renames
@@ -37,6 +39,7 @@ from collections.abc import Callable, Container, Iterable, Sequence
 from typing import NamedTuple
 
 from .records import ENCODER, ENVELOPE_DECODER, Envelope
+from .recover import describe_damage
 from .segment import (
     ENVLEN,
     HEADER,
@@ -46,7 +49,7 @@ from .segment import (
     frame,
     fsync_dir,
     message_payload,
-    scan,
+    salvage,
     split_message,
     write_all,
 )
@@ -173,17 +176,30 @@ def write_parked(
 
 
 def read_parked(directory: str, name: str) -> list[tuple[Envelope, bytes]] | None:
-    """The messages of one parked file; None if it is gone (or damaged: then renamed to .bad,
-    logged; its sound records are still returned)."""
+    """The messages of one parked file; None if it is gone (or damaged with no sound record
+    left). A damaged file costs only its damaged records: the sound ones are all returned,
+    each damaged span is logged and the file is renamed to .bad (see the module docstring)."""
+    return _read(directory, name)[0]
+
+
+def _read(directory: str, name: str) -> tuple[list[tuple[Envelope, bytes]] | None, bool]:
+    """read_parked(), and whether the file was damaged (and so renamed to .bad)."""
     path = os.path.join(directory, PARKED, name)
     try:
         with open(path, "rb") as f:
             buf = f.read()
     except FileNotFoundError:
-        return None
-    records, good = scan(buf)
+        return None, False
+    records, spans, good = salvage(buf)
+    if good < len(buf):  # nothing sound follows; no torn tail here (renamed after its fsync)
+        spans.append((good, len(buf)))
+    for start, end in spans:
+        log.error(
+            "parked file %s: %d damaged bytes at offset %d skipped; lost: %s",
+            path, end - start, start, describe_damage(buf, start, end),
+        )  # fmt: skip
     out = []
-    damaged = good != len(buf)
+    damaged = bool(spans)
     for _, rtype, payload in records:
         try:
             if rtype != RecordType.MESSAGE:
@@ -197,15 +213,16 @@ def read_parked(directory: str, name: str) -> list[tuple[Envelope, bytes]] | Non
         log.error("parked file %s is damaged: renamed to .bad, %d messages read", path, len(out))
         os.rename(path, path + ".bad")
         if not out:
-            return None
-    return out
+            return None, True
+    return out, damaged
 
 
 def envelopes(directory: str, name: str) -> list[tuple[Envelope, int, int]]:
     """(envelope, offset, length of the message bytes) of each message in a parked file, read
     only ([] if the file is gone). Only the record headers and envelopes are read, not the
     message bytes (nor their crc: loading the file checks it), so `fastmta queue list` over a
-    big parked queue reads a few hundred bytes per message."""
+    big parked queue reads a few hundred bytes per message. A damaged header or length makes
+    it read the whole file and list its sound records, as loading it would (read_parked)."""
     path = os.path.join(directory, PARKED, name)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -215,13 +232,13 @@ def envelopes(directory: str, name: str) -> list[tuple[Envelope, int, int]]:
     try:
         size = os.fstat(fd).st_size
         pos = 0
-        while pos + HEADER_SIZE + ENVLEN.size <= size:
+        while pos + HEADER_SIZE + ENVLEN.size <= size:  # bounded: pos only grows
             head = os.pread(fd, HEADER_SIZE + ENVLEN.size + _ENVELOPE_GUESS, pos)
             magic, rtype, _, _, length, _ = HEADER.unpack_from(head)
             (envlen,) = ENVLEN.unpack_from(head, HEADER_SIZE)
             start = pos + HEADER_SIZE
             if magic != MAGIC or start + length > size or ENVLEN.size + envlen > length:
-                break  # damaged: what follows is not trusted (read_parked sets it aside)
+                break  # damaged: salvaged below
             env_at = HEADER_SIZE + ENVLEN.size
             env_bytes = head[env_at : env_at + envlen]
             if len(env_bytes) < envlen:
@@ -237,6 +254,27 @@ def envelopes(directory: str, name: str) -> list[tuple[Envelope, int, int]]:
             pos = start + length
     finally:
         os.close(fd)
+    return out if pos == size else _salvaged_envelopes(path)
+
+
+def _salvaged_envelopes(path: str) -> list[tuple[Envelope, int, int]]:
+    """envelopes() of a damaged parked file: the sound records segment.salvage finds in it
+    (rare, so the whole file is read; it is one batch, read whole when it is loaded too)."""
+    try:
+        with open(path, "rb") as f:
+            buf = f.read()
+    except FileNotFoundError:
+        return []
+    out = []
+    for pos, rtype, payload in salvage(buf)[0]:
+        if rtype != RecordType.MESSAGE:
+            continue
+        try:
+            env_bytes, at = split_message(payload)
+            env = ENVELOPE_DECODER.decode(env_bytes)
+        except ValueError:  # msgspec.DecodeError is a ValueError
+            continue
+        out.append((env, pos + HEADER_SIZE + at, len(payload) - at))
     return out
 
 
@@ -252,8 +290,10 @@ def rewrite_parked(
     the file is replaced by one with the new contents and name (or removed when empty).
 
     Returns (the file now holding the messages, or None when none is left; queue ids that
-    ``change`` did not return False for). A file that is gone yields (None, [])."""
-    items = read_parked(directory, name)
+    ``change`` did not return False for). A file that is gone yields (None, []). A damaged
+    file (renamed to .bad by read_parked) is written anew with its sound messages, even when
+    nothing changed, so they stay parked."""
+    items, damaged = _read(directory, name)
     if items is None:
         return None, []
     kept: list[tuple[Envelope, bytes]] = []
@@ -265,7 +305,7 @@ def rewrite_parked(
         if r is not None:
             kept.append((env, data))
     pf = ParkedFile.parse(name)
-    if not touched:
+    if not touched and not damaged:
         return pf, []
     if not kept:
         remove_parked(directory, name, fsync=fsync)

@@ -164,6 +164,7 @@ class Spool:
         self._segs = rec.segments
         self._active = rec.next_segment
         self.stats.truncated_bytes += rec.truncated_bytes
+        self.stats.damaged_bytes += rec.damaged_bytes
         self.stats.recovered = len(rec.messages)
         self._writer = SegmentWriter(
             self.directory,

@@ -62,6 +62,7 @@ class SpoolStats:
     unparked: int = 0  # messages loaded back from parked files (Spool.unpark)
     recovered: int = 0  # live messages found by open()
     truncated_bytes: int = 0  # torn-tail bytes cut off by open()
+    damaged_bytes: int = 0  # bytes of damaged records inside segments skipped by open()
 
 
 class Ticket:
