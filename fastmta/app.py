@@ -359,8 +359,18 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
-        for i in range(n):
-            self.spawn(i)
+        try:
+            for i in range(n):
+                self.spawn(i)
+            self._supervise()
+        finally:
+            # whatever ends the loop (an exception included), no worker may outlive its
+            # supervisor: orphans would go on answering SMTP with nobody to stop or reload them
+            self._stop_children()
+        return 1 if self.failed else 0
+
+    def _supervise(self) -> None:
+        """Reap workers until none is left: restart one that died, act on SIGHUP."""
         while self.children:
             if self._hup:
                 self._hup = False
@@ -383,7 +393,31 @@ class Supervisor:
                 continue
             log.error("worker %d died (exit %d); restarting it", index, code)
             self.spawn(index)
-        return 1 if self.failed else 0
+
+    def _stop_children(self) -> None:
+        """SIGTERM the workers still running, wait for them (bounded), then SIGKILL."""
+        if not self.children:
+            return
+        self._on_stop(signal.SIGTERM, None)
+        deadline = time.monotonic() + STOP_TIMEOUT + 5  # they drain up to STOP_TIMEOUT
+        while self.children and time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.children.clear()
+                break
+            if pid == 0:
+                time.sleep(0.1)
+            else:
+                self.children.pop(pid, None)
+        for pid in list(self.children):
+            log.error("worker pid %d did not stop; killing it", pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            del self.children[pid]
 
     def _on_stop(self, signum, frame) -> None:
         self.stopping = True
@@ -405,6 +439,9 @@ class Supervisor:
         except (ConfigError, OSError) as e:
             log.error("reload failed, keeping the running configuration: %s", e)
             return
+        except Exception:  # noqa: BLE001 - a reload must never take the running server down
+            log.exception("reload failed, keeping the running configuration")
+            return
         if new.server.workers != self.config.server.workers:
             log.warning("reload: a new worker count takes effect at the next start")
             new = _with_workers(new, self.config.server.workers)
@@ -424,14 +461,34 @@ def _with_workers(config: Config, n: int) -> Config:
     return msgspec.structs.replace(config, server=msgspec.structs.replace(config.server, workers=n))
 
 
+def _prepare_files(config: Config) -> str | None:
+    """Open the log file, make the spool directory and open the delivery log, so a bad path is
+    a clear error naming its key before any worker starts. Returns the problem, or None."""
+    s = config.server
+    try:
+        setup_logging(s.log_level, s.log_file or None)
+    except OSError as e:
+        return f"config error: server.log_file: cannot open {s.log_file}: {e.strerror or e}"
+    try:
+        os.makedirs(s.spool_dir, exist_ok=True)
+    except OSError as e:
+        why = "exists and is not a directory" if isinstance(e, FileExistsError) else e.strerror
+        return f"config error: server.spool_dir: cannot use {s.spool_dir}: {why or e}"
+    try:
+        os.makedirs(os.path.dirname(s.delivery_log), exist_ok=True)
+        with open(s.delivery_log, "ab"):
+            pass
+    except OSError as e:
+        return f"config error: server.delivery_log: cannot open {s.delivery_log}: {e.strerror or e}"
+    return None
+
+
 def serve(config: Config, reload: Callable[[], Config] | None = None) -> int:
     """Run the server until SIGTERM/SIGINT. Returns the process exit code."""
-    setup_logging(config.server.log_level, config.server.log_file or None)
-    problem = _check_listen(config)
+    problem = _prepare_files(config) or _check_listen(config)
     if problem:
         print(f"fastmta: {problem}", file=sys.stderr)
         return 2
-    os.makedirs(config.server.spool_dir, exist_ok=True)
     listens = ", ".join(f"{lst.address} ({lst.role}, tls={lst.tls})" for lst in config.listener)
     print(
         f"fastmta {__version__} ({build_kind()}, {loop.loop_name()}): "

@@ -24,7 +24,7 @@ from fastmta.config import (
     DNS_NAME,
     Config,
     ConfigError,
-    check_dkim_keys,
+    check_files,
     dump_example,
     load_config,
 )
@@ -33,6 +33,7 @@ __all__ = [
     "add_missing_headers",
     "build_parser",
     "check_address",
+    "fold_long_line",
     "main",
     "prepare_message",
     "split_lines",
@@ -115,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read a message from standard input (to end of file, like sendmail -i) and "
         "write it into the spool, where a running (or the next) `fastmta serve` delivers it. "
         "Bare LF line endings become CRLF; Date, Message-ID and From are added when missing. "
-        "Prints the queue id.",
+        "A line longer than 998 octets (RFC 5322 2.1.1) is broken by inserting CRLF and a space, "
+        "as Postfix does for SMTP (smtp_line_length_limit); a message with a NUL octet is "
+        "refused (exit 65), as the SMTP listener refuses it. Prints the queue id.",
     )
     m.add_argument(
         "-f",
@@ -364,9 +367,10 @@ def _load(path: str | None, overrides: dict[str, Any] | None = None) -> Config:
 
 
 def _check_keys(config: Config) -> None:
-    """The [[dkim]] keys can be read and used (else SystemExit(2) with a message)."""
+    """The files a worker reads at start ([[dkim]] keys, users file, TLS certificate) can be
+    read and used (else SystemExit(2) with a message)."""
     try:
-        check_dkim_keys(config)
+        check_files(config)
     except ConfigError as e:
         _err(str(e))
         raise SystemExit(EX_CONFIG) from None
@@ -402,7 +406,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     def reload() -> Config:
         new = load_config(args.config, overrides)
-        check_dkim_keys(new)
+        check_files(new)
         return new
 
     return int(serve(config, reload=reload) or 0)
@@ -454,6 +458,17 @@ def check_address(addr: str, default_domain: str) -> str:
             raise ValueError(f"{addr!r}: bad address literal") from None
     elif not domain or not all(_LABEL.fullmatch(label) for label in domain.rstrip(".").split(".")):
         raise ValueError(f"{addr!r}: invalid domain {domain!r}")
+    elif domain.endswith("."):
+        raise ValueError(f"{addr!r}: trailing dot in domain {domain!r} (RFC 5321 4.1.2)")
+    # Last, the listener's own grammar: what `send` queues must be what RCPT TO would accept
+    # (an unbalanced quote such as '"a"b"@x' passes the checks above).
+    from fastmta.protocol.errors import ParseError
+    from fastmta.protocol.parse import parse_rcpt
+
+    try:
+        parse_rcpt(b"TO:<" + a.encode("utf-8", "surrogateescape") + b">", True)
+    except ParseError as e:
+        raise ValueError(f"{addr!r}: {e.text} (RFC 5321 4.1.2)") from None
     return a
 
 
@@ -464,6 +479,28 @@ def split_lines(data: bytes) -> list[bytes]:
     if lines and lines[-1] == b"":
         lines.pop()
     return lines
+
+
+# RFC 5322 2.1.1: a line is at most 998 octets without its CRLF; the listener refuses longer
+# ones (limits.max_line_length, 500 5.5.2), and so may the next hop.
+MAX_LINE = 998
+
+
+def fold_long_line(line: bytes, limit: int = MAX_LINE) -> list[bytes]:
+    """``line`` (no terminator) as pieces of at most ``limit`` octets, each after the first
+    starting with a space: what Postfix's SMTP client does with smtp_line_length_limit
+    ("<CR><LF><SPACE>", a header fold that does the least damage to MIME content). A piece never
+    ends inside a UTF-8 sequence."""
+    pieces: list[bytes] = []
+    rest, room = line, limit
+    while len(rest) > room:
+        cut = room
+        while cut > room - 4 and 0x80 <= rest[cut] <= 0xBF:  # a UTF-8 continuation octet
+            cut -= 1
+        pieces.append(rest[:cut])
+        rest, room = b" " + rest[cut:], limit
+    pieces.append(rest)
+    return pieces
 
 
 def _header_fields(lines: list[bytes]) -> tuple[list[list[bytes]], list[bytes], bool]:
@@ -501,6 +538,8 @@ def add_missing_headers(
     required; Message-ID SHOULD be present). From: uses ``sender`` (skipped for the null sender)."""
     names = {_field_name(f) for f in fields}
     out = list(fields)
+    if fullname and any(ord(c) < 32 or ord(c) == 127 for c in fullname):
+        raise ValueError("control character in the full name")  # would forge header fields
     if b"from" not in names and sender:
         value = email.utils.formataddr((fullname, sender)) if fullname else sender
         out.append([b"From: " + value.encode()])
@@ -543,6 +582,8 @@ def prepare_message(
     out = [ln for f in fields for ln in f]
     out.append(b"")  # the header/body separator (RFC 5322 2.1)
     out.extend(body)
+    if any(len(ln) > MAX_LINE for ln in out):
+        out = [piece for ln in out for piece in fold_long_line(ln)]
     from fastmta.protocol.parse import dot_stuff
 
     return dot_stuff(b"".join(ln + b"\n" for ln in out), terminate=False), found
@@ -556,6 +597,14 @@ def cmd_send(args: argparse.Namespace) -> int:
     data = sys.stdin.buffer.read(limit + 1)
     if len(data) > limit:
         _err(f"message too big: more than {limit} bytes (limits.max_message_size)")
+        return EX_DATAERR
+    if args.fullname is not None and any(ord(c) < 32 or ord(c) == 127 for c in args.fullname):
+        # it goes into the From: header: a CR or LF would start header fields of its own
+        _err("bad full name (-F): control characters such as CR and LF are not allowed")
+        return EX_USAGE
+    nul = data.find(b"\0")
+    if nul >= 0:  # RFC 5322 2.3 (no NUL); the listener refuses it: 554 5.6.0
+        _err(f"message refused: a NUL octet at byte {nul} (RFC 5322 2.3)")
         return EX_DATAERR
 
     if args.sender is None:

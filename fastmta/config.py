@@ -46,6 +46,7 @@ __all__ = [
     "Size",
     "TlsConfig",
     "check_dkim_keys",
+    "check_files",
     "dump_example",
     "load_config",
     "parse_duration",
@@ -448,10 +449,20 @@ def load_config(
     data: dict[str, Any] = {}
     if path is not None:
         with open(path, "rb") as f:
-            try:
-                data = tomllib.load(f)
-            except tomllib.TOMLDecodeError as e:
-                raise ConfigError(f"config error: {os.fspath(path)}: invalid TOML: {e}") from None
+            raw = f.read()
+        try:
+            # decoded here, not by tomllib.load: its UnicodeDecodeError is no ConfigError, and a
+            # SIGHUP reload must see every bad file as a configuration problem (TOML is UTF-8)
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"config error: {os.fspath(path)}: not UTF-8 at byte {e.start} "
+                f"(TOML files are UTF-8)"
+            ) from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config error: {os.fspath(path)}: invalid TOML: {e}") from None
     if overrides:
         data = _merge(data, overrides)
     # [domain."x"] tables are converted one by one: msgspec hides dict keys in its error paths
@@ -589,6 +600,28 @@ def _ip(key: str, value: str) -> None:
 
 _ADDRESS = re.compile(r"[^@\s<>]+@[^@\s<>]+")
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# Each worker is a process with its own spool shard and sockets, and the supervisor sizes shared
+# connection counters by the count: far more than the CPUs only costs memory and file descriptors.
+MAX_WORKERS = 256
+
+
+def _host_name(key: str, value: str) -> None:
+    """A name for the greeting and EHLO: a domain name or an address literal ("[192.0.2.1]").
+    It goes into SMTP lines as is, so a space, CR or LF would forge protocol text."""
+    if not value:
+        return  # "" = automatic (resolve)
+    name = value.rstrip(".")
+    if DNS_NAME.fullmatch(name) and len(name) <= 255:
+        return
+    if value.startswith("[") and value.endswith("]"):
+        literal = value[1:-1]
+        literal = literal[5:] if literal[:5].lower() == "ipv6:" else literal
+        try:
+            ipaddress.ip_address(literal)
+            return
+        except ValueError:
+            pass
+    raise _fail(key, f'expected a host name like "mx.example.com", got {value!r}')
 
 
 def validate(config: Config) -> None:
@@ -600,6 +633,9 @@ def validate(config: Config) -> None:
     """
     s = config.server
     _at_least("server.workers", s.workers, 0)
+    if s.workers > MAX_WORKERS:
+        raise _fail("server.workers", f"must be <= {MAX_WORKERS} (0: one per CPU), got {s.workers}")
+    _host_name("server.hostname", s.hostname)
     if not 0 <= s.commit_delay <= 0.1:
         raise _fail("server.commit_delay", f"must be between 0 and 100ms, got {s.commit_delay:g}s")
     _choice("server.log_level", s.log_level.lower(), _LOG_LEVELS)
@@ -631,6 +667,13 @@ def validate(config: Config) -> None:
                 f"{k}.auth",
                 'a submission listener needs AUTH (RFC 6409 4.3): set auth = "always", '
                 'or configure TLS so auth = "tls" can offer it',
+            )
+        if (li.role == "submission" or li.auth == "always") and not config.policy.users_file:
+            # without users AUTH is never offered, and every MAIL would get 530
+            raise _fail(
+                "policy.users_file",
+                f"{k} ({li.role}, auth {li.auth}) needs AUTH users: set policy.users_file "
+                "(`fastmta passwd USER --file FILE` makes one)",
             )
     seen: set[tuple[str, int]] = set()
     for i, li in enumerate(config.listener):
@@ -777,6 +820,7 @@ def validate(config: Config) -> None:
         raise _fail("delivery.relay_username", "set only with delivery.relayhost")
     if dl.source_address:
         _ip("delivery.source_address", dl.source_address)
+    _host_name("delivery.helo_name", dl.helo_name)
 
     for name, pol in config.domain.items():
         k = f'domain."{name}"'
@@ -807,6 +851,7 @@ def validate(config: Config) -> None:
             raise _fail(f"{k}.address", f"{src.address} is listed twice")
         seen_sources.add(src.address)
         _at_least(f"{k}.weight", src.weight, 1)
+        _host_name(f"{k}.helo_name", src.helo_name)
     for name, pol in config.domain.items():
         for address in pol.egress or ():
             if address not in seen_sources:
@@ -852,3 +897,34 @@ def check_dkim_keys(config: Config) -> None:
         Signers.from_config(config.dkim)
     except ValueError as e:
         raise ConfigError(f"config error: {e}") from None
+
+
+def check_files(config: Config) -> None:
+    """Read every file a worker needs at start: the [[dkim]] keys, policy.users_file, the [tls]
+    certificate and key. ``serve`` (at start and on SIGHUP) and ``config --check`` call it, so a
+    file a worker cannot use is a ConfigError naming the key, not a worker failing to start.
+    validate() does not: ``send``, ``queue`` and ``passwd`` load the config too, may run as
+    another user, and ``passwd`` creates the users file."""
+    check_dkim_keys(config)
+    path = config.policy.users_file
+    if path:
+        from fastmta.auth import Users, UsersFileError  # noqa: PLC0415
+
+        try:
+            Users(path)
+        except UsersFileError as e:
+            raise _fail("policy.users_file", str(e)) from None
+        except (OSError, UnicodeDecodeError) as e:
+            why = getattr(e, "strerror", None) or e
+            raise _fail("policy.users_file", f"cannot read {path}: {why}") from None
+    t = config.tls
+    if t.cert_file and t.key_file:
+        from fastmta.tls import server_context  # noqa: PLC0415
+
+        try:
+            server_context(t.cert_file, t.key_file)
+        except OSError as e:  # ssl.SSLError too: "[SSL] PEM lib", a key that does not match
+            raise _fail(
+                "tls.cert_file",
+                f"cannot load {t.cert_file} with key {t.key_file}: {e}",
+            ) from None

@@ -163,6 +163,8 @@ key_file = "{key}"
 [limits]
 max_message_size = "10M"
 command_timeout = "1m"
+[policy]
+users_file = "{tmp_path}/users"
 [queue]
 retry_schedule = ["1m", 90, "1h30m"]
 [delivery]
