@@ -275,6 +275,9 @@ def _remove_tree(path: str) -> None:
 # ------------------------------------------------------------------ processes
 
 
+_SUPERVISOR_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
 def _worker_process(
     config: Config, index: int, count: int, counts: dict[str, ConnectionCounts] | None = None
 ) -> int:
@@ -342,16 +345,29 @@ class Supervisor:
     def spawn(self, index: int) -> None:
         for counts in self.counts.values():
             counts.reset(index)  # the previous worker at this index and its connections are gone
-        pid = os.fork()
+        # The supervisor's signal handlers must never run in a worker (they would signal its
+        # siblings): signals wait, blocked, until the child has its own dispositions.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISOR_SIGNALS)
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            raise
         if pid == 0:  # child
             code = 1
             try:
+                # until its loop takes over, a stop signal ends a worker that started nothing
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor handles reloads
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
                 code = _worker_process(self.config, index, self.config.server.workers, self.counts)
             except BaseException:  # noqa: BLE001 - a child must never return into the parent's code
                 log.exception("worker %d crashed", index)
             finally:
                 logging.shutdown()
                 os._exit(code)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         self.children[pid] = (index, time.monotonic())
 
     def run(self) -> int:

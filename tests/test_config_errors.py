@@ -14,6 +14,7 @@ import time
 import pytest
 from test_serve_process import children, config, greeting, serve, wait_until  # noqa: F401
 
+from fastmta import app
 from fastmta.app import Supervisor
 from fastmta.auth import set_password
 from fastmta.cli import fold_long_line, prepare_message
@@ -269,3 +270,38 @@ def test_send_breaks_long_lines_like_postfix():
     for p in pieces:
         p.decode("utf-8")
     assert b"".join(p[1:] if i else p for i, p in enumerate(pieces)) == text
+
+
+def test_a_new_worker_never_runs_the_supervisors_signal_handlers(monkeypatch):
+    """A SIGTERM that reaches a worker before its event loop installs its own handler must
+    not run the supervisor's (which would signal the worker's siblings): the child starts
+    with default dispositions for SIGTERM/SIGINT and ignores SIGHUP."""
+    sup = Supervisor(load_config(None), None)
+    r, w = os.pipe()
+
+    def worker(config, index, count, counts=None):
+        names = {signal.SIG_DFL: "default", signal.SIG_IGN: "ignore"}
+        got = [names.get(signal.getsignal(s), "handler") for s in sorted(_SIGNALS)]
+        os.write(w, ",".join(got).encode())
+        return 0
+
+    monkeypatch.setattr(app, "_worker_process", worker)
+    saved = {s: signal.getsignal(s) for s in _SIGNALS}
+    try:
+        for s in _SIGNALS:
+            signal.signal(s, sup._on_stop if s != signal.SIGHUP else sup._on_hup)
+        sup.spawn(0)
+        (pid,) = sup.children
+        os.waitpid(pid, 0)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+        os.close(w)
+    got = os.read(r, 100).decode().split(",")
+    os.close(r)
+    want = {signal.SIGTERM: "default", signal.SIGINT: "default", signal.SIGHUP: "ignore"}
+    assert got == [want[s] for s in sorted(_SIGNALS)]
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == set()  # nothing left blocked
+
+
+_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
