@@ -196,7 +196,7 @@ class LimitsConfig(msgspec.Struct, **_STRUCT):
     max_auth_line: int = 12288
     command_timeout: Duration = Duration(300)
     data_timeout: Duration = Duration(600)
-    max_errors: int = 10
+    max_errors: int = 20  # protocol errors and refused MAIL/RCPT (smtpd_hard_error_limit)
     auth_failure_delay: Duration = Duration(1)
     max_auth_failures: int = 3
     greet_pause: Duration = Duration(0)  # 0 = greet at once

@@ -132,7 +132,10 @@ class SmtpConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._counted = False
-        self._paused = False  # reading paused while busy
+        self._paused = False  # reading paused while busy or while writing is paused
+        self._write_paused = False  # the transport's write buffer is over its high-water mark
+        self._eof = False  # the client half-closed: answer what it sent, then close
+        self._deadline: float | None = None  # end of the time allowed for the message content
         self._storing = ""  # queue id of the message being stored
 
     # ------------------------------------------------------------------ asyncio.Protocol
@@ -175,16 +178,37 @@ class SmtpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._last = self._now()
         self.session.receive(data)
-        if self.busy:
+        if self.busy or self._write_paused:
             # The client sent more while its message is being stored (a pipelined QUIT, or
-            # abuse): keep it in the session, read no more until the answer is out. Pausing
-            # only now, not at every store, saves two epoll changes per message.
+            # abuse), or while it does not read our replies: keep it in the session, read no
+            # more until the answer is out. Pausing only now, not at every store, saves two
+            # epoll changes per message.
             self._pause()
+            self._watch_content()
             return
         self._process()
 
     def eof_received(self) -> bool | None:
-        return False  # close our side too
+        """The client shut down its sending side (it may still read, e.g. after a pipelined
+        "... . QUIT"): answer everything it sent, the stored message included, then close
+        (_process). Closing at once would lose the 250 of a stored message: the client would
+        send it again. TLS cannot half-close (asyncio and uvloop close it anyway)."""
+        self._eof = True
+        if self.session.tls:
+            return False
+        self._process()
+        return True
+
+    def pause_writing(self) -> None:
+        """The write buffer is over its high-water mark: the client does not read our replies.
+        Read and answer nothing more until it does, so the buffer stays bounded (a pipelined
+        stream of NOOPs must not grow it without limit)."""
+        self._write_paused = True
+        self._pause()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._carry_on()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
@@ -203,7 +227,7 @@ class SmtpConnection(asyncio.Protocol):
     def _process(self) -> None:
         """Answer events until the session needs more input or an async answer."""
         s = self.session
-        while not self.busy and self.transport is not None:
+        while not self.busy and not self._write_paused and self.transport is not None:
             ev = s.next_event()
             if ev is None:
                 break
@@ -226,9 +250,14 @@ class SmtpConnection(asyncio.Protocol):
                 self._close()
                 return
         self._flush()
+        self._watch_content()
         if self.draining and not self.busy and s.state in (S.State.READY, S.State.CONNECTED):
             s.shutdown()
             self._flush()
+            self._close()
+        elif self._eof and not self.busy and not self._write_paused:
+            # all the half-closed client sent is answered (an unfinished command or message
+            # is dropped); transport.close() sends the replies still buffered first
             self._close()
 
     def _on_rcpt(self, ev: S.RcptEvent) -> None:
@@ -286,8 +315,9 @@ class SmtpConnection(asyncio.Protocol):
         self._carry_on()
 
     def _carry_on(self) -> None:
-        """The asynchronous answer is out: read again and answer what waits."""
-        if self.transport is None:
+        """The asynchronous answer is out, or the client reads again: read again and answer
+        what waits."""
+        if self.transport is None or self.busy or self._write_paused:
             return
         if self._paused:
             self._paused = False
@@ -497,22 +527,53 @@ class SmtpConnection(asyncio.Protocol):
     # time.monotonic is a vDSO call; asyncio.get_running_loop() costs a getpid(2) per call
     _now = staticmethod(time.monotonic)
 
+    def _watch_content(self) -> None:
+        """limits.data_timeout bounds the whole content of one message, from the 354 (or the
+        first BDAT chunk) to its end: a client trickling a byte now and then is not idle, yet
+        must not hold the session (and its buffers) for ever. Set the deadline when the content
+        starts, forget it when the content is complete."""
+        if self.session.receiving_content:
+            if self._deadline is None and self.transport is not None:
+                self._deadline = self._now() + self.ctx.config.limits.data_timeout
+                if self._timer is not None:  # it may be set for later than the deadline
+                    self._timer.cancel()
+                self._arm_timer()
+        else:
+            self._deadline = None
+
     def _arm_timer(self) -> None:
-        lim = self.ctx.config.limits
-        timeout = lim.data_timeout if self.session.state is S.State.DATA else lim.command_timeout
-        delay = max(0.0, self._last + timeout - self._now())
-        self._timer = self._loop.call_later(delay, self._on_timer)
+        when = self._last + self.ctx.config.limits.command_timeout
+        if self._deadline is not None:
+            when = min(when, self._deadline)
+        self._timer = self._loop.call_later(max(0.0, when - self._now()), self._on_timer)
 
     def _on_timer(self) -> None:
-        """RFC 5321 4.5.3.2.7: a server waits at least 5 minutes for the next command."""
-        if self.transport is None:
+        """RFC 5321 4.5.3.2.7: a server waits at least 5 minutes for the next command (and
+        4.5.3.2.5/6 for each piece of content); the content as a whole gets data_timeout."""
+        transport = self.transport
+        if transport is None:
             return
-        lim = self.ctx.config.limits
-        timeout = lim.data_timeout if self.session.state is S.State.DATA else lim.command_timeout
-        if self.busy or self._now() - self._last < timeout:
+        if self.busy:
             self._arm_timer()
             return
-        log.info("timeout from [%s] in state %s", self.peer_ip, self.session.state.value)
-        self.session.timeout()
+        if transport.is_closing():
+            # closed, but the client has not read our last replies in a whole timeout
+            transport.abort()
+            return
+        now = self._now()
+        if self._deadline is not None and now >= self._deadline:
+            why = "data timeout"  # nothing is stored: the client retries the whole message
+        elif now - self._last >= self.ctx.config.limits.command_timeout:
+            why = "timeout"
+        else:
+            self._arm_timer()
+            return
+        log.info("%s from [%s] in state %s", why, self.peer_ip, self.session.state.value)
+        self._deadline = None
+        self.session.timeout()  # 421 4.4.2
         self._flush()
+        if self._write_paused:  # the client does not read: the 421 would never leave
+            transport.abort()
+            return
         self._close()
+        self._arm_timer()  # to abort if the client does not read the 421 either

@@ -78,6 +78,8 @@ class MaildirDelivery:
     only accepts those users (case-insensitive, with any ``+detail`` removed); a domain not
     listed, or ``users=None``, accepts every user. ``catch_all`` receives mail for unknown
     users of a listed domain: either a local part (same domain) or a full ``user@domain``.
+    ``postmaster`` of a listed domain is always accepted (RFC 5321 4.5.1): without a catch-all
+    it goes to the domain's ``postmaster`` Maildir.
     ``recipient_delimiter`` separates user and detail ("" disables detail stripping).
     ``fsync=False`` skips every fsync (tests and benchmarks only: not crash-safe).
     """
@@ -138,7 +140,15 @@ class MaildirDelivery:
             user, domain = self._split(address)
         except ValueError:
             raise UnknownRecipient(_reply(_BAD_NAME, address)) from None
-        if self.users is not None and domain in self.users and user not in self.users[domain]:
+        if (
+            self.users is not None
+            and domain in self.users
+            and user not in self.users[domain]
+            and (user != "postmaster" or self.catch_all is not None)
+        ):
+            # RFC 5321 4.5.1: postmaster of every domain we take mail for must be accepted;
+            # unlisted, it gets that domain's "postmaster" Maildir (or the catch-all: someone
+            # reads that one)
             if self.catch_all is None:
                 raise UnknownRecipient(_reply(_UNKNOWN, address))
             if "@" in self.catch_all:

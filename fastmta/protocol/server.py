@@ -52,7 +52,9 @@ class SessionConfig(msgspec.Struct, kw_only=True):
     max_line_length: int = 1000  # text line incl. CRLF (RFC 5321 4.5.3.1.6)
     max_command_line: int = 512  # command line incl. CRLF (RFC 5321 4.5.3.1.4)
     max_auth_line: int = 12288  # SASL response lines (RFC 4954 4)
-    max_errors: int = 10  # protocol errors before 421 and disconnect
+    # errors (bad commands, refused MAIL/RCPT) before 421 and disconnect; Postfix
+    # smtpd_hard_error_limit, 20 by default
+    max_errors: int = 20
     bare_newline: str = "reject"  # "reject" | "normalize" (Postfix smtpd_forbid_bare_newline)
     forbid_unauth_pipelining: bool = True  # Postfix 3.9 smtpd_forbid_unauth_pipelining
     tls_available: bool = False  # offer STARTTLS (a certificate is configured)
@@ -224,6 +226,14 @@ class ServerSession:
     def closed(self) -> bool:
         return self.state is State.CLOSED
 
+    @property
+    def receiving_content(self) -> bool:
+        """Message content is coming in: from the 354 (or the first BDAT chunk, RFC 3030) until
+        the end of data or the LAST chunk. The span the adapter's data deadline bounds."""
+        return self.state in (State.DATA, State.BDAT) or (
+            self._data is not None and not self._data.done
+        )
+
     def next_event(self) -> Event | None:
         """Process buffered input until an event needs the caller, or input runs out."""
         if self._waiting is not None:
@@ -279,16 +289,22 @@ class ServerSession:
             raise RuntimeError(f"accept() does not answer {type(ev).__name__}")
 
     def reject(self, answer: Reply) -> None:
-        """Say no to the event we are waiting for, with the reply the client gets."""
+        """Say no to the event we are waiting for, with the reply the client gets. A refused
+        MAIL or RCPT counts as an error, as Postfix counts it towards smtpd_hard_error_limit:
+        a client guessing addresses or probing for a relay is cut off after max_errors."""
         ev = self._take_waiting()
         if isinstance(ev, MessageEvent):
             self._reset_transaction()
         elif isinstance(ev, (AuthEvent, AuthResponseEvent)):
             self.state = State.READY
             self._lines.max_line = self.config.max_command_line
-        self._send(answer)
         if answer.code == 421:  # RFC 5321 3.8: 421 means the server closes
+            self._send(answer)
             self._close("421")
+        elif isinstance(ev, (MailEvent, RcptEvent)):
+            self._error(answer)
+        else:
+            self._send(answer)
 
     def challenge(self, data: bytes) -> None:
         """Continue a SASL exchange: send ``334 base64(data)`` and read one response line."""
