@@ -10,7 +10,6 @@ import asyncio
 import pytest
 from delivery_harness import Harness
 
-from fastmta.delivery import pool
 from fastmta.delivery.bounce import wants_notice
 from fastmta.delivery.dsn import FailedRecipient, build_dsn
 from fastmta.spool import Recipient
@@ -96,22 +95,17 @@ def test_relayed_to_a_next_hop_with_dsn_passes_notify_on(tmp_path):
     asyncio.run(main())
 
 
-class _NoDsnInfo(pool.AttemptInfo, gc=False):
-    dsn: bool = False  # what the pool reports for a next hop without DSN
-
-
-def test_relayed_to_a_next_hop_without_dsn_gets_a_relayed_dsn(tmp_path, monkeypatch):
-    monkeypatch.setattr(pool, "AttemptInfo", _NoDsnInfo)
-
+def test_relayed_to_a_next_hop_without_dsn_gets_a_relayed_dsn(tmp_path):
     async def main():
-        sinks = {"127.0.0.2": Behaviour(), "127.0.0.3": Behaviour()}
+        sinks = {"127.0.0.2": Behaviour(dsn=False), "127.0.0.3": Behaviour()}
         async with Harness(tmp_path, sinks) as h:
             h.mx("ex.test", (10, "mx.ex.test", "127.0.0.2"))
             h.mx("sender.test", (10, "mx.sender.test", "127.0.0.3"))
-            await h.send("s@sender.test", [Recipient("b@ex.test", notify="SUCCESS")])
+            await h.send("s@sender.test", [Recipient("b@ex.test", notify="SUCCESS")], ret="HDRS")
             await h.until(lambda: h.sinks["127.0.0.3"].count == 1)
             data = h.sinks["127.0.0.3"].messages[0].data
             assert b"Action: relayed" in data and b"Status: 2.0.0" in data
             assert b"Remote-MTA: dns; mx.ex.test" in data
+            assert h.sinks["127.0.0.2"].messages[0].mail_params.ret is None  # not passed on
 
     asyncio.run(main())

@@ -369,6 +369,19 @@ def test_sans_io_sessions_import_no_io():
     assert out.stdout.strip() == "[]"
 
 
+def test_dsn_not_offered_refuses_its_parameters():
+    p = Peer(S.SessionConfig(dsn=False))
+    p.greeting()
+    assert b"250-DSN" not in b"\n".join(talk(p, b"EHLO c\r\n"))
+    assert talk(p, b"MAIL FROM:<a@b.test> RET=HDRS\r\n") == [
+        b"555 5.5.4 Error: DSN parameters not supported"
+    ]
+    assert talk(p, b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test> NOTIFY=NEVER\r\n") == [
+        b"250 2.1.0 Ok",
+        b"555 5.5.4 Error: DSN parameters not supported",
+    ]
+
+
 def test_bdat_without_rcpt_consumes_chunk():
     p = Peer()
     p.greeting()

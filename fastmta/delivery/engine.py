@@ -827,7 +827,7 @@ class DeliveryEngine:
         mailbox here; over SMTP, NOTIFY went on to a next hop that offers DSN and the notice
         is its to make, else ours: "relayed" (section 5.2.2)."""
         if site != "local":
-            if getattr(info, "dsn", True):  # (pool.AttemptInfo.dsn: the next hop offered DSN)
+            if info.dsn:
                 return
             f.action = "relayed"
             f.remote_mta = info.mx or None

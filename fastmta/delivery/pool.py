@@ -78,6 +78,7 @@ class AttemptInfo(msgspec.Struct, gc=False):
     tls: bool = False
     started: float = 0.0  # time.monotonic() when the attempt began
     source: str = ""  # the local address it went out from ("" = the OS's choice)
+    dsn: bool = True  # the next hop offered DSN: NOTIFY went on, its notices are its own
 
 
 class Job:
@@ -273,7 +274,12 @@ class SitePool:
                         (
                             job,
                             AttemptInfo(
-                                conn.host, conn.ip, conn.tls, time.monotonic(), self._source_ip
+                                conn.host,
+                                conn.ip,
+                                conn.tls,
+                                time.monotonic(),
+                                self._source_ip,
+                                conn.session.capabilities.dsn,
                             ),
                             False,
                         )
@@ -396,7 +402,14 @@ class SitePool:
             inflight.append(
                 (
                     job,
-                    AttemptInfo(conn.host, conn.ip, conn.tls, time.monotonic(), self._source_ip),
+                    AttemptInfo(
+                        conn.host,
+                        conn.ip,
+                        conn.tls,
+                        time.monotonic(),
+                        self._source_ip,
+                        conn.session.capabilities.dsn,
+                    ),
                     True,
                 )
             )

@@ -144,6 +144,7 @@ BARE_NEWLINE = reply(521, "5.5.2", "Error: bare <CR> or <LF> received")  # Postf
 SYNC_ERROR = reply(554, "5.5.0", "Error: SMTP protocol synchronization")  # Postfix 3.9
 TOO_MANY_ERRORS = reply(421, "4.7.0", "Error: too many errors")
 NO_SMTPUTF8 = reply(555, "5.5.4", "Error: SMTPUTF8 not supported")  # RFC 6531 3.4
+NO_DSN = reply(555, "5.5.4", "Error: DSN parameters not supported")  # RFC 3461 (not offered)
 SHUTTING_DOWN = reply(421, "4.3.2", "Service shutting down")  # 3.8
 TLS_NOT_AVAILABLE = reply(454, "4.7.0", "TLS not available due to temporary reason")  # RFC 3207 4
 

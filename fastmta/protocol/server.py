@@ -65,6 +65,7 @@ class SessionConfig(msgspec.Struct, kw_only=True):
     chunking: bool = True  # RFC 3030
     pipelining: bool = True  # RFC 2920; False: not offered, and a client must wait per reply
     smtputf8: bool = True  # RFC 6531; False: not offered, MAIL ... SMTPUTF8 gets 555
+    dsn: bool = True  # RFC 3461; False: not offered, RET/ENVID/NOTIFY/ORCPT get 555
     soft_bounce: bool = False  # every 5xx reply goes out as 4xx (Postfix soft_bounce)
 
 
@@ -148,6 +149,7 @@ def _ehlo_reply(
     auth: str | None,
     smtputf8: bool,
     chunking: bool,
+    dsn: bool = True,
 ) -> bytes:
     """The EHLO reply (RFC 5321 4.1.1.1): the same few variants for every session of a
     listener (before/after TLS and AUTH), so each is formatted once."""
@@ -157,7 +159,7 @@ def _ehlo_reply(
         lines.append("STARTTLS")
     if auth is not None:
         lines.append("AUTH " + auth)
-    lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN"]
+    lines += ["ENHANCEDSTATUSCODES", "8BITMIME"] + (["DSN"] if dsn else [])
     if smtputf8:
         lines.append("SMTPUTF8")
     if chunking:
@@ -442,7 +444,14 @@ class ServerSession:
         auth = " ".join(c.auth_mechanisms) if self._auth_offered() else None
         self._out.append(
             _ehlo_reply(
-                c.hostname, c.pipelining, c.max_message_size, starttls, auth, c.smtputf8, c.chunking
+                c.hostname,
+                c.pipelining,
+                c.max_message_size,
+                starttls,
+                auth,
+                c.smtputf8,
+                c.chunking,
+                c.dsn,
             )
         )
         return None
@@ -479,6 +488,9 @@ class ServerSession:
         if mail.smtputf8 and not self.config.smtputf8:
             self._error(R.NO_SMTPUTF8)
             return None
+        if (mail.ret or mail.envid) and not self.config.dsn:
+            self._error(R.NO_DSN)
+            return None
         if mail.size is not None and mail.size > self.config.max_message_size:
             self._error(R.SIZE_TOO_BIG)
             return None
@@ -497,6 +509,9 @@ class ServerSession:
             rcpt = parse_rcpt(arg, self.mail.smtputf8 if self.mail else False)
         except ParseError as e:
             self._parse_error(e)
+            return None
+        if (rcpt.notify or rcpt.orcpt) and not self.config.dsn:
+            self._error(R.NO_DSN)
             return None
         return RcptEvent(rcpt)
 

@@ -110,6 +110,7 @@ class Behaviour(msgspec.Struct):
     cert: str | None = None  # PEM certificate chain
     key: str | None = None  # PEM private key
     smtputf8: bool = True  # False: not offered, and MAIL FROM ... SMTPUTF8 gets 555
+    dsn: bool = True  # False: DSN not offered (RFC 3461), and its parameters get 555
     size: int = 50 << 20  # SIZE limit (RFC 1870)
     mail_reply: Callable[[str], Reply | None] | None = None  # sender -> reply; None: accept
     rcpt_reply: Callable[[str], Reply | None] | None = None  # recipient -> reply; None: accept
@@ -518,7 +519,7 @@ class Sink:
         await asyncio.sleep(0)  # let connection_lost callbacks run
 
     def _config_for(self, b: Behaviour) -> SessionConfig:
-        key = (b.chunking, b.starttls, b.size)
+        key = (b.chunking, b.starttls, b.size, b.pipelining, b.smtputf8, b.dsn)
         config = self._configs.get(key)
         if config is None:
             config = self._configs[key] = SessionConfig(
@@ -527,6 +528,7 @@ class Sink:
                 chunking=b.chunking,
                 pipelining=b.pipelining,
                 smtputf8=b.smtputf8,
+                dsn=b.dsn,
                 tls_available=b.starttls,
                 auth="never",
             )
