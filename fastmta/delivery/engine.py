@@ -687,7 +687,7 @@ class DeliveryEngine:
             if route.kind == "local":
                 self._spawn(self._deliver_local(job))
                 continue
-            key = (route.lookup, route.bracketed, route.sts)
+            key = (route.lookup, route.bracketed, route.sts, route.via)  # via: errors differ
             hit = self._dest_cache.get(key)
             if hit is not None and hit[0].expires > self.resolver.clock():
                 self._dispatch(job, hit[1] or route, hit[0].pick(self._rng))
