@@ -270,20 +270,7 @@ class SitePool:
                 else:
                     pool.stats.reused += 1
                 while True:
-                    inflight.append(
-                        (
-                            job,
-                            AttemptInfo(
-                                conn.host,
-                                conn.ip,
-                                conn.tls,
-                                time.monotonic(),
-                                self._source_ip,
-                                conn.session.capabilities.dsn,
-                            ),
-                            False,
-                        )
-                    )
+                    inflight.append((job, self._attempt(conn), False))
                     conn.send(job.message)
                     failover = await self._results(conn, inflight, reused)
                     if failover is None:
@@ -334,6 +321,17 @@ class SitePool:
                 self._spawn()
             elif not self.queue and not self._starting and len(self.workers) <= 1:
                 pool.reap(self)
+
+    def _attempt(self, conn: SmtpConnection) -> AttemptInfo:
+        """Where a transaction sent now over ``conn`` goes (for the log and DSNs)."""
+        return AttemptInfo(
+            conn.host,
+            conn.ip,
+            conn.tls,
+            time.monotonic(),
+            self._source_ip,
+            conn.session.capabilities.dsn,
+        )
 
     def _connected(
         self, conn: SmtpConnection, inflight: deque[tuple[Job, AttemptInfo, bool]]
@@ -399,20 +397,7 @@ class SitePool:
             ):
                 return None
             queue.popleft()
-            inflight.append(
-                (
-                    job,
-                    AttemptInfo(
-                        conn.host,
-                        conn.ip,
-                        conn.tls,
-                        time.monotonic(),
-                        self._source_ip,
-                        conn.session.capabilities.dsn,
-                    ),
-                    True,
-                )
-            )
+            inflight.append((job, self._attempt(conn), True))
             self.pool.stats.reused += 1
             self.pool.stats.chained += 1
             return job.message

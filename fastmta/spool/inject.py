@@ -24,13 +24,12 @@ import os
 
 from .errors import SpoolError
 from .records import ENCODER, ENVELOPE_DECODER, Envelope, new_queue_id
-from .recover import describe_damage
+from .recover import salvage_whole
 from .segment import (
     RecordType,
     frame,
     fsync_dir,
     message_payload,
-    salvage,
     split_message,
     write_all,
 )
@@ -118,14 +117,7 @@ def claim_incoming(
         path = os.path.join(adopting, name)
         with open(path, "rb") as f:
             buf = f.read()
-        records, spans, good = salvage(buf)
-        if good < len(buf):  # nothing sound follows; no torn tail here (renamed after its fsync)
-            spans.append((good, len(buf)))
-        for start, end in spans:
-            log.error(
-                "injected file %s: %d damaged bytes at offset %d skipped; lost: %s",
-                path, end - start, start, describe_damage(buf, start, end),
-            )  # fmt: skip
+        records, spans = salvage_whole(buf, f"injected file {path}")
         try:
             if len(records) != 1 or records[0][1] != RecordType.MESSAGE:
                 raise ValueError("not exactly one sound MESSAGE record")

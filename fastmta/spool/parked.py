@@ -39,7 +39,7 @@ from collections.abc import Callable, Container, Iterable, Sequence
 from typing import NamedTuple
 
 from .records import ENCODER, ENVELOPE_DECODER, Envelope
-from .recover import describe_damage
+from .recover import salvage_whole
 from .segment import (
     ENVLEN,
     HEADER,
@@ -190,14 +190,7 @@ def _read(directory: str, name: str) -> tuple[list[tuple[Envelope, bytes]] | Non
             buf = f.read()
     except FileNotFoundError:
         return None, False
-    records, spans, good = salvage(buf)
-    if good < len(buf):  # nothing sound follows; no torn tail here (renamed after its fsync)
-        spans.append((good, len(buf)))
-    for start, end in spans:
-        log.error(
-            "parked file %s: %d damaged bytes at offset %d skipped; lost: %s",
-            path, end - start, start, describe_damage(buf, start, end),
-        )  # fmt: skip
+    records, spans = salvage_whole(buf, f"parked file {path}")
     out = []
     damaged = bool(spans)
     for _, rtype, payload in records:

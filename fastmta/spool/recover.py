@@ -75,6 +75,21 @@ _LOSS = {
 }
 
 
+def salvage_whole(buf: bytes, what: str) -> tuple[list, list[tuple[int, int]]]:
+    """The sound records of a file that was written whole and fsync'd before it was renamed
+    into place (a parked or injected file: it has no torn tail, so anything unsound is damage)
+    and its damaged spans, each logged naming ``what`` (the file)."""
+    records, spans, good = salvage(buf)
+    if good < len(buf):
+        spans.append((good, len(buf)))
+    for start, end in spans:
+        log.error(
+            "%s: %d damaged bytes at offset %d skipped; lost: %s",
+            what, end - start, start, describe_damage(buf, start, end),
+        )  # fmt: skip
+    return records, spans
+
+
 def describe_damage(buf: bytes, start: int, end: int) -> str:
     """What the damaged bytes [start, end) held, as far as their unverified header and payload
     tell (for the log): record type, queue id if it decodes, and what losing it means."""
