@@ -54,7 +54,7 @@ from fastmta.queue.scheduler import Scheduler, batches
 from fastmta.queue.select import Selection, bounce_reason, command_change
 from fastmta.queue.sites import limits_for
 from fastmta.spool import Spool, SpoolError
-from fastmta.spool.records import PENDING, RcptState, StoredMessage
+from fastmta.spool.records import PENDING, Envelope, RcptState, StoredMessage
 from fastmta.tls import shared_client_context
 
 __all__ = ["DeliveryEngine", "EngineStats"]
@@ -88,13 +88,17 @@ class EngineStats(msgspec.Struct):
 
 
 _BALANCE_BACKOFF = 5.0  # seconds without parking/loading after a parked-file error
+CHECKPOINT_AFTER = 1.0  # seconds a message may wait half-delivered before that is recorded
 _PARK_BYTES = 32 << 20  # message bytes per parked file at most (one message may be bigger)
 
 
 class _Active:
     """A message being delivered in this attempt (its bytes are in memory)."""
 
-    __slots__ = ("sm", "data", "jobs", "failures", "successes", "cancelled", "last", "attempted")
+    __slots__ = (
+        "sm", "data", "jobs", "failures", "successes", "cancelled", "last", "attempted",
+        "checkpoint",
+    )  # fmt: skip
 
     def __init__(self, sm: StoredMessage, data: bytes) -> None:
         self.sm = sm
@@ -105,6 +109,7 @@ class _Active:
         self.successes: list[Failure] = []  # deliveries whose NOTIFY asks for SUCCESS
         self.cancelled: set[int] = set()  # recipients an operator bounced, in failures
         self.last: dict[int, tuple[Reply, str]] = {}  # index -> (reply, mx) of this attempt
+        self.checkpoint: asyncio.TimerHandle | None = None  # see DeliveryEngine._checkpoint
 
 
 class DeliveryEngine:
@@ -843,7 +848,11 @@ class DeliveryEngine:
     async def _job_finished(self, act: _Active) -> None:
         act.jobs -= 1
         if act.jobs > 0:
+            if act.checkpoint is None and self._loop is not None:
+                act.checkpoint = self._loop.call_later(CHECKPOINT_AFTER, self._checkpoint, act)
             return
+        if act.checkpoint is not None:
+            act.checkpoint.cancel()
         sm = act.sm
         env = sm.envelope
         if act.attempted:
@@ -895,6 +904,27 @@ class DeliveryEngine:
                 self._requeue(sm)
         self._arm_timer()
         self._kick()
+
+    def _checkpoint(self, act: _Active) -> None:
+        """Part of a message's recipients are final while others are still in flight (a slow
+        or timing-out destination): record what is known, so a crash now does not deliver the
+        finished ones again (Postfix marks each recipient done as it goes). Only for messages
+        still unfinished CHECKPOINT_AFTER seconds after their first batch came back: the
+        common case, all batches back at once, costs no extra spool record. Not while a
+        bounce is pending: a recipient recorded bounced before its DSN is stored would lose
+        the DSN in a crash (the final update comes after the DSN)."""
+        act.checkpoint = None  # a later batch may set another
+        env = act.sm.envelope
+        if self._active.get(env.id) is not act or act.jobs <= 0 or self._stopping:
+            return
+        if not act.failures:
+            self._spawn(self._record_progress(env))
+
+    async def _record_progress(self, env: Envelope) -> None:
+        try:
+            await self.spool.update(env)
+        except (KeyError, SpoolError) as e:  # removed meanwhile, or a full disk: the final
+            log.warning("message %s: cannot record progress: %s", env.id, e)  # update will
 
     def _unreported(self, act: _Active, e: SpoolError) -> None:
         """The bounce could not be stored (a full disk): its recipients are not final without
