@@ -2,9 +2,11 @@
 
 Each worker owns one event loop, one spool shard (``<spool>/shard-<i>``), its own delivery
 engine, and its own listening socket on every configured address (SO_REUSEPORT: the kernel
-spreads connections over the workers). The supervisor starts them, restarts one that dies,
-rolls them over on SIGHUP (new config, no connection refused: the others keep listening),
-and on SIGTERM/SIGINT stops them all cleanly (in-flight transactions finish, then exit).
+spreads connections over the workers). The supervisor makes those sockets and keeps them, as
+Postfix's master does: a worker that is restarted, or replaced on SIGHUP (new config), hands
+its socket on to its successor, and connections that arrive meanwhile wait in its backlog
+instead of being refused. On SIGTERM/SIGINT it stops them all cleanly (in-flight
+transactions finish, then exit).
 """
 
 from __future__ import annotations
@@ -59,10 +61,14 @@ class Worker:
         index: int = 0,
         count: int = 1,
         counts: dict[str, ConnectionCounts] | None = None,
+        sockets: dict[str, list[socket.socket]] | None = None,
     ) -> None:
         self.config = config
         self.index = index
         self.count = count
+        # listening sockets per listener address, made by the supervisor (listen_sockets);
+        # None: bind them here (tests, embedding)
+        self.sockets = sockets
         # connection counts per listener address, shared with the other workers (anvil.py);
         # None: this worker counts alone (tests, embedding)
         self.counts = counts
@@ -124,17 +130,20 @@ class Worker:
                 dkim=self.dkim,
                 delivery_log=self.delivery_log,
             )
-            host, port = parse_hostport(listener.address, 25)
-            server = await lp.create_server(
-                ctx,
-                host or None,
-                port,
-                reuse_port=True,
-                backlog=1024,
-                ssl=ssl_ctx if listener.tls == "implicit" else None,
-            )
+            ssl = ssl_ctx if listener.tls == "implicit" else None
+            if self.sockets is not None:
+                for sock in self.sockets[listener.address]:
+                    self.servers.append(
+                        await lp.create_server(ctx, sock=sock, backlog=LISTEN_BACKLOG, ssl=ssl)
+                    )
+            else:
+                host, port = parse_hostport(listener.address, 25)
+                self.servers.append(
+                    await lp.create_server(
+                        ctx, host or None, port, reuse_port=True, backlog=LISTEN_BACKLOG, ssl=ssl
+                    )
+                )
             self.listenings.append(ctx)
-            self.servers.append(server)
         self._adopter = asyncio.ensure_future(self._adopt_loop())
         if config.server.compact_interval > 0:
             self._compactor = asyncio.ensure_future(self._compact_loop())
@@ -279,14 +288,18 @@ _SUPERVISOR_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 def _worker_process(
-    config: Config, index: int, count: int, counts: dict[str, ConnectionCounts] | None = None
+    config: Config,
+    index: int,
+    count: int,
+    counts: dict[str, ConnectionCounts] | None = None,
+    sockets: dict[str, list[socket.socket]] | None = None,
 ) -> int:
     """Body of a worker process (after fork)."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor handles reloads
     sys.setswitchinterval(SWITCH_INTERVAL)
 
     async def main() -> int:
-        worker = Worker(config, index, count, counts)
+        worker = Worker(config, index, count, counts, sockets)
         lp = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             lp.add_signal_handler(sig, worker.request_stop)
@@ -301,6 +314,36 @@ def _worker_process(
         return 0
 
     return loop.run(main())
+
+
+LISTEN_BACKLOG = 1024  # connections waiting to be accepted, per worker and address
+
+
+def listen_sockets(address: str) -> list[socket.socket]:
+    """Listening sockets for a listener address, as loop.create_server makes them (one per
+    address the host resolves to, IPv6 ones v6-only), with SO_REUSEPORT so that every worker
+    has its own. Raises OSError."""
+    host, port = parse_hostport(address, 25)
+    infos = socket.getaddrinfo(
+        host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+    )
+    out: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, addr in dict.fromkeys(infos):
+            s = socket.socket(family, kind, proto)
+            out.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind(addr)
+            s.listen(LISTEN_BACKLOG)
+            s.setblocking(False)
+    except OSError:
+        for s in out:
+            s.close()
+        raise
+    return out
 
 
 def _check_listen(config: Config) -> str | None:
@@ -335,6 +378,42 @@ class Supervisor:
         self._hup = False
         self.counts: dict[str, ConnectionCounts] = {}  # per listener address, for all workers
         self._make_counts()
+        # worker index -> listener address -> its listening sockets (kept across restarts)
+        self.sockets: dict[int, dict[str, list[socket.socket]]] = {}
+
+    def _open_sockets(self, config: Config) -> None:
+        """Listening sockets for every worker and listener of ``config``, keeping the ones
+        already open for an address still configured. Raises OSError (nothing changed)."""
+        made: list[socket.socket] = []
+        new: dict[int, dict[str, list[socket.socket]]] = {}
+        try:
+            for i in range(config.server.workers):
+                old = self.sockets.get(i, {})
+                new[i] = {}
+                for listener in config.listener:
+                    a = listener.address
+                    if a not in new[i]:
+                        new[i][a] = old.get(a) or listen_sockets(a)
+                        if a not in old:
+                            made += new[i][a]
+        except OSError:
+            for s in made:
+                s.close()
+            raise
+        gone = [
+            s for i, by in self.sockets.items() for a, ss in by.items()
+            if a not in new.get(i, {}) for s in ss
+        ]  # fmt: skip
+        self.sockets = new
+        for s in gone:  # (their workers are replaced before the old sockets close: rollover)
+            s.close()
+
+    def _close_sockets(self) -> None:
+        for by in self.sockets.values():
+            for ss in by.values():
+                for s in ss:
+                    s.close()
+        self.sockets = {}
 
     def _make_counts(self) -> None:
         """Shared connection counts for every listener of the config (before forking)."""
@@ -361,7 +440,15 @@ class Supervisor:
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor handles reloads
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-                code = _worker_process(self.config, index, self.config.server.workers, self.counts)
+                mine = self.sockets.get(index)
+                for i, by in self.sockets.items():  # the other workers' sockets are theirs
+                    if i != index:
+                        for ss in by.values():
+                            for sock in ss:
+                                sock.close()
+                code = _worker_process(
+                    self.config, index, self.config.server.workers, self.counts, mine
+                )
             except BaseException:  # noqa: BLE001 - a child must never return into the parent's code
                 log.exception("worker %d crashed", index)
             finally:
@@ -376,6 +463,11 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
         try:
+            try:
+                self._open_sockets(self.config)
+            except OSError as e:  # (serve checked each address just before)
+                log.error("cannot listen: %s", e)
+                return 2
             for i in range(n):
                 self.spawn(i)
             self._supervise()
@@ -383,6 +475,7 @@ class Supervisor:
             # whatever ends the loop (an exception included), no worker may outlive its
             # supervisor: orphans would go on answering SMTP with nobody to stop or reload them
             self._stop_children()
+            self._close_sockets()
         return 1 if self.failed else 0
 
     def _supervise(self) -> None:
@@ -461,6 +554,11 @@ class Supervisor:
         if new.server.workers != self.config.server.workers:
             log.warning("reload: a new worker count takes effect at the next start")
             new = _with_workers(new, self.config.server.workers)
+        try:
+            self._open_sockets(new)  # new addresses first: a taken one keeps the old config
+        except OSError as e:
+            log.error("reload failed, keeping the running configuration: cannot listen: %s", e)
+            return
         self.config = new
         self._make_counts()
         log.info("reloading: replacing %d worker(s)", len(self.children))

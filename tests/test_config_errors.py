@@ -279,7 +279,7 @@ def test_a_new_worker_never_runs_the_supervisors_signal_handlers(monkeypatch):
     sup = Supervisor(load_config(None), None)
     r, w = os.pipe()
 
-    def worker(config, index, count, counts=None):
+    def worker(config, index, count, counts=None, sockets=None):
         names = {signal.SIG_DFL: "default", signal.SIG_IGN: "ignore"}
         got = [names.get(signal.getsignal(s), "handler") for s in sorted(_SIGNALS)]
         os.write(w, ",".join(got).encode())

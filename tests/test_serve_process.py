@@ -120,6 +120,62 @@ def test_workers_restart_reload_and_stop(serve, tmp_path):
 CRASH_SAFE = 5.5  # the supervisor treats a death within 5 s of start as a start-up failure
 
 
+def _hammer(port: int, seconds: float, during) -> tuple[int, int, int]:
+    """Connect (and read the greeting) in a loop for ``seconds``, calling ``during()`` once
+    after a little while; bounded in time and count. Returns (greeted, refused, other)."""
+    greeted = refused = other = 0
+    t0 = time.monotonic()
+    done = False
+    while time.monotonic() - t0 < seconds and greeted + refused + other < 5000:
+        if not done and time.monotonic() - t0 > 0.3:
+            during()
+            done = True
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.settimeout(10)
+                if s.recv(100).startswith(b"220 "):
+                    greeted += 1
+                else:
+                    other += 1
+                s.sendall(b"QUIT\r\n")
+        except ConnectionRefusedError:
+            refused += 1
+        except OSError:
+            other += 1
+        time.sleep(0.002)
+    return greeted, refused, other
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_reload_refuses_no_connection(serve, tmp_path, workers):
+    """The supervisor owns the listening sockets: while a worker is replaced on SIGHUP its
+    successor inherits the socket, and connections wait in its backlog instead of being
+    refused (with one worker there is no other to take them)."""
+    port = unused_port()
+    p, cfg = serve(config(port, tmp_path, workers=workers))
+    assert wait_until(lambda: greeting(port).startswith(b"220 one.test"))
+    assert wait_until(lambda: len(children(p.pid)) == workers)
+    with open(cfg, "w") as f:
+        f.write(config(port, tmp_path, workers=workers, hostname="two.test"))
+    greeted, refused, other = _hammer(port, 3.0, lambda: p.send_signal(signal.SIGHUP))
+    assert (refused, other) == (0, 0) and greeted > 0
+    assert wait_until(lambda: greeting(port).startswith(b"220 two.test"))
+
+
+def test_reload_moves_a_listener(serve, tmp_path):
+    """A listener address added on SIGHUP listens; one removed stops."""
+    port, port2 = unused_port(), unused_port()
+    p, cfg = serve(config(port, tmp_path, workers=2))
+    assert wait_until(lambda: greeting(port).startswith(b"220 one.test"))
+    with open(cfg, "w") as f:
+        f.write(config(port2, tmp_path, workers=2, hostname="two.test"))
+    p.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: greeting(port2).startswith(b"220 two.test"), 20)
+    assert wait_until(lambda: greeting(port) == b"", 20)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(20) == 0
+
+
 def test_port_in_use_is_a_clear_error(serve, tmp_path):
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
