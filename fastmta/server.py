@@ -136,6 +136,7 @@ class SmtpConnection(asyncio.Protocol):
         self._write_paused = False  # the transport's write buffer is over its high-water mark
         self._eof = False  # the client half-closed: answer what it sent, then close
         self._deadline: float | None = None  # end of the time allowed for the message content
+        self._timer_at = 0.0  # when the armed timer fires (monotonic)
         self._storing = ""  # queue id of the message being stored
 
     # ------------------------------------------------------------------ asyncio.Protocol
@@ -535,9 +536,10 @@ class SmtpConnection(asyncio.Protocol):
         if self.session.receiving_content:
             if self._deadline is None and self.transport is not None:
                 self._deadline = self._now() + self.ctx.config.limits.data_timeout
-                if self._timer is not None:  # it may be set for later than the deadline
-                    self._timer.cancel()
-                self._arm_timer()
+                if self._timer is None or self._timer_at > self._deadline:
+                    if self._timer is not None:  # set for later than the deadline
+                        self._timer.cancel()
+                    self._arm_timer()
         else:
             self._deadline = None
 
@@ -545,6 +547,7 @@ class SmtpConnection(asyncio.Protocol):
         when = self._last + self.ctx.config.limits.command_timeout
         if self._deadline is not None:
             when = min(when, self._deadline)
+        self._timer_at = when
         self._timer = self._loop.call_later(max(0.0, when - self._now()), self._on_timer)
 
     def _on_timer(self) -> None:
