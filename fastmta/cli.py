@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         "passwd",
         help="add a user to the SMTP AUTH users file, or change a password",
         description="Set USER's password in the users file (a scrypt hash for AUTH PLAIN and "
-        "LOGIN, SCRAM-SHA-256 keys for AUTH SCRAM-SHA-256; atomic rewrite, mode 0600). The password is asked for on a terminal, else read as one line from stdin.",
+        "LOGIN, SCRAM-SHA-256 keys for AUTH SCRAM-SHA-256; atomic rewrite, mode 0600). The password is asked for on a terminal, else read as one line from stdin. A running server uses the change at the next AUTH.",
     )
     w.add_argument("user", metavar="USER")
     w.add_argument(

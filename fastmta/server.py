@@ -241,6 +241,7 @@ class SmtpConnection(asyncio.Protocol):
             elif isinstance(ev, S.StartTLSEvent):
                 self._start(self._starttls())
             elif isinstance(ev, S.AuthEvent):
+                self._users_current()
                 self._sasl = auth.start(ev.mechanism, ev.initial, self.ctx.users)
                 self._on_sasl(self._sasl.initial)
             elif isinstance(ev, S.AuthResponseEvent):
@@ -260,6 +261,19 @@ class SmtpConnection(asyncio.Protocol):
             # all the half-closed client sent is answered (an unfinished command or message
             # is dropped); transport.close() sends the replies still buffered first
             self._close()
+
+    def _users_current(self) -> None:
+        """The users file as it is now: `fastmta passwd` takes effect at the next AUTH, no
+        reload needed (Postfix's daemons likewise restart when a table they use changes). A
+        stat per AUTH; a file made unreadable or malformed keeps the table loaded before."""
+        users = self.ctx.users
+        if users is None:
+            return
+        try:
+            if users.reload_if_changed():
+                log.info("users file %s reloaded (%d users)", users.path, len(users))
+        except (OSError, auth.UsersFileError) as e:
+            log.error("users file not reloaded, the previous one stays in use: %s", e)
 
     def _on_rcpt(self, ev: S.RcptEvent) -> None:
         ctx = self.ctx

@@ -156,6 +156,38 @@ def test_starttls_auth_and_relay(smtpd, tls_files):
     assert b"with ESMTPSA id" in data
 
 
+def test_users_file_changes_take_effect_at_the_next_auth(smtpd, tls_files):
+    """`fastmta passwd` (set_password) while the server runs: the new user can log in and a
+    changed password is the one that counts, without a reload; a file broken meanwhile keeps
+    the table that was loaded."""
+    cert, key, users = tls_files
+    d = smtpd(
+        {
+            "tls": {"cert_file": cert, "key_file": key},
+            "policy": {"users_file": users},
+            "listener": [{"address": "127.0.0.1:2525", "tls": "starttls"}],
+        }
+    )
+
+    def login(user: str, password: str) -> int:
+        with smtplib.SMTP("127.0.0.1", d.port) as c:
+            c.starttls(context=client_tls())
+            c.ehlo("x")
+            try:
+                return c.login(user, password)[0]
+            except smtplib.SMTPAuthenticationError as e:
+                return e.smtp_code
+
+    assert login("bob", "pw1") == 535
+    set_password(users, "bob", "pw1")
+    assert login("bob", "pw1") == 235
+    set_password(users, "alice", "new")
+    assert login("alice", "s3cret") == 535 and login("alice", "new") == 235
+    with open(users, "a") as f:
+        f.write("broken line without a hash\n")
+    assert login("bob", "pw1") == 235  # the last good table stays
+
+
 def test_auth_login_mechanism(smtpd, tls_files):
     cert, key, users = tls_files
     d = smtpd(
