@@ -122,3 +122,28 @@ def test_421_at_mail_backup_is_myself_deferred(tmp_path):
             assert h.sinks["127.0.0.3"].transactions == 0
 
     asyncio.run(main())
+
+
+def test_421_on_a_reused_connection_is_tried_again_at_once(tmp_path):
+    """A server that closes a connection after some messages with 421 at MAIL: the message
+    goes again over a fresh connection at once, not after a retry interval."""
+    mails = []
+
+    def second_mail_421(sender: str):
+        mails.append(sender)
+        return TOO_MANY if len(mails) == 2 else None
+
+    async def main():
+        sinks = {"127.0.0.2": Behaviour(mail_reply=second_mail_421)}
+        async with Harness(tmp_path, sinks, retry=60) as h:
+            h.mx("example.test", (10, "mx1.example.test", "127.0.0.2"))
+            first = await h.send("a@sender.test", ["b@example.test"])
+            await h.until(lambda: h.live(first.envelope.id) is None)
+            second = await h.send("a@sender.test", ["c@example.test"])
+            await h.until(lambda: h.live(second.envelope.id) is None)
+            assert h.sinks["127.0.0.2"].count == 2 and len(mails) == 3
+            assert h.sinks["127.0.0.2"].connections == 2
+            assert [(r["outcome"], r["attempt"]) for r in h.records()] == [("delivered", 1)] * 2
+            assert h.engine.stats.deferred == 0
+
+    asyncio.run(main())

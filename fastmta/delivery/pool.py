@@ -7,7 +7,8 @@ one on a connect failure, a 4xx/5xx greeting, 421, or a TLS failure), runs the t
 hands the replies to ``on_result``, and takes the next job over the same connection (the client
 session sends RSET when needed). A 421 to a fresh connection's first transaction, before the
 server took the message for anyone, is a failure of that host too: the job goes on to the
-hosts and addresses after it, each once, and is deferred with the last reply when all fail.
+hosts and addresses after it, each once, and is deferred with the last reply when all fail;
+over a connection that carried mail before, it goes once more over a fresh connection.
 While a job's content is going out, the next queued job is chained behind it
 (``SiteLimits.chain``: its MAIL/RCPT/DATA leave with the previous ".", so a backlog costs one
 round trip per message, not two); a site whose server drops a chained transaction unanswered
@@ -373,9 +374,17 @@ class SitePool:
                     job.retried = True
                     self.queue.appendleft(job)
                     continue
-            if not chained and not reused and _site_failed(result):
-                failover = (job, info, result)
-                continue
+            if _site_failed(result):
+                if not chained and not reused:
+                    failover = (job, info, result)
+                    continue
+                if not job.retried:
+                    # the server ends a connection that carried mail before (a limit of
+                    # messages per connection, or it is going down): not this message's
+                    # attempt; once more over a fresh connection, where a 421 counts
+                    job.retried = True
+                    self.queue.appendleft(job)
+                    continue
             await pool.on_result(job, result.rcpts, info)
         return failover
 
