@@ -939,19 +939,7 @@ class DeliveryEngine:
             rc.state = _CANCELLED if f.index in act.cancelled else _DEFERRED
             self._stats.bounced -= 1
             self._stats.deferred += 1
-            if self.delivery_log is not None:
-                self.delivery_log.write(
-                    DeliveryRecord(
-                        time=time.time(),
-                        queue_id=env.id,
-                        recipient=rc.address,
-                        code=f.code,
-                        enhanced=f.enhanced or "",
-                        text=text,
-                        outcome="deferred",
-                        attempt=env.attempts,
-                    )
-                )
+            self._log_outcome(env, rc.address, f, text, "deferred")
         act.failures = []
 
     def _bounce_cancelled(self, act: _Active) -> None:
@@ -986,12 +974,25 @@ class DeliveryEngine:
         self._stats.bounced += 1
         expired = "MessageExpired" if outcome == "expired" else None
         cls = self._failed(reply(f.code, f.enhanced, f.text), expired)
+        self._log_outcome(env, rc.address, f, text, outcome, site, cls)
+
+    def _log_outcome(
+        self,
+        env: Envelope,
+        recipient: str,
+        f: Failure,
+        text: str,
+        outcome: str,
+        site: str = "",
+        cls: str = "",
+    ) -> None:
+        """A delivery-log line for an outcome reached without an attempt of this recipient."""
         if self.delivery_log is not None:
             self.delivery_log.write(
                 DeliveryRecord(
                     time=time.time(),
                     queue_id=env.id,
-                    recipient=rc.address,
+                    recipient=recipient,
                     site=site,
                     code=f.code,
                     enhanced=f.enhanced or "",
