@@ -367,6 +367,10 @@ class ControlServer:
     async def _stats(self, req: Request, writer: asyncio.StreamWriter) -> Line:
         stats: dict[str, int | float | dict[str, int]] = msgspec.structs.asdict(self.engine.stats)
         stats["spool"] = len(self.spool)
+        sp = self.spool.stats  # what recovery had to cut or skip, and failed writes
+        stats["spool_truncated_bytes"] = sp.truncated_bytes
+        stats["spool_damaged_bytes"] = sp.damaged_bytes
+        stats["spool_write_errors"] = sp.write_errors
         stats["pid"] = os.getpid()
         return Line(stats=stats)
 

@@ -33,6 +33,17 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "parked": ("fastmta_parked_messages", "gauge", "Queued messages parked on disk"),
     "in_memory": ("fastmta_in_memory_messages", "gauge", "Queued messages loaded in memory"),
     "spool": ("fastmta_spool_messages", "gauge", "Messages live in the spool"),
+    "spool_truncated_bytes": (
+        "fastmta_spool_truncated_bytes",
+        "counter",
+        "Torn-tail bytes cut off at recovery",
+    ),
+    "spool_damaged_bytes": (
+        "fastmta_spool_damaged_bytes",
+        "counter",
+        "Bytes of damaged spool records skipped",
+    ),
+    "spool_write_errors": ("fastmta_spool_write_errors", "counter", "Failed spool writes"),
 }
 _REQUEST_LIMIT = 8 << 10
 _TIMEOUT = 2.0

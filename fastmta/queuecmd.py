@@ -752,6 +752,9 @@ def cmd_stats(args: argparse.Namespace, root: str) -> int:
         if failures:
             ranked = sorted(failures.items(), key=lambda kv: (-kv[1], kv[0]))
             print("failed attempts by class: " + ", ".join(f"{c} {n}" for c, n in ranked))
+        damaged = sum(s.get("spool_damaged_bytes", 0) for _, s in rows)
+        if damaged:
+            print(f"spool: {damaged} damaged bytes skipped at recovery (see the log)")
     workers.warn_down()
     return EX_NOT_FOUND if workers.down else EX_OK
 

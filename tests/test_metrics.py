@@ -28,6 +28,9 @@ def test_render_exposition_format():
     assert "# TYPE fastmta_queued_messages gauge" in lines
     assert 'fastmta_queued_messages{worker="0"} 2' in lines
     assert not any("pid" in line for line in lines)  # only the documented metrics
+    text = render([(0, {"spool_damaged_bytes": 120, "spool_write_errors": 0})])
+    assert 'fastmta_spool_damaged_bytes_total{worker="0"} 120' in text.splitlines()
+    assert 'fastmta_spool_write_errors_total{worker="0"} 0' in text.splitlines()
     assert text.endswith("\n")
     text = render([(0, {"failures": {"SpamBlock": 2, "InvalidRecipient": 5}}), (1, {})])
     assert text.splitlines()[-3:] == [
@@ -76,6 +79,9 @@ def test_scrape_a_running_server(tmp_path):
             'fastmta_spool_messages{worker="0"',
             'fastmta_spool_messages{worker="1"',
         }
+        for w in (0, 1):  # the spool's own health: nothing cut, skipped or failed here
+            for name in ("truncated_bytes", "damaged_bytes", "write_errors"):
+                assert f'fastmta_spool_{name}_total{{worker="{w}"}} 0' in text.splitlines()
         assert scrape(port, "/other")[0] == 404
 
 
