@@ -27,7 +27,7 @@ from fastmta.dns import Destination, DnsError, MXHost, Resolver
 from fastmta.dns.mx import address_literal
 from fastmta.policy import DomainSet
 
-__all__ = ["Route", "Router", "is_loopback"]
+__all__ = ["Route", "Router", "is_ip", "is_loopback"]
 
 
 class Route(msgspec.Struct, frozen=True):
@@ -53,7 +53,7 @@ class Route(msgspec.Struct, frozen=True):
     via: str = ""
 
 
-def _is_ip(text: str) -> bool:
+def is_ip(text: str) -> bool:
     """True when ``text`` is an IPv4 or IPv6 address (no brackets, no "IPv6:" tag)."""
     try:
         ipaddress.ip_address(text)
@@ -73,7 +73,7 @@ def is_loopback(address: str) -> bool:
 def _split_next_hop(value: str, default_port: int) -> tuple[str, bool, int]:
     bracketed = value.strip().startswith("[")
     host, port = parse_hostport(value, default_port)
-    if not bracketed and _is_ip(host):
+    if not bracketed and is_ip(host):
         # "127.0.0.1:2525" (the documented --relay HOST:PORT form): an address has no MX
         # records to look up, so it is the host itself, as Postfix treats "[127.0.0.1]:2525".
         bracketed = True

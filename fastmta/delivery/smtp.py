@@ -18,14 +18,13 @@ recipients get ``451 4.4.2`` (transient: retried later).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import ssl
 from collections.abc import Callable
 
 import msgspec
 
 from fastmta.config import DeliveryConfig
-from fastmta.delivery.routing import is_loopback
+from fastmta.delivery.routing import is_ip, is_loopback
 from fastmta.protocol.client import (
     NO_RESPONSE,
     Authenticated,
@@ -375,7 +374,7 @@ async def open_connection(
             ev = await conn.next_event()
             if isinstance(ev, StartTLS):
                 ctx = tls_context or shared_client_context(False)
-                sni = host if host and not _is_ip(host) else None
+                sni = host if host and not is_ip(host) else None
                 if tls == "verify" and (sni is None or not ctx.check_hostname):
                     conn.abort()  # no name to check: never a certificate we cannot verify
                     raise ConnectError(reply(451, "4.7.5", f"{TLS_FAILED}: no host name"))
@@ -422,11 +421,3 @@ def _greeting_refused(host: str, ip: str, r: Reply) -> Reply:
     return reply(
         r.code - 100, enhanced, f"{host}[{ip}] refused to talk to me: {code} {first}", *rest
     )
-
-
-def _is_ip(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
