@@ -598,10 +598,6 @@ def cmd_send(args: argparse.Namespace) -> int:
     if len(data) > limit:
         _err(f"message too big: more than {limit} bytes (limits.max_message_size)")
         return EX_DATAERR
-    if args.fullname is not None and any(ord(c) < 32 or ord(c) == 127 for c in args.fullname):
-        # it goes into the From: header: a CR or LF would start header fields of its own
-        _err("bad full name (-F): control characters such as CR and LF are not allowed")
-        return EX_USAGE
     nul = data.find(b"\0")
     if nul >= 0:  # RFC 5322 2.3 (no NUL); the listener refuses it: 554 5.6.0
         _err(f"message refused: a NUL octet at byte {nul} (RFC 5322 2.3)")
@@ -617,9 +613,13 @@ def cmd_send(args: argparse.Namespace) -> int:
         except ValueError as e:
             _err(f"bad sender address: {e}")
             return EX_USAGE
-    wire, found = prepare_message(
-        data, extract=args.extract, hostname=hostname, sender=sender, fullname=args.fullname
-    )
+    try:
+        wire, found = prepare_message(
+            data, extract=args.extract, hostname=hostname, sender=sender, fullname=args.fullname
+        )
+    except ValueError as e:  # a full name (-F) that would forge header fields
+        _err(f"bad full name (-F): {e}: CR, LF and other controls are not allowed")
+        return EX_USAGE
     if config.dkim:  # signed here, as the server signs what its trusted clients send
         from fastmta.dkim import Signers
 
